@@ -1,0 +1,62 @@
+"""Artifacts (a file plus its metadata) and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ParagonError
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str  # "checkpoint", "onnx", "engine", ...
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output(path: Path | str, *, force: bool = False) -> Path:
+    """Refuse to clobber an existing output and fail early on an unwritable folder."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ParagonError(f"{path} already exists (use --force to overwrite)")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParagonError(f"cannot create output folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ParagonError(f"output folder {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to `path`; rename it into place only if the block succeeds."""
+    path = check_output(path, force=force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,37 @@
+"""`paragon-export` command line. Each subcommand lives in its own module and only calls the API;
+modules are imported on use so `--help` stays fast and optional dependencies stay optional."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from ..errors import ParagonError
+
+# name -> module under paragon_export.cli defining a click command called `command`
+COMMANDS = {
+    "fuse": "fuse",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"{__name__}.{COMMANDS[name]}").command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ParagonError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(package_name="paragon-export")
+def main() -> None:
+    """Ship ParagonSR2 super-resolution models: fused weights, verified ONNX, INT8, engines, parity."""

@@ -1,0 +1,2 @@
+class ParagonError(Exception):
+    """A user-facing failure: the CLI prints its message on one line and exits non-zero."""

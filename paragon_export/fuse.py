@@ -1,0 +1,104 @@
+"""fuse: checkpoint -> fused (deploy-form) checkpoint, with exactness and dynamic->static gap checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arch import calibrate_kernels
+
+from .artifact import Artifact, check_output
+from .checkpoint import LoadedModel, load_model, param_count, save_model
+from .errors import ParagonError
+from .images import list_images, load_image, lr_hr_crops, sample_photo_paths, bicubic_downscale, to_image, to_tensor
+from .metrics import psnr, psnr_y
+
+EXACT_ATOL = 1e-5
+VERIFY_SIZES = ((64, 64), (45, 77))  # LR; the second is non-square and not a multiple of 8
+CALIB_LR_SIZE = 96
+
+
+def _calibration_batches(folder: Path, scale: int, limit: int = 64):
+    paths = list_images(folder)
+    if not paths:
+        raise ParagonError(f"no images in calibration folder {folder}")
+    for p in paths[:limit]:
+        img = load_image(p)
+        _, lr = bicubic_downscale(img, scale)
+        h, w = min(lr.shape[0], CALIB_LR_SIZE), min(lr.shape[1], CALIB_LR_SIZE)
+        top, left = (lr.shape[0] - h) // 2, (lr.shape[1] - w) // 2
+        yield to_tensor(lr[top:top + h, left:left + w])
+
+
+@torch.no_grad()
+def _run(model, lr: np.ndarray) -> np.ndarray:
+    return to_image(model(to_tensor(lr)))
+
+
+@torch.no_grad()
+def verify_fusion(unfused, fused, scale: int, hr_paths: list[Path] | None = None) -> dict:
+    """Exactness (fused vs unfused static) at two sizes and the dynamic->static gap."""
+    paths = hr_paths or sample_photo_paths("eval")
+    report: dict = {"exactness": {}, "gap": {}}
+    worst = 0.0
+    for size in VERIFY_SIZES:
+        diffs = []
+        for _, lr, _ in lr_hr_crops(paths, scale, size):
+            diffs.append(float(np.abs(_run(unfused, lr) - _run(fused, lr)).max()))
+        report["exactness"][f"{size[0]}x{size[1]}"] = max(diffs)
+        worst = max(worst, max(diffs))
+    report["exactness_max_abs"] = worst
+    # The gap is measured on larger crops: the per-sample kernels depend on global image content.
+    psnr_vs_dyn, y_dyn, y_fused = [], [], []
+    unfused.set_dynamic_inference(True)
+    try:
+        for _, lr, hr in lr_hr_crops(paths, scale, (96, 96)):
+            dyn, fus = _run(unfused, lr), _run(fused, lr)
+            psnr_vs_dyn.append(psnr(np.clip(fus, 0, 1), np.clip(dyn, 0, 1)))
+            y_dyn.append(psnr_y(dyn, hr, scale))
+            y_fused.append(psnr_y(fus, hr, scale))
+    finally:
+        unfused.set_dynamic_inference(False)
+    report["gap"] = {
+        "psnr_fused_vs_dynamic": float(np.mean(psnr_vs_dyn)),
+        "y_psnr_dynamic": float(np.mean(y_dyn)),
+        "y_psnr_fused": float(np.mean(y_fused)),
+        "images": len(y_dyn),
+        "hr_source": "user" if hr_paths else "bundled held-out photos",
+    }
+    return report
+
+
+def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale: int | None = None,
+         calibrate_dir: Path | None = None, hr_dir: Path | None = None, force: bool = False) -> tuple[Artifact, dict]:
+    out = check_output(out, force=force)
+    loaded: LoadedModel = load_model(src, variant=variant, scale=scale)
+    if loaded.fused:
+        raise ParagonError(f"{src} is already fused")
+    model = loaded.model
+    calibrated = 0
+    if calibrate_dir is not None:
+        calibrated = calibrate_kernels(model, _calibration_batches(Path(calibrate_dir), loaded.scale))
+    missing = model.uninitialized_kernels()
+    if missing:
+        raise ParagonError(
+            f"{len(missing)} of {sum(1 for _ in model.transformers())} tracked kernels were never initialised "
+            f"(e.g. {missing[0]}); fusing would bake identity kernels. Pass --calibrate-kernels DIR to set "
+            "them from real images"
+        )
+    fused = model.fuse_for_release().eval()
+    hr_paths = list_images(hr_dir) if hr_dir else None
+    if hr_dir and not hr_paths:
+        raise ParagonError(f"no images in {hr_dir}")
+    report = verify_fusion(model, fused, loaded.scale, hr_paths)
+    report.update(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler,
+                  params_before=param_count(model), params_after=param_count(fused),
+                  calibrated_images=calibrated)
+    if report["exactness_max_abs"] > EXACT_ATOL:
+        raise ParagonError(f"fusion is not exact: max abs {report['exactness_max_abs']:.3g} > {EXACT_ATOL}")
+    art = save_model(fused, out, variant=loaded.variant, force=force,
+                     extra={"source_sha256": loaded.sha256, "kernels_calibrated": str(calibrated)})
+    art.meta["report"] = report
+    return art, report
