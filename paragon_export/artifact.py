@@ -38,12 +38,17 @@ def check_output(path: Path | str, *, force: bool = False) -> Path:
     if path.exists() and not force:
         raise ParagonError(f"{path} already exists (use --force to overwrite)")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ParagonError(f"cannot write {path}: {parent} is not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ParagonError(f"cannot create output folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise ParagonError(f"output folder {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ParagonError(f"output folder {parent} is not writable: {e.strerror}") from None
     return path
 
 
@@ -51,7 +56,10 @@ def check_output(path: Path | str, *, force: bool = False) -> Path:
 def atomic_output(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it into place only if the block succeeds."""
     path = check_output(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ParagonError(f"cannot write to {path.parent}: {e.strerror}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
