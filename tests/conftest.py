@@ -13,7 +13,8 @@ from paragon_export.checkpoint import save_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-COMPAT = Path(__file__).resolve().parents[1].parent / "shared" / "compat"
+# Copied from ../shared/compat so that a clean checkout tests without the shared folder.
+COMPAT = Path(__file__).resolve().parent / "golden"
 
 
 def make_model(variant: str = "paragonsr2_nano", scale: int = 2, upsampler: str = "mks2021", seed: int = 0,
