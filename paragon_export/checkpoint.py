@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def read_state_dict(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str
             raise ParagonError(f"{path} is not a valid safetensors file (corrupt or truncated): {e}") from None
     elif path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # its pickle-protocol chatter would break the one-line error
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise ParagonError(
                 f"{path} holds pickled objects other than tensors; refusing to unpickle it "
