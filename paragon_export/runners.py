@@ -1,0 +1,100 @@
+"""Polygraphy runners for every kind of artifact parity compares.
+
+Torch runs through a small PytRunner subclass (the stock one moves inputs to CUDA, which a CPU
+torch build does not have); ONNX through Polygraphy's OnnxrtRunner on the CPU provider; TensorRT
+engines through Polygraphy's TrtRunner, only where tensorrt imports and a CUDA GPU is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.pyt import PytRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
+
+from .errors import ParagonError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+def _lr_metadata() -> TensorMetadata:
+    # Height and width are named (dynamic) dims so every LR size in a run passes Polygraphy's check.
+    return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=(1, 3, "height", "width"))
+
+
+class TorchCpuRunner(PytRunner):
+    """Runs a ParagonSR2 module on the CPU in fp32 or fp16 arithmetic; fp32 in, fp32 out."""
+
+    def __init__(self, model: torch.nn.Module, *, name: str, dtype: torch.dtype = torch.float32):
+        super().__init__(model, _lr_metadata(), [OUTPUT_NAME], name=name)
+        self.dtype = dtype
+
+    def activate_impl(self):
+        # A copy: casting to half must not change the caller's fp32 model.
+        self.model = copy.deepcopy(self._model).to(self.dtype).eval()
+        if self.dtype == torch.float16:  # oneDNN's fp16 convs are ~20x faster channels-last on CPU
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def infer_impl(self, feed_dict):
+        x = torch.from_numpy(np.ascontiguousarray(next(iter(feed_dict.values())))).to(self.dtype)
+        if self.dtype == torch.float16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            y = self.model(x)
+            self.inference_time = time.perf_counter() - start
+        return OrderedDict([(OUTPUT_NAME, y.float().numpy())])
+
+
+def onnx_runner(path: Path | str, *, name: str) -> OnnxrtRunner:
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+
+
+def onnx_runner_from_bytes(model_bytes: bytes, *, name: str) -> OnnxrtRunner:
+    return OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["cpu"]), name=name)
+
+
+def _cuda_device_count() -> int:
+    """Ask the CUDA driver directly, so a CPU-only torch build does not hide a GPU."""
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def tensorrt_unavailable() -> str | None:
+    """None when engines can run here, else the reason they cannot (for the report)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'paragon-export[trt]')"
+    except Exception as e:  # a broken install (missing CUDA libraries) raises OSError/RuntimeError
+        return f"TensorRT failed to import: {str(e).splitlines()[0]}"
+    if _cuda_device_count() == 0:
+        return "no CUDA GPU (or driver) found; TensorRT engines need one"
+    return None
+
+
+def trt_runner(path: Path | str, *, name: str):
+    reason = tensorrt_unavailable()
+    if reason:
+        raise ParagonError(reason)
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
