@@ -1,0 +1,1 @@
+"""The bundled ParagonSR2 trainer (`paragon-train`)."""
