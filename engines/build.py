@@ -1,0 +1,254 @@
+"""`build_engine`: ONNX -> TensorRT engine for this GPU, named by its identity and recorded in the
+folder's manifest; `load_engine` refuses engines built for another GPU/TensorRT; `rebuild_engine`
+rebuilds one from the ONNX its manifest entry names.
+
+`target` and `compile_fn` exist so the bookkeeping can be tested without TensorRT: by default the
+target is queried from TensorRT and the driver, and compilation is `builder.compile_engine`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from paragon_export import __version__
+from paragon_export.artifact import Artifact, atomic_output, sha256_file
+from paragon_export.errors import ParagonError
+
+from .gpu import GpuInfo, query_gpu
+from .identity import HARDWARE_COMPAT, BuildOptions, EngineKey, engine_filename, incompatibility, make_key
+from .manifest import entry_for_file, put_entry, read_manifest
+from .onnx_info import OnnxInfo, inspect_onnx
+from .profile import Profile, choose_profile, validate_profile
+from .trt import require_tensorrt
+from .trtexec import trtexec_command
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where engines are built and run: the GPU and the TensorRT version."""
+    gpu: GpuInfo
+    trt_version: str
+    trt: object = None  # the tensorrt module (None for a fake target)
+
+
+def current_target() -> Target:
+    trt = require_tensorrt()
+    return Target(gpu=query_gpu(), trt_version=trt.__version__, trt=trt)
+
+
+class EngineMismatch(ParagonError):
+    """The engine was built for another GPU or TensorRT version; `entry` says from what to rebuild."""
+
+    def __init__(self, message: str, path: Path, entry: dict):
+        super().__init__(message)
+        self.path, self.entry = path, entry
+
+
+def _check_options(options: BuildOptions, gpu: GpuInfo | None = None) -> None:
+    if options.hardware_compat not in HARDWARE_COMPAT:
+        raise ParagonError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
+    if options.workspace_gb is not None and not options.workspace_gb > 0:
+        raise ParagonError(f"--workspace must be a positive number of GB, got {options.workspace_gb}")
+    if gpu is not None and options.hardware_compat == "ampere+" and gpu.compute_capability < (8, 0):
+        raise ParagonError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; {gpu.name} is "
+                           f"compute {gpu.cc}")
+
+
+def _out_dir(path: Path | str) -> Path:
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise ParagonError(f"{d} is a file; -o takes a folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParagonError(f"cannot create output folder {d}: {e.strerror}") from None
+    if not os.access(d, os.W_OK):
+        raise ParagonError(f"output folder {d} is not writable")
+    return d
+
+
+def _entry(key: EngineKey, filename: str, model: OnnxInfo, data: bytes | None, engine_sha: str, *,
+           timing_cache: Path, trtexec: str, build_seconds: float | None, check: dict | None) -> dict:
+    return {"file": filename, "key": key.as_dict(), "engine_sha256": engine_sha,
+            "engine_bytes": len(data) if data is not None else None,
+            "onnx": {"path": str(model.path), "name": model.path.name, "meta": model.meta},
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": build_seconds, "timing_cache": str(timing_cache), "trtexec": trtexec,
+            "check": None if check is None else {k: check[k] for k in ("passed", "worst_psnr", "worst_max_abs",
+                                                                       "reference", "thresholds")},
+            "toolkit_version": __version__}
+
+
+def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | str | None = None,
+                 preset: str | None = None, options: BuildOptions = BuildOptions(),
+                 timing_cache: Path | str | None = None, force: bool = False, check: bool = False,
+                 reference: Path | str | None = None, echo: Callable[[str], None] = _stderr,
+                 target: Target | None = None, compile_fn=None, check_fn=None) -> tuple[Artifact, dict]:
+    """Build (or find up to date) the engine of `onnx` for this GPU in `out_dir`.
+
+    With `check`, the new plan is compared with the fp32 ONNX before anything is written: a failed
+    check leaves no engine. Returns the engine Artifact and a report dict.
+    """
+    model = inspect_onnx(onnx)
+    if isinstance(profile, Profile):
+        prof = validate_profile(profile, model)
+        if preset:
+            raise ParagonError("give either a profile or a preset, not both")
+    else:
+        prof = choose_profile(model, profile=profile, preset=preset)
+    _check_options(options)
+    out = _out_dir(out_dir)
+    target = target or current_target()
+    _check_options(options, target.gpu)
+
+    key = make_key(target.gpu, target.trt_version, precision=model.precision, input_name=model.input_name,
+                   profile=prof, options=options, onnx_sha256=model.sha256)
+    path = out / engine_filename(model.path.stem, key)
+    default_cache = _default_cache(target)
+    cache = Path(timing_cache) if timing_cache is not None else default_cache
+    cmd = trtexec_command(onnx=model.path, engine=path, input_name=model.input_name, profile=prof,
+                          precision=model.precision, options=options, trt_version=target.trt_version,
+                          timing_cache=cache)
+    report = {"engine": str(path), "digest": key.digest, "key": key.as_dict(), "trtexec": cmd, "status": "built",
+              "gpu": target.gpu.name, "trt_version": target.trt_version, "precision": model.precision,
+              "precision_note": model.precision_note,
+              "profile": str(prof), "check": None, "others": _others(out, key, target)}
+
+    manifest = read_manifest(out)
+    known = manifest["engines"].get(key.digest)
+    if path.exists() and not force:
+        if known is None or known.get("file") != path.name or sha256_file(path) != known.get("engine_sha256"):
+            raise ParagonError(f"{path} exists but does not match its manifest entry; use --force to rebuild it")
+        report["status"] = "up to date"
+        if check:
+            report["check"] = (check_fn or _check)(path.read_bytes(), model, prof, reference)
+            if not report["check"]["passed"]:
+                raise ParagonError(f"{path.name} fails its check: {_worst(report['check'])}")
+        return Artifact(path, "engine", known), report
+
+    echo(f"building {path.name}: {model.precision}, profile {prof}, {target.gpu.name} ({target.gpu.sm}), "
+         f"TensorRT {target.trt_version}")
+    start = time.monotonic()
+    if compile_fn is not None:
+        data = compile_fn(model, prof, options, cache)
+    else:
+        from .builder import compile_engine
+        data = compile_engine(target.trt, model, prof, options, timing_cache=cache, fallback_cache=default_cache,
+                              echo=echo)
+    seconds = round(time.monotonic() - start, 2)
+    if check:
+        report["check"] = (check_fn or _check)(data, model, prof, reference)
+        if not report["check"]["passed"]:
+            raise ParagonError(f"the new engine fails its check, nothing written: {_worst(report['check'])}")
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_bytes(data)
+    entry = _entry(key, path.name, model, data, sha256_file(path), timing_cache=cache, trtexec=cmd,
+                   build_seconds=seconds, check=report["check"])
+    put_entry(out, key.digest, entry)
+    report["build_seconds"] = seconds
+    return Artifact(path, "engine", entry), report
+
+
+def _default_cache(target: Target) -> Path:
+    from .builder import default_timing_cache
+    return default_timing_cache(target.gpu, target.trt_version)
+
+
+def _check(data: bytes, model: OnnxInfo, prof: Profile, reference) -> dict:
+    from .check import check_engine
+    return check_engine(data, model, prof, reference=reference)
+
+
+def _worst(check: dict) -> str:
+    bad = [r for r in check["rows"] if not r["passed"]]
+    return f"{bad[0]['input']}: {bad[0]['why']}" if bad else "no rows"
+
+
+def _others(out: Path, key: EngineKey, target: Target) -> list[str]:
+    """Engines of the same model, profile and options in `out` that are for other GPUs/TensorRT."""
+    found = []
+    for entry in read_manifest(out)["engines"].values():
+        k = entry.get("key", {})
+        if (k.get("onnx_sha256") == key.onnx_sha256 and k.get("profile") == key.profile.as_dict()
+                and k.get("options") == key.options.as_dict()):
+            other = EngineKey.from_dict(k)
+            if other.digest != key.digest and incompatibility(other, target.gpu, target.trt_version):
+                found.append(f"{entry['file']} ({other.gpu}, TensorRT {other.trt_version})")
+    return found
+
+
+def _manifest_entry(path: Path) -> tuple[str, dict]:
+    if not path.is_file():
+        raise ParagonError(f"{path} does not exist")
+    found = entry_for_file(path.parent, path.name)
+    if found is None:
+        raise ParagonError(f"{path.name} has no entry in {path.parent / 'manifest.json'}, so which GPU and TensorRT "
+                           "built it is unknown: build it again with `paragon-export engine MODEL.onnx -o "
+                           f"{path.parent}`")
+    return found
+
+
+def load_engine(path: Path | str, *, target: Target | None = None) -> tuple[bytes, dict]:
+    """The engine's bytes and manifest entry, if it was built for this GPU and TensorRT version.
+
+    Raises EngineMismatch (a ParagonError) naming both sides and the rebuild command otherwise.
+    """
+    path = Path(path)
+    _, entry = _manifest_entry(path)
+    key = EngineKey.from_dict(entry["key"])
+    target = target or current_target()
+    why = incompatibility(key, target.gpu, target.trt_version)
+    if why:
+        raise EngineMismatch(f"refusing to load {path.name}: {why}. Rebuild it for this GPU with "
+                             f"`paragon-export engine {path} --rebuild` (from {entry['onnx']['path']})", path, entry)
+    data = path.read_bytes()
+    if sha256_file(path) != entry.get("engine_sha256"):
+        raise ParagonError(f"{path.name} does not match its manifest entry (modified or truncated): rebuild it with "
+                           f"`paragon-export engine {path} --rebuild`")
+    return data, entry
+
+
+def verify_engine(path: Path | str, *, check: bool = False, reference: Path | str | None = None,
+                  target: Target | None = None) -> tuple[dict, dict | None]:
+    """Load an existing engine on this GPU (key, sha256 and TensorRT deserialization), optionally with
+    the --check comparison; returns its manifest entry and the check report (None without check)."""
+    _manifest_entry(Path(path))  # a missing file or entry is reported before TensorRT is needed
+    target = target or current_target()
+    data, entry = load_engine(path, target=target)
+    from .builder import deserialize
+    deserialize(target.trt, data)
+    if not check:
+        return entry, None
+    from .check import check_engine
+    return entry, check_engine(data, inspect_onnx(entry["onnx"]["path"]), Profile.from_dict(entry["key"]["profile"]),
+                               reference=reference)
+
+
+def rebuild_engine(path: Path | str, **kwargs) -> tuple[Artifact, dict]:
+    """Rebuild an engine for this GPU/TensorRT from the ONNX, profile and options its entry records.
+
+    An engine built for another GPU stays where it is (it is still right for that GPU); the new one
+    gets its own name. Rebuilding an engine that already fits this GPU replaces it.
+    """
+    path = Path(path)
+    _, entry = _manifest_entry(path)
+    key = EngineKey.from_dict(entry["key"])
+    onnx = Path(entry["onnx"]["path"])
+    if not onnx.is_file():
+        raise ParagonError(f"cannot rebuild {path.name}: the ONNX it was built from, {onnx}, is gone; build from the "
+                           f"ONNX with `paragon-export engine MODEL.onnx -o {path.parent}`")
+    if sha256_file(onnx) != key.onnx_sha256:
+        raise ParagonError(f"cannot rebuild {path.name}: {onnx} changed since the engine was built (sha256 differs); "
+                           f"build from it with `paragon-export engine {onnx} -o {path.parent}`")
+    kwargs.setdefault("force", True)
+    return build_engine(onnx, path.parent, profile=key.profile, options=key.options, **kwargs)

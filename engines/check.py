@@ -1,0 +1,168 @@
+"""`--check`: run an engine through Polygraphy's TensorRT runner and the fp32 ONNX through ONNX Runtime
+on real photos, and compare.
+
+The comparison loop takes any two Polygraphy runners, so it is exercised on CPU with ORT on both sides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from paragon_export.errors import ParagonError
+from paragon_export.images import lr_hr_crops, sample_photo_paths
+from paragon_export.metrics import psnr
+
+from .onnx_info import OnnxInfo, inspect_onnx
+from .profile import Profile
+
+# The parity command's limits (engine vs the fp32 ONNX, outputs in [0, 1]); this copy is used only when
+# paragon_export.parity is not installed alongside. fp32 engines are built with TF32 off to meet them.
+_FALLBACK_THRESHOLDS = {
+    "fp32": {"max_abs": 1e-4, "min_psnr": 80.0},
+    "fp16": {"max_abs": 1e-2, "min_psnr": 50.0},
+    "int8": {"max_abs": 0.25, "min_psnr": 32.0},
+}
+CHECK_SIZES = ((64, 64), (45, 77))  # LR (H, W); the second is not a multiple of 8
+_MATCH_KEYS = ("variant", "scale", "upsampler")
+
+
+def thresholds(precision: str) -> dict:
+    """Same limits as `paragon-export parity` (its THRESHOLDS table), so a checked engine passes parity."""
+    try:
+        from paragon_export.parity import THRESHOLDS
+    except ImportError:
+        return dict(_FALLBACK_THRESHOLDS[precision])
+    lim = THRESHOLDS[precision]
+    return {"max_abs": lim.max_abs, "min_psnr": lim.min_psnr}
+
+
+def find_reference(model: OnnxInfo, reference: Path | str | None = None) -> OnnxInfo:
+    """The fp32 ONNX to compare against: given, the model itself, or its unique fp32 sibling."""
+    if reference is not None:
+        ref = inspect_onnx(reference)
+        if ref.precision != "fp32":
+            raise ParagonError(f"--reference {ref.path.name} is {ref.precision}; the check compares against fp32")
+        return ref
+    if model.precision == "fp32":
+        return model
+    found = []
+    for p in sorted(model.path.parent.glob("*.onnx")):
+        if p.resolve() == model.path:
+            continue
+        try:
+            cand = inspect_onnx(p)
+        except ParagonError:
+            continue
+        if cand.precision == "fp32" and all(cand.meta.get(k) == model.meta.get(k) for k in _MATCH_KEYS):
+            found.append(cand)
+    if len(found) != 1:
+        why = "none" if not found else f"{len(found)} candidates"
+        raise ParagonError(f"--check of a {model.precision} model compares against its fp32 ONNX, and "
+                           f"{model.path.parent} has {why}: pass --reference FP32.onnx")
+    return found[0]
+
+
+def compare(out: np.ndarray, ref: np.ndarray, precision: str) -> dict:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    if out.shape != ref.shape:
+        return {"max_abs": None, "mean_abs": None, "psnr": None, "finite": True, "passed": False,
+                "why": f"output shape {out.shape} != reference {ref.shape}"}
+    finite = bool(np.isfinite(out).all())
+    diff = np.abs(out.astype(np.float64) - ref)
+    row = {"max_abs": float(diff.max()) if finite else float("inf"), "mean_abs": float(diff.mean()) if finite
+           else float("inf"), "psnr": psnr(out, ref) if finite else float("-inf"), "finite": finite}
+    t = thresholds(precision)
+    fails = []
+    if not finite:
+        fails.append("NaN/Inf in the output")
+    else:
+        if row["psnr"] < t["min_psnr"]:
+            fails.append(f"PSNR {row['psnr']:.2f} dB < {t['min_psnr']} dB")
+        if t.get("max_abs") is not None and row["max_abs"] > t["max_abs"]:
+            fails.append(f"max abs {row['max_abs']:.2e} > {t['max_abs']:g}")
+    row["passed"] = not fails
+    row["why"] = "; ".join(fails)
+    return row
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def check_inputs(profile: Profile, scale: int, *, sizes=CHECK_SIZES) -> list[tuple[str, np.ndarray]]:
+    """Real LR photo crops (bicubic from the held-out photos) at sizes inside the profile, as NCHW batches."""
+    lo, hi = profile.min, profile.max
+    wanted = []
+    for h, w in sizes:
+        hw = (_clamp(h, lo[2], hi[2]), _clamp(w, lo[3], hi[3]))
+        if hw not in wanted:
+            wanted.append(hw)
+    batches = []
+    for h, w in wanted:
+        try:
+            crops = lr_hr_crops(sample_photo_paths("eval"), scale, (h, w))
+        except ParagonError:
+            continue  # larger than the bundled photos at this scale
+        arrays = [np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32) for _, lr, _ in crops]
+        n = lo[0]
+        for i, (name, _, _) in enumerate(crops):
+            group = [arrays[(i + j) % len(arrays)] for j in range(n)]
+            batches.append((f"{name} {h}x{w} n{n}", np.concatenate(group)))
+        if hi[0] >= 2 and n < 2:
+            batches.append((f"batch of 2 {h}x{w}", np.concatenate([arrays[0], arrays[-1]])))
+    if not batches:
+        raise ParagonError(f"profile {profile} admits no LR size the bundled photos can supply at x{scale}")
+    return batches
+
+
+def _scale_of(runner, info: OnnxInfo) -> int:
+    if info.meta.get("scale", "").isdigit():
+        return int(info.meta["scale"])
+    h, w = info.min_hw
+    x = np.zeros((1, 3, max(h, 8), max(w, 8)), np.float32)
+    out = runner.infer({info.input_name: x})[info.output_name]
+    return int(out.shape[2]) // x.shape[2]
+
+
+def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profile, precision: str) -> dict:
+    """Compare `runner` (the engine) with `ref_runner` (fp32 ONNX on ORT) on real photos. Runners active."""
+    scale = _scale_of(ref_runner, ref)
+    in_dtype = np.float16 if model.input_dtype == "float16" else np.float32
+    rows = []
+    for name, x in check_inputs(profile, scale):
+        expected = np.array(ref_runner.infer({ref.input_name: x})[ref.output_name], np.float32)
+        got = np.array(runner.infer({model.input_name: x.astype(in_dtype)})[model.output_name], np.float32)
+        rows.append({"input": name, **compare(got, expected, precision)})
+    finite_psnr = [r["psnr"] for r in rows if r["psnr"] is not None]
+    return {"precision": precision, "reference": str(ref.path), "thresholds": thresholds(precision), "scale": scale,
+            "rows": rows, "passed": all(r["passed"] for r in rows),
+            "worst_psnr": min(finite_psnr) if finite_psnr else None,
+            "worst_max_abs": max((r["max_abs"] for r in rows if r["max_abs"] is not None), default=None)}
+
+
+def check_engine(engine_bytes: bytes, model: OnnxInfo, profile: Profile, *,
+                 reference: Path | str | None = None) -> dict:
+    """Polygraphy TrtRunner on the engine vs OnnxrtRunner on the fp32 ONNX (needs TensorRT and a GPU)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.logger import G_LOGGER
+
+    ref = find_reference(model, reference)
+    with G_LOGGER.verbosity(G_LOGGER.WARNING), TrtRunner(EngineFromBytes(engine_bytes)) as engine_runner, \
+            OnnxrtRunner(SessionFromOnnx(str(ref.path), providers=["cpu"])) as ref_runner:
+        return run_check(engine_runner, model, ref_runner, ref, profile, model.precision)
+
+
+def format_report(report: dict) -> str:
+    t = report["thresholds"]
+    lim = f"PSNR >= {t['min_psnr']} dB" + (f", max abs <= {t['max_abs']:g}" if t.get("max_abs") else "")
+    lines = [f"check vs {Path(report['reference']).name} on ORT CPU ({report['precision']}: {lim})"]
+    for r in report["rows"]:
+        if r["max_abs"] is None:
+            lines.append(f"  {r['input']:<28} FAIL {r['why']}")
+            continue
+        lines.append(f"  {r['input']:<28} max abs {r['max_abs']:.2e}  mean abs {r['mean_abs']:.2e}  "
+                     f"PSNR {r['psnr']:.2f} dB  {'ok' if r['passed'] else 'FAIL ' + r['why']}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import click
+
+from engines.build import build_engine, rebuild_engine, verify_engine
+from engines.identity import HARDWARE_COMPAT, BuildOptions
+from engines.profile import PRESETS
+
+from ..errors import ParagonError
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _print_result(art, report: dict) -> None:
+    if "but the graph is" in report.get("precision_note", ""):
+        click.echo(f"note: {report['precision_note']}")
+    for other in report.get("others") or []:
+        click.echo(f"note: also in {art.path.parent}: {other} (kept; it is for another GPU/TensorRT)")
+    click.echo(f"{report['status']}: {art.path}")
+    click.echo(f"  {report['precision']}, profile {report['profile']} (min:opt:max), {report['gpu']}, "
+               f"TensorRT {report['trt_version']}, key {report['digest']}")
+    click.echo("equivalent trtexec command:")
+    click.echo(f"  {report['trtexec']}")
+    if report.get("check"):
+        from engines.check import format_report
+        click.echo(format_report(report["check"]))
+
+
+@click.command("engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Engine folder (engines + manifest.json). Required when MODEL is an ONNX file.")
+@click.option("--profile", help="Optimization profile on the LR input, min:opt:max, each NxCxHxW or HxW "
+                                "(e.g. 64x64:512x512:1080x1920).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="Named profile: 720p / 1080p frames (LR input), 4k-tiles (512 px tiles, batch up to 4). "
+                   "Default 720p for dynamic models, the fixed shape for static ones.")
+@click.option("--workspace", type=float, help="Builder workspace limit in GB (default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="Timing cache file to reuse and update (default: one per GPU/TensorRT in ~/.cache/paragon-export).")
+@click.option("--hardware-compat", type=click.Choice(HARDWARE_COMPAT), default="none", show_default=True,
+              help="ampere+: one engine for every Ampere or newer GPU (somewhat slower).")
+@click.option("--check", is_flag=True, help="Compare the engine with the fp32 ONNX on ORT CPU on real photos "
+                                            "(Polygraphy); a failed check writes nothing.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="fp32 ONNX for --check when MODEL is fp16/int8 (default: its fp32 sibling).")
+@click.option("--rebuild", is_flag=True, help="MODEL is an .engine: rebuild it for this GPU/TensorRT from the ONNX "
+                                              "its manifest entry names.")
+@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
+def command(model, output, profile, preset, workspace, timing_cache, hardware_compat, check, reference, rebuild,
+            force):
+    """Build a TensorRT engine of MODEL.onnx for this GPU into a folder, or verify / rebuild MODEL.engine."""
+    if model.suffix.lower() in (".engine", ".plan", ".trt"):
+        if profile or preset or workspace is not None or hardware_compat != "none":
+            raise ParagonError("--profile/--preset/--workspace/--hardware-compat apply when building from ONNX; "
+                               "an engine is rebuilt with the settings it was built with")
+        if output is not None:
+            raise ParagonError("-o applies when building from ONNX; a rebuilt engine goes next to the old one")
+        if rebuild:
+            art, report = rebuild_engine(model, timing_cache=timing_cache, check=check, reference=reference,
+                                         echo=_err)
+            _print_result(art, report)
+            return
+        entry, report = verify_engine(model, check=check, reference=reference)
+        click.echo(f"{model.name} fits this GPU and TensorRT ({entry['key']['gpu']}, TensorRT "
+                   f"{entry['key']['trt_version']}) and loads")
+        if report is not None:
+            from engines.check import format_report
+            click.echo(format_report(report))
+            if not report["passed"]:
+                raise ParagonError(f"{model.name} fails its check")
+        return
+    if rebuild:
+        raise ParagonError("--rebuild takes an .engine file; to rebuild from ONNX use --force")
+    if output is None:
+        raise ParagonError("-o/--output DIR is required when building from ONNX")
+    art, report = build_engine(model, output, profile=profile, preset=preset,
+                               options=BuildOptions(workspace_gb=workspace, hardware_compat=hardware_compat),
+                               timing_cache=timing_cache, force=force, check=check, reference=reference, echo=_err)
+    _print_result(art, report)
