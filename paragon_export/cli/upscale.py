@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import click
+
+from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
+
+
+@click.command("upscale")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output folder (or an image file when INPUT is one image).")
+@click.option("--tile", default=DEFAULT_TILE, show_default=True, type=int,
+              help="Tile size in input pixels; 0 runs each image whole.")
+@click.option("--overlap", default=DEFAULT_OVERLAP, show_default=True, type=int,
+              help="Overlap between neighbouring tiles in input pixels (blended; keep it >= 4x what "
+                   "the network's padding reaches for exact results).")
+@click.option("--alpha", "alpha", type=click.Choice(ALPHA_MODES), default="bicubic", show_default=True,
+              help="How the alpha channel is upscaled.")
+@click.option("--threads", type=int, help="CPU threads for torch/onnxruntime.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def command(artifact, inputs, output, tile, overlap, alpha, threads, force):
+    """Upscale images or folders (recursively) with ARTIFACT: a checkpoint, an ONNX model or a TensorRT engine."""
+    records = upscale(artifact, list(inputs), output, tile=tile, overlap=overlap, alpha=alpha, threads=threads,
+                      force=force)
+    for r in records:
+        extra = "".join(f", {k}" for k in ("alpha", "gray") if r[k]) + (", 16-bit" if r["bits"] == 16 else "")
+        click.echo(f"{r['input']} -> {r['output']} ({r['size_out'][1]}x{r['size_out'][0]}, "
+                   f"{r['tiles']} tile{'s' if r['tiles'] != 1 else ''}{extra})")

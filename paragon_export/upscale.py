@@ -1,0 +1,488 @@
+"""`upscale`: run any artifact (checkpoint, ONNX, TensorRT engine) on images or folders, tile by tile.
+
+Runtimes are reached through the Polygraphy runners of `runners.py`, wrapped in `ModelRunner`
+(numpy NCHW float32 in -> numpy NCHW float32 out), so the tiler below never knows which runtime it
+drives. Tiles overlap by `overlap` LR pixels; each tile's output is weighted by a separable profile
+that is zero within overlap/4 of an inner tile edge (where the zero padding of the convolutions
+reaches) and rises with a raised cosine over the next overlap/2, so neighbouring weights sum to one
+and a seam is a smooth crossfade between two outputs that already agree.
+
+Alpha is upscaled separately: bicubic by default (a photo-trained model would add texture and
+ringing to a mask, and it costs no second network pass), or through the model as a gray image with
+`alpha="model"` (sharper edges for sprites and line art). 16-bit inputs give 16-bit outputs, gray
+inputs gray outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .artifact import atomic_output
+from .errors import ParagonError
+from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images, load_image
+
+CHECKPOINT_SUFFIXES = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
+ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
+OUTPUT_SUFFIXES = {".png", ".tif", ".tiff", ".webp", ".jpg", ".jpeg"}
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 32
+ALPHA_MODES = ("bicubic", "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model runner: one artifact behind numpy NCHW float32 -> numpy NCHW float32.
+
+@dataclass
+class ModelRunner:
+    """A Polygraphy runner plus what tiling needs: scale, input dtype and the shapes it accepts."""
+
+    runner: object
+    kind: str  # "torch" | "onnxruntime" | "tensorrt"
+    path: Path
+    metadata: dict = field(default_factory=dict)
+    scale: int | None = None
+    min_hw: tuple[int, int] = (1, 1)
+    max_hw: tuple[int, int] | None = None
+    input_name: str = "input"
+    input_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+
+    def __enter__(self) -> "ModelRunner":
+        self.runner.activate()
+        try:
+            self._inspect()
+        except BaseException:
+            self.runner.deactivate()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.deactivate()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
+        out = next(iter(self.runner.infer(feed).values()))
+        return np.asarray(out, dtype=np.float32)
+
+    def last_inference_time(self) -> float:
+        """Seconds spent inside the runtime by the last call (Polygraphy's own input checks excluded)."""
+        return float(self.runner.last_inference_time())
+
+    def _inspect(self) -> None:
+        from polygraphy.datatype import DataType
+
+        # use_numpy_dtypes=False: the default rewrites the runner's own metadata in place, after
+        # which Polygraphy rejects float32 inputs as not float32.
+        meta = self.runner.get_input_metadata(use_numpy_dtypes=False)
+        name, info = next(iter(meta.items()))
+        self.input_name = name
+        self.input_dtype = np.dtype(DataType.to_dtype(info.dtype, "numpy"))
+        dims = list(info.shape)
+        if len(dims) != 4:
+            raise ParagonError(f"{self.path}: expected a 1x3xHxW input, found shape {dims}")
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in dims[2:]]
+        if all(fixed):
+            self.min_hw = self.max_hw = (fixed[0], fixed[1])
+        if self.kind == "tensorrt":
+            self.min_hw, self.max_hw = _trt_profile_hw(self.runner, name)
+        if self.kind == "onnxruntime":
+            self.metadata = dict(self.runner.sess.get_modelmeta().custom_metadata_map)
+            if self.metadata.get("scale", "").isdigit():
+                self.scale = int(self.metadata["scale"])
+        if self.scale is None:
+            self.scale = self._probe_scale()
+
+    def _probe_scale(self) -> int:
+        h, w = max(self.min_hw[0], 16), max(self.min_hw[1], 16)
+        if self.max_hw:
+            h, w = min(h, self.max_hw[0]), min(w, self.max_hw[1])
+        y = self(np.zeros((1, 3, h, w), np.float32))
+        s = y.shape[2] // h
+        if y.ndim != 4 or y.shape[1] != 3 or s < 1 or y.shape[2] != s * h or y.shape[3] != s * w:
+            raise ParagonError(f"{self.path}: a 1x3x{h}x{w} input gave {list(y.shape)}, not an image upscale")
+        return s
+
+
+def _trt_profile_hw(runner, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Min and max H, W of the engine's first optimisation profile (tiles must fit inside it)."""
+    engine = runner.context.engine
+    lo, _, hi = engine.get_tensor_profile_shape(name, 0)
+    return (int(lo[2]), int(lo[3])), (int(hi[2]), int(hi[3]))
+
+
+def artifact_kind(path: Path | str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        return "torch"
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    raise ParagonError(f"{path}: unknown artifact type {suffix!r} (expected a checkpoint "
+                       f"{'/'.join(sorted(CHECKPOINT_SUFFIXES))}, .onnx or {'/'.join(sorted(ENGINE_SUFFIXES))})")
+
+
+def open_model(path: Path | str, *, threads: int | None = None) -> ModelRunner:
+    """Build (not yet activate) the runner for an artifact; use it as a context manager."""
+    from polygraphy.logger import G_LOGGER
+
+    from . import runners
+
+    G_LOGGER.colors = False  # otherwise its first message is a stdout nag about the 'colored' package
+
+    path = Path(path)
+    kind = artifact_kind(path)
+    if not path.is_file():
+        raise ParagonError(f"artifact {path} does not exist")
+    if kind == "torch":
+        import torch
+
+        from .checkpoint import load_model
+
+        loaded = load_model(path)
+        # Eval mode with the tracked static kernels: the path the fused/exported models reproduce.
+        loaded.model.eval().set_dynamic_inference(False)
+        if threads:
+            torch.set_num_threads(threads)
+        return ModelRunner(runners.TorchCpuRunner(loaded.model, name=path.name), kind, path,
+                           metadata={k: str(v) for k, v in loaded.meta.items()}, scale=loaded.scale)
+    if kind == "onnxruntime":
+        return ModelRunner(_onnx_runner(path, threads), kind, path)
+    return ModelRunner(runners.trt_runner(path, name=path.name), kind, path)
+
+
+def _onnx_runner(path: Path, threads: int | None):
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    def session():
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:  # fixed for timings; otherwise ORT picks one thread per core
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise ParagonError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+
+    return OnnxrtRunner(session, name=path.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling.
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Fewest tiles of `tile` pixels covering `length`, spread evenly, neighbours overlapping >= `overlap`."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [(i * (length - tile)) // (n - 1) for i in range(n)]
+
+
+def _ramp(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 0.0, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * v)
+
+
+def tile_profile(start: int, size: int, length: int, overlap: int, scale: int) -> np.ndarray:
+    """Blend weights of one tile along one axis, at output (HR) resolution."""
+    u = (np.arange(size * scale, dtype=np.float64) + 0.5) / scale  # LR distance from the tile start
+    w = np.ones_like(u)
+    if overlap > 0:
+        guard, width = overlap / 4, overlap / 2
+        if start > 0:
+            w *= _ramp((u - guard) / width)
+        if start + size < length:
+            w *= _ramp((size - u - guard) / width)
+    return w
+
+
+def tile_count(h: int, w: int, tile: int, overlap: int, max_hw: tuple[int, int] | None = None) -> int:
+    th, tw = _tile_hw(h, w, tile, max_hw)
+    return len(tile_starts(h, th, overlap)) * len(tile_starts(w, tw, overlap))
+
+
+def _tile_hw(h: int, w: int, tile: int, max_hw: tuple[int, int] | None) -> tuple[int, int]:
+    th, tw = (h, w) if tile <= 0 else (min(tile, h), min(tile, w))
+    if max_hw:
+        th, tw = min(th, max_hw[0]), min(tw, max_hw[1])
+    return th, tw
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    if tile < 0 or overlap < 0:
+        raise ParagonError("--tile and --overlap must be >= 0")
+    if tile and 2 * overlap >= tile:
+        raise ParagonError(f"--overlap {overlap} must be less than half of --tile {tile}")
+
+
+def upscale_array(model: Callable[[np.ndarray], np.ndarray], img: np.ndarray, *, scale: int, tile: int = DEFAULT_TILE,
+                  overlap: int = DEFAULT_OVERLAP, min_hw: tuple[int, int] = (1, 1),
+                  max_hw: tuple[int, int] | None = None, on_tile: Callable[[], None] | None = None) -> np.ndarray:
+    """Upscale an HxWx3 float32 image tile by tile; `tile=0` runs it whole (still split to `max_hw`)."""
+    check_tiling(tile, overlap)
+    h, w = img.shape[:2]
+    th, tw = _tile_hw(h, w, tile, max_hw)
+    if (th < h and 2 * overlap >= th) or (tw < w and 2 * overlap >= tw):
+        raise ParagonError(f"overlap {overlap} does not fit tiles of {th}x{tw} (the runtime's limit)")
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    wy = [tile_profile(y, th, h, overlap, scale) for y in ys]
+    wx = [tile_profile(x, tw, w, overlap, scale) for x in xs]
+    s = scale
+    out = np.zeros((h * s, w * s, 3), np.float32)
+    for y, py in zip(ys, wy):
+        for x, px in zip(xs, wx):
+            patch = img[y:y + th, x:x + tw].transpose(2, 0, 1)[None]
+            # Engines and static-shape ONNX may need a larger input: replicate the edge, crop after.
+            ph, pw = max(0, min_hw[0] - th), max(0, min_hw[1] - tw)
+            if ph or pw:
+                patch = np.pad(patch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
+            res = model(np.ascontiguousarray(patch, dtype=np.float32))
+            if res.shape[-2:] != (patch.shape[2] * s, patch.shape[3] * s):
+                raise ParagonError(f"model output {list(res.shape)} is not x{s} of its input {list(patch.shape)}")
+            res = res[0, :, :th * s, :tw * s].transpose(1, 2, 0)
+            out[y * s:(y + th) * s, x * s:(x + tw) * s] += res * (py[:, None, None] * px[None, :, None]).astype(np.float32)
+            if on_tile:
+                on_tile()
+    # The weights are a product of row and column profiles on a grid, so their sum factorises too.
+    norm_y, norm_x = np.zeros(h * s), np.zeros(w * s)
+    for y, py in zip(ys, wy):
+        norm_y[y * s:(y + th) * s] += py
+    for x, px in zip(xs, wx):
+        norm_x[x * s:(x + tw) * s] += px
+    out /= (norm_y[:, None, None] * norm_x[None, :, None]).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files: 8/16-bit, gray/RGB, with or without alpha.
+
+@dataclass
+class Picture:
+    rgb: np.ndarray  # HxWx3 float32 in [0, 1]
+    alpha: np.ndarray | None  # HxW float32 or None
+    bits: int  # 8 or 16
+    gray: bool
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or None when the file is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">BB", head[24:26])
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the header only; one clear error line for anything unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ParagonError(f"cannot read image {path}: {e}") from None
+
+
+def read_picture(path: Path | str) -> Picture:
+    path = Path(path)
+    try:
+        png_head = _png_header(path)
+    except OSError as e:
+        raise ParagonError(f"cannot read image {path}: {e.strerror}") from None
+    if png_head and png_head[0] == 16:
+        return _read_png16(path)  # Pillow reduces 16-bit RGB(A) PNGs to 8 bits
+    if path.suffix.lower() in (".tif", ".tiff"):
+        pic = _read_tiff16(path)
+        if pic is not None:
+            return pic
+    from PIL import Image
+
+    with Image.open(path) as im:  # already opened once by image_size, so this cannot fail here
+        mode = im.mode
+    a = load_image(path, keep_alpha=True)
+    gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+    bits = 16 if mode.startswith("I") else 8
+    return Picture(a[..., :3], a[..., 3] if a.shape[-1] == 4 else None, bits, gray)
+
+
+def _split_channels(a: np.ndarray, has_alpha: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    a = a.astype(np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    alpha = a[..., -1] if has_alpha else None
+    color = a[..., :-1] if has_alpha else a
+    gray = color.shape[-1] == 1
+    rgb = np.repeat(color, 3, -1) if gray else color[..., :3]
+    return np.ascontiguousarray(rgb), alpha, gray
+
+
+def _read_png16(path: Path) -> Picture:
+    import png
+
+    try:
+        w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+        a = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
+    except (png.Error, OSError, ValueError) as e:
+        raise ParagonError(f"cannot read image {path}: {e}") from None
+    rgb, alpha, gray = _split_channels(a / 65535.0, info["alpha"])
+    return Picture(rgb, alpha, 16, gray)
+
+
+def _read_tiff16(path: Path) -> Picture | None:
+    """16-bit TIFFs through tifffile (Pillow cannot hold 16-bit RGB); None for other TIFFs."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            if page.bitspersample != 16:
+                return None
+            a = page.asarray()
+            extra = len(page.extrasamples)
+    except Exception as e:  # tifffile raises many types (TiffFileError, codec errors, ValueError)
+        raise ParagonError(f"cannot read image {path}: {e}") from None
+    if a.ndim == 3 and a.shape[0] in (2, 3, 4) and a.shape[-1] not in (2, 3, 4):  # planar layout
+        a = a.transpose(1, 2, 0)
+    rgb, alpha, gray = _split_channels(a / 65535.0, extra > 0)
+    return Picture(rgb, alpha, 16, gray)
+
+
+def check_writable_format(path: Path, *, bits: int, alpha: bool) -> None:
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ParagonError(f"{path}: cannot write {suffix!r} images (use {', '.join(sorted(OUTPUT_SUFFIXES))})")
+    if bits == 16 and suffix not in (".png", ".tif", ".tiff"):
+        raise ParagonError(f"{path}: a 16-bit result needs a .png or .tif output")
+    if alpha and suffix in (".jpg", ".jpeg"):
+        raise ParagonError(f"{path}: JPEG cannot hold the alpha channel; use .png")
+
+
+def write_picture(pic: Picture, path: Path, *, suffix: str) -> None:
+    """Write to `path` (a temp file) in the format of `suffix`."""
+    rgb = np.clip(pic.rgb, 0.0, 1.0)
+    color = rgb.mean(-1, keepdims=True) if pic.gray else rgb
+    planes = color if pic.alpha is None else np.concatenate([color, np.clip(pic.alpha, 0, 1)[..., None]], -1)
+    h, w, c = planes.shape
+    suffix = suffix.lower()
+    if pic.bits == 16:
+        a = (planes * 65535.0 + 0.5).astype(np.uint16)
+        if suffix == ".png":
+            import png
+
+            writer = png.Writer(w, h, greyscale=pic.gray, alpha=pic.alpha is not None, bitdepth=16)
+            with open(path, "wb") as f:
+                writer.write(f, a.reshape(h, w * c))
+        else:
+            import tifffile
+
+            tifffile.imwrite(path, a[..., 0] if c == 1 else a, photometric="minisblack" if pic.gray else "rgb",
+                             extrasamples=("unassalpha",) if pic.alpha is not None else None)
+        return
+    from PIL import Image
+
+    a = (planes * 255.0 + 0.5).astype(np.uint8)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
+    fmt = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}[suffix]
+    extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    Image.fromarray(a[..., 0] if c == 1 else a, mode=mode).save(path, format=fmt, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command.
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    size: tuple[int, int] = (0, 0)
+
+
+def plan_jobs(inputs: list[Path], out: Path) -> list[Job]:
+    """Map inputs to outputs. One image file and an OUT with an image suffix: OUT is that file.
+    Otherwise OUT is a folder: files land as OUT/<stem>.png, folders keep their relative paths."""
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ParagonError("no input given")
+    for p in inputs:
+        if not p.exists():
+            raise ParagonError(f"input {p} does not exist")
+    if len(inputs) == 1 and inputs[0].is_file() and out.suffix.lower() in IMAGE_SUFFIXES:
+        _check_image_suffix(inputs[0])
+        return [Job(inputs[0], out)]
+    if out.exists() and not out.is_dir():
+        raise ParagonError(f"output {out} exists and is not a folder")
+    jobs = []
+    for p in inputs:
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise ParagonError(f"no images in {p}")
+            jobs += [Job(f, out / f.relative_to(p).with_suffix(".png")) for f in found]
+        else:
+            _check_image_suffix(p)
+            jobs.append(Job(p, out / f"{p.stem}.png"))
+    seen: dict[Path, Path] = {}
+    for j in jobs:
+        if j.dst in seen:
+            raise ParagonError(f"{seen[j.dst]} and {j.src} would both be written to {j.dst}")
+        seen[j.dst] = j.src
+    return jobs
+
+
+def _check_image_suffix(p: Path) -> None:
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ParagonError(f"{p} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, tile: int = DEFAULT_TILE,
+            overlap: int = DEFAULT_OVERLAP, alpha: str = "bicubic", force: bool = False, threads: int | None = None,
+            progress: bool | None = None) -> list[dict]:
+    """Upscale every input image with `artifact`; returns one record per written file.
+
+    All checks (inputs readable, outputs free, formats possible) happen before the model runs, so a
+    bad batch fails in seconds; every output is written atomically."""
+    from tqdm import tqdm
+
+    check_tiling(tile, overlap)
+    if alpha not in ALPHA_MODES:
+        raise ParagonError(f"unknown alpha mode {alpha!r} (use {' or '.join(ALPHA_MODES)})")
+    out = Path(out)
+    jobs = plan_jobs([Path(p) for p in inputs], out)
+    existing = [j.dst for j in jobs if j.dst.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ParagonError(f"{existing[0]} already exists{more} (use --force to overwrite)")
+    for j in jobs:
+        j.size = image_size(j.src)
+    records = []
+    with open_model(artifact, threads=threads) as model:
+        total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)
+        with tqdm(total=total, unit="tile", disable=(None if progress is None else not progress),
+                  desc="upscale") as bar:
+            for j in jobs:
+                pic = read_picture(j.src)
+                check_writable_format(j.dst, bits=pic.bits, alpha=pic.alpha is not None)
+                bar.set_postfix_str(j.src.name, refresh=False)
+                kw = dict(scale=model.scale, tile=tile, overlap=overlap, min_hw=model.min_hw, max_hw=model.max_hw)
+                rgb = upscale_array(model, pic.rgb, on_tile=bar.update, **kw)
+                a = None
+                if pic.alpha is not None:
+                    if alpha == "model":
+                        a = upscale_array(model, np.repeat(pic.alpha[..., None], 3, -1), **kw).mean(-1)
+                    else:
+                        a = bicubic_upscale(pic.alpha[..., None], model.scale)[..., 0]
+                result = Picture(rgb, a, pic.bits, pic.gray)
+                with atomic_output(j.dst, force=force) as tmp:
+                    write_picture(result, tmp, suffix=j.dst.suffix)
+                records.append(dict(input=str(j.src), output=str(j.dst), size_in=list(pic.rgb.shape[:2]),
+                                    size_out=list(rgb.shape[:2]), bits=pic.bits, alpha=pic.alpha is not None,
+                                    gray=pic.gray, tiles=tile_count(*j.size, tile, overlap, model.max_hw)))
+    return records
