@@ -24,6 +24,12 @@ import traceback
 import warnings
 from pathlib import Path
 
+if __name__ != "__main__" and "pytest" in sys.modules:  # not a test module: never collected on CPU
+    import pytest
+
+    pytest.skip("GPU smoke script: run `python tests/gpu/smoke.py` on a machine with TensorRT and a GPU",
+                allow_module_level=True)
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
