@@ -104,16 +104,22 @@ def _norm_precision(value: str) -> str | None:
 
 
 def onnx_precision(model: onnx.ModelProto) -> tuple[str, str]:
-    """(precision, where it came from): the "precision" metadata_props entry, else the graph."""
-    props = {p.key: p.value for p in model.metadata_props}
-    if "precision" in props and _norm_precision(props["precision"]):
-        return _norm_precision(props["precision"]), f"metadata precision={props['precision']}"
+    """(precision, where it came from): the "precision" metadata_props entry when the graph agrees
+    with it; on a conflict the graph wins (a Q/DQ graph labelled fp32 is still int8)."""
     ops = {n.op_type for n in model.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
-        return "int8", "graph (Q/DQ nodes)"
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-        return "fp16", "graph (fp16 initializers)"
-    return "fp32", "graph (fp32 initializers)"
+        graph, evidence = "int8", "Q/DQ nodes"
+    elif any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        graph, evidence = "fp16", "fp16 initializers"
+    else:
+        graph, evidence = "fp32", "fp32 initializers"
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = _norm_precision(props["precision"]) if "precision" in props else None
+    if meta == graph:
+        return graph, f"metadata precision={props['precision']}"
+    if meta is not None:
+        return graph, f"graph ({evidence}); metadata says precision={props['precision']}"
+    return graph, f"graph ({evidence})"
 
 
 def _engine_precision(path: Path) -> tuple[str, str]:

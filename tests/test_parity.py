@@ -184,8 +184,10 @@ def test_nan_weight_is_detected_and_localized(arts, tmp_path):
 def test_precision_from_metadata_and_graph(arts):
     m = onnx.load(str(arts["fp32"]))
     assert onnx_precision(m) == ("fp32", "graph (fp32 initializers)")
-    onnx.helper.set_model_props(m, {"precision": "qat-int8"})
-    assert onnx_precision(m)[0] == "int8"
+    onnx.helper.set_model_props(m, {"precision": "float32"})
+    assert onnx_precision(m) == ("fp32", "metadata precision=float32")
+    onnx.helper.set_model_props(m, {"precision": "int8-qdq"})  # a label the graph contradicts
+    assert onnx_precision(m) == ("fp32", "graph (fp32 initializers); metadata says precision=int8-qdq")
     assert onnx_precision(onnx.load(str(arts["fp16"])))[0] == "fp16"
 
 
