@@ -40,6 +40,27 @@ def write_model(path: Path, **kwargs) -> Path:
     return path
 
 
+def export_onnx_file(model: torch.nn.Module, path: Path, *, scale: int | None = None) -> Path:
+    """Plain fp32 ONNX of `model` (TorchScript exporter, dynamic H/W, names input/output), with the
+    scale in metadata_props when given; for tests that need an ONNX file but do not test the export."""
+    import io
+    import warnings
+
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.rand(1, 3, 32, 32), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {2: "h", 3: "w"}, "output": {2: "H", 3: "W"}})
+    m = onnx.load_from_string(buf.getvalue())
+    if scale:
+        m.metadata_props.add(key="scale", value=str(scale))
+    onnx.save(m, str(path))
+    return path
+
+
 @pytest.fixture
 def nano_ckpt(tmp_path) -> Path:
     return write_model(tmp_path / "nano_x2.safetensors")

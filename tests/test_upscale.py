@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from paragon_export.cli import main
 from paragon_export.images import bicubic_downscale, bicubic_upscale, load_image, sample_photo_paths
 from paragon_export.upscale import open_model, tile_profile, tile_starts, upscale_array
 
-from conftest import make_model, write_model
+from conftest import export_onnx_file, make_model, write_model
 
 TILE, OVERLAP = 56, 24  # 72x100 LR -> 2x3 tiles
 
@@ -172,20 +170,6 @@ def test_folder_alpha_16bit_gray(tmp_path, photo):
     assert np.abs(got_model - ref_model).max() <= 0.5 / 255 + 1e-4
     assert np.abs(got_model - ref_alpha).max() > 0.02
     assert not list(out.rglob(".*.tmp"))
-
-
-def export_onnx_file(model: torch.nn.Module, path: Path, *, scale: int | None) -> Path:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.rand(1, 3, 32, 32), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {2: "h", 3: "w"}, "output": {2: "H", 3: "W"}})
-    m = onnx.load_from_string(buf.getvalue())
-    if scale:
-        m.metadata_props.add(key="scale", value=str(scale))
-    onnx.save(m, str(path))
-    return path
 
 
 def test_onnx_fp32_and_fp16_io(tmp_path, photo):

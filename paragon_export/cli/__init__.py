@@ -13,6 +13,7 @@ from ..errors import ParagonError
 COMMANDS = {
     "fuse": "fuse",
     "upscale": "upscale",
+    "bench": "bench",
     "engine": "engine",
     "parity": "parity",
 }

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import click
+
+from ..bench import bench, format_table
+from ..images import parse_sizes
+
+
+@click.command("bench")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--sizes", default="256x256", show_default=True, help="LR input sizes, HxW[,HxW...].")
+@click.option("--threads", type=int, help="CPU threads for torch and onnxruntime (default: all usable cores).")
+@click.option("--runs", default=20, show_default=True, type=int, help="Timed runs per artifact and size.")
+@click.option("--warmup", default=3, show_default=True, type=int, help="Untimed runs first.")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="PyTorch checkpoint for the eager reference (default: the first unfused checkpoint given).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite an existing JSON report.")
+def command(artifacts, sizes, threads, runs, warmup, baseline, json_path, force):
+    """Latency, throughput and peak memory of ARTIFACTS (checkpoints, ONNX, engines) vs PyTorch eager."""
+    report = bench(list(artifacts), sizes=parse_sizes(sizes), threads=threads, runs=runs, warmup=warmup,
+                   baseline=baseline, json_path=json_path, force=force,
+                   progress=lambda msg: click.echo(msg, err=True))
+    click.echo(format_table(report))
+    if json_path:
+        click.echo(f"wrote {json_path}")
