@@ -169,8 +169,13 @@ def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch
         return out
 
     culprit = first or best
-    note = (f"first tensor whose relative error exceeds {floor:g} and jumps {JUMP_RATIO:g}x over everything before it"
-            if first else f"no tensor jumps {JUMP_RATIO:g}x above {floor:g}; the largest relative increase is named")
+    if not rows:
+        note = ("no intermediate tensor could be matched to the reference (node names do not follow the "
+                "TorchScript exporter's module scopes and no passing fp32 ONNX shares its tensor names)")
+    elif first:
+        note = f"first tensor whose relative error exceeds {floor:g} and jumps {JUMP_RATIO:g}x over everything before it"
+    else:
+        note = f"no tensor jumps {JUMP_RATIO:g}x above {floor:g}; the largest relative increase is named"
     top = sorted(rows, key=lambda r: -r["jump_ratio"])[:TOP_N]
     return {"method": method, "reference": reference, "layers_compared": len(rows), "floor": floor,
             "ratio": JUMP_RATIO, "culprit": public(culprit), "sharp_jump": first is not None, "note": note,

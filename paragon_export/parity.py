@@ -28,6 +28,7 @@ from .errors import ParagonError
 from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
 from .localize import localize as localize_onnx
 from .metrics import psnr, psnr_y, ssim_y
+from .parity_report import write_outputs
 from .runners import INPUT_NAME, TorchCpuRunner, onnx_runner, tensorrt_unavailable, trt_runner
 
 SCHEMA_VERSION = 1
@@ -395,17 +396,19 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
         for e in entries:
             if e.kind == "onnx" and e.status == "fail":
                 worst = _worst_case(e)
-                with _quiet_polygraphy():
-                    e.localization = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused,
-                                                   ref_onnx=passing_fp32_onnx)
+                try:
+                    with _quiet_polygraphy():
+                        e.localization = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused,
+                                                       ref_onnx=passing_fp32_onnx)
+                except Exception as ex:  # the verdict stands without it; say why it is missing
+                    e.localization = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0,
+                                      "ratio": 0.0, "culprit": None, "sharp_jump": False, "top": [],
+                                      "note": f"localization failed: {type(ex).__name__}: {_first_line(ex)}"}
                 e.localization["case"] = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
 
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
                      case_info, ref_y)
-    from .parity_report import write_outputs
-
-    write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops)
-    return report
+    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops)
 
 
 def _worst_case(e: Entry) -> int:
@@ -440,7 +443,7 @@ def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, 
                       "upsampler": loaded.upsampler, "fused": loaded.fused,
                       "runner": "torch-cpu fp32, fused" + ("" if loaded.fused else " from the unfused checkpoint")},
         "images": [{"name": p.stem, "path": str(p)} for p in image_paths],
-        "image_source": "user folder" if images else "bundled held-out photos (scikit-image)",
+        "image_source": "user folder" if images else "bundled held-out photos from scikit-image",
         "sizes": [list(s) for s in sizes],
         "thresholds": {k: {"max_abs": v.max_abs, "min_psnr": v.min_psnr} for k, v in thresholds.items()},
         "overrides": {"atol": atol, "min_psnr": min_psnr},

@@ -138,11 +138,18 @@ def markdown(report: dict) -> str:
             weights = f", weights {', '.join(f'`{w}`' for w in c['weights'])}" if c["weights"] else ""
             module = f" (module `{c['module']}`{weights})" if c["module"] else weights
             err = "NaN/Inf" if c["rel_err"] is None else f"{c['rel_err']:.2e}"
-            notes.append(f"  - first layer whose error jumps: `{c['node']}`{module}: relative error {err} "
-                         f"after at most {c['prev_max_rel_err']:.1e} before it; {loc['layers_compared']} tensors "
-                         f"compared against {loc['method']} on {loc['case']['image']} "
-                         f"{loc['case']['lr_size'][0]}x{loc['case']['lr_size'][1]}"
-                         + ("" if loc["sharp_jump"] else " (no sharp jump: largest increase named)"))
+            against = (f"passing fp32 ONNX `{Path(loc['reference']).name}`" if loc["method"] == "onnx-reference"
+                       else "the fp32 torch reference (forward hooks)")
+            where = (f"{loc['layers_compared']} tensors compared with {against} on "
+                     f"{loc['case']['image']} {loc['case']['lr_size'][0]}x{loc['case']['lr_size'][1]}")
+            if loc["sharp_jump"]:
+                notes.append(f"  - first layer whose error jumps: `{c['node']}`{module}: relative error {err}, "
+                             f"at most {c['prev_max_rel_err']:.1e} before it; {where}")
+            else:
+                notes.append(f"  - no single layer's error jumps {loc['ratio']:g}x above {loc['floor']:g} (the error "
+                             f"builds up); largest increase at `{c['node']}`{module}: {err}; {where}")
+        elif loc:
+            notes.append(f"  - localization: {loc['note']}")
     if notes:
         lines += ["", *notes]
     pngs = report["outputs"]["pngs"]
@@ -152,6 +159,17 @@ def markdown(report: dict) -> str:
     tv = report["tool_versions"]
     lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in tv.items() if v), ""]
     return "\n".join(lines)
+
+
+def _finite(obj):
+    """NaN/Inf are not JSON: a metric that is not finite is recorded as null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _pick_crops(cases: list, n: int) -> list[int]:
@@ -169,7 +187,8 @@ def _pick_crops(cases: list, n: int) -> list[int]:
 
 
 def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir: Path, *, force: bool,
-                  png_crops: int) -> None:
+                  png_crops: int) -> dict:
+    """Render and write everything; returns the report as written (non-finite numbers as null)."""
     out_dir = check_output(out_dir, force=force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -186,6 +205,7 @@ def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir:
             render_crop(lr, ref_img, arts, scale).save(tmp / rel)
             pngs.append(rel)
         report["outputs"] = {"json": "parity.json", "markdown": "parity.md", "pngs": pngs}
+        report = _finite(report)
         validate(report)
         (tmp / "parity.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         (tmp / "parity.md").write_text(markdown(report))
@@ -200,3 +220,4 @@ def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return report
