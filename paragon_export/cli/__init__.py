@@ -12,6 +12,7 @@ from ..errors import ParagonError
 # name -> module under paragon_export.cli defining a click command called `command`
 COMMANDS = {
     "fuse": "fuse",
+    "int8": "int8",
     "upscale": "upscale",
     "bench": "bench",
     "engine": "engine",

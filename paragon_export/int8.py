@@ -1,0 +1,360 @@
+"""int8: FP32 ONNX + calibration images -> TensorRT-compatible Q/DQ INT8 ONNX, proven on held-out photos.
+
+Recipe (what TensorRT explicit quantization needs, SPEC §5): ONNX Runtime `quantize_static` in QDQ
+format, int8 symmetric activations and weights (zero point 0), per-channel weights on the
+output-channel axis, float biases, Q/DQ on the inputs of Conv/ConvTranspose only (TensorRT fuses
+the rest; residual adds and the output stay in float). Ranges come from `calibration.ranges`
+(cached; entropy is the real KL search).
+
+Accuracy-driven mixed precision: the INT8 model is measured against FP32 on the held-out images; while
+it misses the target, nodes are kept in float in order of how much their quantization costs
+(leave-one-out, measured on calibration crops so the held-out images only judge), up to a budget.
+
+The original deploy script's recipe (asymmetric QUInt8 activations, per-tensor weights, entropy
+through `quantize_static`, no exclusions) runs on the same model and data for comparison."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
+from calibration.ranges import METHODS, Ranges, calibration_ranges
+
+from .artifact import Artifact, atomic_output, check_output, sha256_file
+from .errors import ParagonError
+from .int8_check import WEIGHTED_OPS, inspect_qdq, trt_blockers
+from .int8_eval import Evaluator, latency, run, session
+
+DEFAULT_METHOD = "minmax"
+DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
+DEFAULT_BUDGET_FRACTION = 0.15  # of the quantizable nodes, when no node budget is given
+MIN_OPSET = 13
+TRT_OPS = list(WEIGHTED_OPS)
+TRT_EXTRA_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "QuantizeBias": False,  # TensorRT has no int32 DequantizeLinear: biases stay float
+    "AddQDQPairToWeight": True,  # float weight -> Q -> DQ, the form TensorRT folds into its int8 kernels
+    "OpTypesToExcludeOutputQuantization": TRT_OPS,  # Q/DQ on conv inputs only; TensorRT fuses the rest
+    "QDQOpTypePerChannelSupportToAxis": dict(WEIGHTED_OPS),
+    "DedicatedQDQPair": False,
+}
+PEER_RECIPE = ("QUInt8 asymmetric activations, QInt8 per-tensor weights, all op types, "
+               "quantize_static(calibrate_method=Entropy), no exclusions")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantizer prints progress and warns on every call through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_symmetric(fp32: Path, out: Path, ranges: Ranges, exclude: list[str] = ()) -> None:
+    """The TensorRT recipe, reading activation ranges from the calibration cache (no inference)."""
+    with _quiet():
+        quantize_static(str(fp32), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=TRT_OPS,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude), calibrate_method=ranges.ort_method,
+                        extra_options=dict(TRT_EXTRA_OPTIONS), calibration_cache_path=str(ranges.cache_path))
+
+
+def quantize_peer(fp32: Path, out: Path, calib: CalibrationSet) -> None:
+    """The original deploy script's recipe, on the same calibration crops."""
+    calib.set_range(0, len(calib))
+    with _quiet():
+        quantize_static(str(fp32), str(out), calib, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Entropy)
+    calib.rewind()
+
+
+# ---------------------------------------------------------------- input model
+
+def _load_fp32(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ParagonError(f"model {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf decode errors have no common base class
+        raise ParagonError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e}") from None
+    g = model.graph
+    if len(g.input) != 1 or len(g.input[0].type.tensor_type.shape.dim) != 4:
+        raise ParagonError(f"{path}: expected one NCHW image input, found {len(g.input)} inputs")
+    if g.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ParagonError(f"{path}: input is not float32 (give the FP32 ONNX, not an FP16 or INT8 one)")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in g.node):
+        raise ParagonError(f"{path} is already quantized")
+    return model
+
+
+def _prepare(model: onnx.ModelProto, tmp: Path, src: Path) -> Path:
+    """Node names (the mixed-precision loop excludes nodes by name) and opset >= 13, in a copy if needed."""
+    changed = False
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+            changed = True
+        seen.add(n.name)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, MIN_OPSET)
+        changed = True
+    if not changed:
+        return src
+    out = tmp / "fp32_prepared.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+def _static_dims(model: onnx.ModelProto) -> tuple[int | None, tuple[int, int] | None]:
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    batch = dims[0]
+    hw = (dims[2], dims[3]) if dims[2] and dims[3] else None
+    return batch, hw
+
+
+def _infer_scale(fp32: Path, hw: tuple[int, int] | None) -> int:
+    h, w = hw or (16, 20)
+    y = run(session(fp32), np.zeros((1, 3, h, w), np.float32))
+    sh, sw = y.shape[2] / h, y.shape[3] / w
+    if y.ndim != 4 or sh != sw or sh != int(sh) or sh < 1:
+        raise ParagonError(f"cannot infer the upscale factor: {h}x{w} in, {y.shape[2]}x{y.shape[3]} out")
+    return int(sh)
+
+
+def _from_checkpoint(ckpt: Path, tmp: Path, variant: str | None, scale: int | None) -> Path:
+    try:
+        from .export_onnx import export_onnx
+    except ImportError:
+        raise ParagonError(f"{ckpt} is a checkpoint; export it with `paragon-export onnx` first "
+                           "and pass the .onnx") from None
+    arts = export_onnx(ckpt, tmp, variant=variant, scale=scale, force=True)
+    return Path(arts["fp32"].path)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def _meets(q: dict, target_psnr: float | None, max_drop: float | None) -> bool:
+    m = q["mean"]
+    return ((target_psnr is None or m["psnr_vs_fp32"] >= target_psnr)
+            and (max_drop is None or m["y_psnr_drop"] <= max_drop))
+
+
+def _step(kept: list[str], q: dict, added: str | None) -> dict:
+    m = q["mean"]
+    return {"kept_float": list(kept), "added": added, "psnr_vs_fp32": m["psnr_vs_fp32"],
+            "y_psnr": m.get("y_psnr"), "ssim": m.get("ssim"), "y_psnr_drop": m.get("y_psnr_drop")}
+
+
+def keep_float(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+    """A copy of a Q/DQ model with `nodes` reading the float tensors behind their Q->DQ inputs, and
+    Q/DQ nodes nobody reads any more removed: what `nodes_to_exclude` produces, without requantizing."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    wanted = set(nodes)
+    for n in g.node:
+        if n.name not in wanted:
+            continue
+        for i, t in enumerate(n.input):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[i] = q.input[0]
+    while True:
+        used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {t for n in g.node for t in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return m
+
+
+def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str],
+               progress: Callable[[str], None]) -> list[dict]:
+    """Leave-one-out: each candidate kept in float alone; sorted by how much PSNR that buys back."""
+    base_score = ev.rank_score(base.SerializeToString())
+    out = []
+    for i, node in enumerate(candidates):
+        score = ev.rank_score(keep_float(base, [node]).SerializeToString())
+        out.append({"node": node, "psnr_gain": score - base_score})
+        if (i + 1) % 20 == 0:
+            progress(f"  ranked {i + 1}/{len(candidates)} nodes")
+    return sorted(out, key=lambda r: -r["psnr_gain"])
+
+
+def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, target_psnr: float | None,
+                    max_drop: float | None, node_budget: int | None, progress: Callable[[str], None]) -> dict:
+    """Quantize, measure on held-out, and keep the costliest nodes in float until the target holds."""
+    path = tmp / "step.onnx"
+    quantize_symmetric(fp32, path, ranges)
+    candidates = inspect_qdq(onnx.load(str(path)))["quantized_nodes"]
+    budget = node_budget if node_budget is not None else math.ceil(DEFAULT_BUDGET_FRACTION * len(candidates))
+    q = ev.quality(path)
+    kept: list[str] = []
+    steps = [_step(kept, q, None)]
+    ranking: list[dict] = []
+    t0 = time.perf_counter()
+    if not _meets(q, target_psnr, max_drop) and budget > 0:
+        progress(f"int8 misses the target ({_describe(q)}); ranking {len(candidates)} nodes (leave-one-out)")
+        ranking = rank_nodes(onnx.load(str(path)), ev, candidates, progress)
+        for r in ranking[:budget]:
+            kept.append(r["node"])
+            quantize_symmetric(fp32, path, ranges, kept)
+            q = ev.quality(path)
+            steps.append(_step(kept, q, r["node"]))
+            progress(f"  float: {r['node']}  -> {_describe(q)}")
+            if _meets(q, target_psnr, max_drop):
+                break
+    return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
+            "quantizable_nodes": len(candidates), "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
+            "steps": steps, "ranking": ranking[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
+            "model": path.read_bytes(), "quality": q}
+
+
+def _describe(q: dict) -> str:
+    m = q["mean"]
+    s = f"PSNR vs fp32 {m['psnr_vs_fp32']:.2f} dB"
+    if "y_psnr_drop" in m:
+        s += f", Y-PSNR drop {m['y_psnr_drop']:+.3f} dB"
+    return s
+
+
+# ---------------------------------------------------------------- the step
+
+def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
+    base = stem.replace("_fp32", "")
+    return out_dir / f"{base}_int8_qdq.onnx", out_dir / f"{base}_int8_report.json"
+
+
+def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | str | None = None,
+                  calib: CalibrationSet | None = None, method: str = DEFAULT_METHOD,
+                  target_psnr: float | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
+                  node_budget: int | None = None, lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
+                  crops_per_image: int = 4, batch_size: int = 4, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
+                  holdout: float = 0.25, seed: int = 0, cache_dir: Path | str | None = None, peer: bool = True,
+                  threads: int = 1, variant: str | None = None, scale: int | None = None, force: bool = False,
+                  progress: Callable[[str], None] | None = None) -> Artifact:
+    """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<name>_int8_qdq.onnx` + `<name>_int8_report.json`.
+
+    Returns the model's Artifact; its meta is the report (also written as JSON)."""
+    progress = progress or (lambda _msg: None)
+    if method not in METHODS:
+        raise ParagonError(f"unknown calibration method {method!r} (choose {', '.join(METHODS)})")
+    if node_budget is not None and node_budget < 0:
+        raise ParagonError("node budget must be >= 0")
+    src = Path(model)
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="paragon-int8-") as tmp_name:
+        tmp = Path(tmp_name)
+        if src.suffix.lower() == ".onnx":
+            fp32_src = src
+        else:
+            progress(f"exporting {src} to FP32 ONNX")
+            fp32_src = _from_checkpoint(src, tmp, variant, scale)
+        model_path, report_path = output_paths(out_dir, fp32_src.stem)
+        check_output(model_path, force=force)
+        check_output(report_path, force=force)
+        proto = _load_fp32(fp32_src)
+        fp32 = _prepare(proto, tmp, fp32_src)
+        batch, static_hw = _static_dims(proto)
+        found = _infer_scale(fp32, static_hw)
+        if scale is not None and scale != found:
+            raise ParagonError(f"--scale {scale} does not match the model (x{found})")
+        if calib is None:
+            calib = build_calibration_set(calib_dir, scale=found, lr_size=static_hw or lr_size,
+                                          crops_per_image=crops_per_image, batch_size=batch or batch_size,
+                                          seed=seed, holdout=holdout, eval_size=static_hw or eval_size)
+        elif calib.params["scale"] != found:
+            raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{found}")
+        if not calib.holdout:
+            raise ParagonError("the calibration set has no held-out images to evaluate on")
+        if max_drop is not None and not all(h.hr is not None for h in calib.holdout):
+            raise ParagonError("held-out images have no HR ground truth: use --target-psnr instead of --max-drop")
+        for s in calib.skipped:
+            progress(f"warning: skipped {s}")
+
+        progress(f"calibrating ({method}) on {len(calib.crops)} crops from {len(calib.calib_images)} images")
+        ranges = calibration_ranges(fp32, calib, method, cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
+        progress(f"calibration ranges: cache {'hit (no inference run)' if ranges.hit else 'miss'} ({ranges.cache_path})")
+        ev = Evaluator(fp32, calib, found, threads)
+        mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
+                             node_budget=node_budget, progress=progress)
+        int8_bytes = mp.pop("model")
+        int8_quality = mp.pop("quality")
+        checks = inspect_qdq(onnx.load_from_string(int8_bytes))
+        blockers = trt_blockers(checks)
+        if blockers:
+            raise ParagonError(f"the INT8 model is not TensorRT-compatible: {'; '.join(blockers)}")
+        (tmp / "int8.onnx").write_bytes(int8_bytes)
+        models = {"fp32": fp32, "int8": tmp / "int8.onnx"}
+
+        peer_report = None
+        if peer:
+            progress("running the original deploy recipe for comparison")
+            quantize_peer(fp32, tmp / "peer.onnx", calib)
+            models["peer"] = tmp / "peer.onnx"
+            peer_checks = inspect_qdq(onnx.load(str(tmp / "peer.onnx")))
+            peer_report = {"recipe": PEER_RECIPE, "trt_compatible": False,
+                           "trt_blockers": trt_blockers(peer_checks), "quality": ev.quality(tmp / "peer.onnx"),
+                           "checks": _brief(peer_checks)}
+        progress("timing on ONNX Runtime CPU")
+        lat = latency(models, calib.holdout[0].lr, threads=threads)
+        ms = lat["median_ms"]
+        lat["ratio_vs_fp32"] = {k: ms[k] / ms["fp32"] for k in ms}
+
+        report = {
+            "model": {"source": str(src), "fp32_onnx": str(fp32_src), "fp32_sha256": sha256_file(fp32), "scale": found},
+            "calibration": {**calib.summary(), **ranges.summary()},
+            "recipe": {"format": "QDQ", "activations": "int8 symmetric (zero point 0)",
+                       "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
+                       "bias": "float", "quantized_ops": TRT_OPS, "output_quantization": False,
+                       "method": method, "trt_compatible": True},
+            "checks": _brief(checks),
+            "mixed_precision": mp,
+            "quality": {"fp32": ev.fp32, "int8": int8_quality},
+            "latency": lat,
+            "peer": peer_report,
+        }
+        with atomic_output(model_path, force=force) as t:
+            t.write_bytes(int8_bytes)
+        report["output"] = {"model": str(model_path), "sha256": sha256_file(model_path), "report": str(report_path)}
+        with atomic_output(report_path, force=force) as t:
+            t.write_text(json.dumps(report, indent=2, default=_json_default))
+    return Artifact(model_path, "onnx-int8", report)
+
+
+def _brief(checks: dict) -> dict:
+    return {k: v for k, v in checks.items() if k != "quantized_nodes"} | {"quantized_nodes": len(checks["quantized_nodes"])}
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")

@@ -1,0 +1,134 @@
+"""Measure INT8 models against their FP32 source on ONNX Runtime CPU: quality on the held-out images
+(SPEC §6: Y-PSNR/SSIM against ground truth, border = scale; PSNR against the fp32 output) and
+latency as a ratio to fp32 measured in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from calibration import CalibrationSet
+
+from .errors import ParagonError
+from .metrics import psnr, psnr_y, ssim_y
+
+RANK_BATCHES = 6  # calibration batches the node ranking is measured on
+
+
+def session(model: Path | str | bytes, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for every load failure
+        raise ParagonError(f"ONNX Runtime cannot load {'model' if isinstance(model, bytes) else model}: "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """NCHW batch (or one HWC image) in, float32 NCHW out."""
+    if x.ndim == 3:
+        x = x.transpose(2, 0, 1)[None]
+    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def _hwc(y: np.ndarray) -> np.ndarray:
+    return y[0].transpose(1, 2, 0)
+
+
+class Evaluator:
+    """Holds the fp32 outputs (computed once) that every candidate INT8 model is compared with."""
+
+    def __init__(self, fp32: Path | str, calib: CalibrationSet, scale: int, threads: int = 1) -> None:
+        self.calib, self.scale, self.threads = calib, scale, threads
+        sess = session(fp32, threads)
+        self.ref = [_hwc(run(sess, h.lr)) for h in calib.holdout]
+        self.rank_inputs = [calib.batch(i) for i in range(min(len(calib), RANK_BATCHES))]
+        self.rank_ref = [run(sess, b) for b in self.rank_inputs]
+        self.has_gt = all(h.hr is not None for h in calib.holdout)
+        self.fp32 = self._scores(self.ref)
+
+    def _scores(self, outs: list[np.ndarray]) -> dict:
+        per = []
+        for h, y, ref in zip(self.calib.holdout, outs, self.ref):
+            item = {"image": h.name, "lr": list(h.lr.shape[:2]),
+                    "psnr_vs_fp32": psnr(np.clip(y, 0, 1), np.clip(ref, 0, 1))}
+            if h.hr is not None:
+                item["y_psnr"] = psnr_y(y, h.hr, self.scale)
+                item["ssim"] = ssim_y(y, h.hr, self.scale)
+            per.append(item)
+        mean = {k: float(np.mean([p[k] for p in per])) for k in ("psnr_vs_fp32", "y_psnr", "ssim") if per and k in per[0]}
+        return {"mean": mean, "images": per}
+
+    def quality(self, model: Path | str | bytes) -> dict:
+        """Held-out scores of `model`, plus its Y-PSNR drop against fp32 (positive = worse)."""
+        sess = session(model, self.threads)
+        q = self._scores([_hwc(run(sess, h.lr)) for h in self.calib.holdout])
+        if self.has_gt and q["mean"]:
+            q["mean"]["y_psnr_drop"] = self.fp32["mean"]["y_psnr"] - q["mean"]["y_psnr"]
+        return q
+
+    def rank_score(self, model: Path | str | bytes) -> float:
+        """PSNR against fp32 over a few calibration batches: ranks nodes without touching held-out data."""
+        sess = session(model, self.threads)
+        mse = [float(np.mean((np.clip(run(sess, x), 0, 1) - np.clip(r, 0, 1)) ** 2))
+               for x, r in zip(self.rank_inputs, self.rank_ref)]
+        m = float(np.mean(mse))
+        return float("inf") if m == 0 else 10.0 * np.log10(1.0 / m)
+
+
+def latency(models: dict[str, Path | str], lr: np.ndarray, *, threads: int = 1, warmup: int = 2,
+            repeats: int = 9) -> dict:
+    """Median ms per model, runs interleaved so load changes on a shared machine hit all alike."""
+    sessions = {k: session(v, threads) for k, v in models.items()}
+    x = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(warmup + repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            run(s, x)
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {"threads": threads, "input": [1, 3, *lr.shape[:2]], "repeats": repeats,
+            "median_ms": {k: statistics.median(v) for k, v in times.items()}}
+
+
+def format_table(report: dict) -> str:
+    """The report as a fixed-width table plus the mixed-precision steps."""
+    q, lat, mp = report["quality"], report["latency"], report["mixed_precision"]
+    ms, ratio = lat["median_ms"], lat["ratio_vs_fp32"]
+    rows = [("fp32", q["fp32"]["mean"], "fp32", {"q_nodes": 0, "dq_nodes": 0}, "-", "-"),
+            (f"int8 symmetric ({report['recipe']['method']})", q["int8"]["mean"], "int8", report["checks"],
+             str(len(mp["kept_float"])), "yes")]
+    peer = report.get("peer")
+    if peer:
+        rows.append(("peer: QUInt8 asym, ORT entropy", peer["quality"]["mean"], "peer", peer["checks"], "0", "NO"))
+    head = f"{'model':34} {'Y-PSNR':>7} {'SSIM':>7} {'PSNR/fp32':>9} {'ms':>8} {'x fp32':>6} {'Q/DQ':>9} {'float':>5}  TensorRT"
+    lines = [head, "-" * len(head)]
+    for name, m, key, chk, kept, trt in rows:
+        vs = "-" if key == "fp32" else f"{m['psnr_vs_fp32']:.2f}"
+        y = f"{m['y_psnr']:.3f}" if "y_psnr" in m else "-"
+        s = f"{m['ssim']:.4f}" if "ssim" in m else "-"
+        qdq = f"{chk['q_nodes']}/{chk['dq_nodes']}"
+        lines.append(f"{name:34} {y:>7} {s:>7} {vs:>9} {ms[key]:8.2f} {ratio[key]:6.2f} {qdq:>9} {kept:>5}  {trt}")
+    n = len(report["calibration"]["holdout_images"])
+    lines.append(f"held-out: {n} images ({', '.join(report['calibration']['holdout_images'])}), "
+                 f"latency: median of {lat['repeats']} at {lat['input'][2]}x{lat['input'][3]}, {lat['threads']} thread(s)")
+    if peer:
+        lines.append(f"peer recipe is not TensorRT-compatible: {'; '.join(peer['trt_blockers'])}")
+    goal = " and ".join(s for s in (f"PSNR vs fp32 >= {mp['target_psnr']} dB" if mp["target_psnr"] is not None else "",
+                                     f"Y-PSNR drop <= {mp['max_drop']} dB" if mp["max_drop"] is not None else "") if s)
+    lines.append(f"mixed precision ({goal or 'no target'}; budget {mp['node_budget']} of {mp['quantizable_nodes']} nodes): "
+                 f"{'met' if mp['met'] else 'NOT met'}")
+    for i, st in enumerate(mp["steps"]):
+        drop = f", Y-PSNR drop {st['y_psnr_drop']:+.3f} dB" if st.get("y_psnr_drop") is not None else ""
+        what = f"+ float {st['added']}" if st["added"] else "all quantized"
+        lines.append(f"  step {i}: {what}: PSNR vs fp32 {st['psnr_vs_fp32']:.2f} dB{drop}")
+    return "\n".join(lines)

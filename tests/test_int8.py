@@ -1,0 +1,268 @@
+"""int8: TensorRT-compatible Q/DQ INT8 from a real FP32 ONNX export of seeded ParagonSR2 models,
+calibrated and judged on real photos with real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from calibration import build_calibration_set
+from calibration.entropy import entropy_threshold
+from calibration.ranges import calibration_ranges
+from conftest import make_model
+from paragon_export.cli import main
+from paragon_export.errors import ParagonError
+from paragon_export.int8 import TRT_OPS, keep_float, quantize_int8, quantize_symmetric
+from paragon_export.int8_eval import run, session
+from paragon_export.metrics import psnr
+
+SENSITIVE = "/body/body.0/blocks/blocks.1/transformer/project_out/Conv"
+SMALL = {"lr_size": (24, 24), "crops_per_image": 2, "batch_size": 4, "eval_size": (32, 32)}
+
+
+def export_fp32(model: torch.nn.Module, path):
+    """FP32 ONNX with dynamic batch/H/W, as `paragon-export onnx` makes it (TorchScript exporter + onnxsim)."""
+    import onnxsim
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 20, 28),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "b", 2: "h", 3: "w"}, "output": {0: "b", 2: "oh", 3: "ow"}})
+    simplified, ok = onnxsim.simplify(onnx.load_from_string(buf.getvalue()))
+    assert ok
+    onnx.save(simplified, str(path))
+    return path
+
+
+def seeded_fused(seed: int = 0):
+    torch.manual_seed(seed)  # make_model seeds gammas and kernels; conv weights come from torch's global RNG
+    return make_model(fused=True, seed=seed)
+
+
+def sensitive_model():
+    """Nano whose one project_out has an ill-conditioned weight: hidden channels 0 and 1 are made
+    identical and project_out gets +A*v / -A*v on them (cancels exactly in float), so its per-channel
+    int8 scale is set by A and every other weight of the layer rounds to zero."""
+    m = seeded_fused(0)
+    t = m.body[0].blocks[1].transformer
+    with torch.no_grad():
+        t.project_in.weight[1] = t.project_in.weight[0]
+        t.project_in.bias[1] = t.project_in.bias[0]
+        t.dwconv.weight[1] = t.dwconv.weight[0]
+        t.project_out.weight *= 10  # make the block matter
+        t.project_out.bias *= 10
+        v = torch.randn(t.project_out.weight.shape[0], generator=torch.Generator().manual_seed(1))
+        a = 1000 * t.project_out.weight.abs().max()
+        t.project_out.weight[:, 0, 0, 0] += a * v
+        t.project_out.weight[:, 1, 0, 0] -= a * v
+    return m
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return export_fp32(seeded_fused(0), tmp_path_factory.mktemp("onnx") / "nano_x2_fp32.onnx")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return build_calibration_set(None, scale=2, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def default_run(fp32, calib, cache_dir, tmp_path_factory):
+    return quantize_int8(fp32, tmp_path_factory.mktemp("out"), calib=calib, cache_dir=cache_dir)
+
+
+def _init(model, name):
+    for i in model.graph.initializer:
+        if i.name == name:
+            return i
+    return None
+
+
+def test_default_int8_is_symmetric_per_channel_qdq(default_run, fp32, calib):
+    model = onnx.load(str(default_run.path))
+    opset = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")][0]
+    assert opset >= 13
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:  # every zero point is an int8 zero
+        zp = _init(model, n.input[2])
+        assert zp is not None and zp.data_type == onnx.TensorProto.INT8, n.name
+        assert not numpy_helper.to_array(zp).any(), n.name
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    kept = set(default_run.meta["mixed_precision"]["kept_float"])
+    for n in weighted:
+        dq = producer.get(n.input[1])
+        if n.name in kept:
+            assert dq is None
+            continue
+        q = producer[dq.input[0]]
+        w = numpy_helper.to_array(_init(model, q.input[0]))
+        scale = numpy_helper.to_array(_init(model, dq.input[1]))
+        axis = {a.name: a.i for a in dq.attribute}["axis"]
+        want = 0 if n.op_type == "Conv" else 1
+        assert axis == want and scale.shape == (w.shape[want],), n.name  # per output channel
+        assert producer[n.input[0]].op_type == "DequantizeLinear"  # activation quantized too
+        if len(n.input) > 2:
+            assert _init(model, n.input[2]).data_type == onnx.TensorProto.FLOAT  # bias stays float
+    # The file runs and stays close to fp32 on a held-out photo.
+    ref = run(session(fp32), calib.holdout[0].lr)
+    out = run(session(default_run.path), calib.holdout[0].lr)
+    assert psnr(np.clip(out, 0, 1), np.clip(ref, 0, 1)) > 30
+
+
+def test_report_figures(default_run):
+    r = default_run.meta
+    model = onnx.load(str(default_run.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert r["checks"]["q_nodes"] == ops.count("QuantizeLinear") and r["checks"]["dq_nodes"] == ops.count("DequantizeLinear")
+    assert r["checks"]["zero_points_all_zero"] and r["checks"]["weights_per_channel"]
+    assert r["recipe"]["trt_compatible"] is True
+    for key in ("fp32", "int8"):
+        m = r["quality"][key]["mean"]
+        assert np.isfinite(m["y_psnr"]) and 0 < m["ssim"] <= 1
+        assert len(r["quality"][key]["images"]) == len(r["calibration"]["holdout_images"]) == 4
+    assert r["quality"]["int8"]["mean"]["y_psnr_drop"] == pytest.approx(
+        r["quality"]["fp32"]["mean"]["y_psnr"] - r["quality"]["int8"]["mean"]["y_psnr"])
+    lat = r["latency"]
+    assert set(lat["median_ms"]) == {"fp32", "int8", "peer"} and lat["ratio_vs_fp32"]["fp32"] == 1.0
+    peer = r["peer"]
+    assert peer["trt_compatible"] is False
+    assert any("zero points" in b for b in peer["trt_blockers"])
+    assert any("per-channel" in b for b in peer["trt_blockers"])
+    assert 20 < peer["quality"]["mean"]["psnr_vs_fp32"] < 80
+    assert r["mixed_precision"]["steps"][0]["kept_float"] == []
+    saved = default_run.path.with_name(default_run.path.name.replace("_qdq.onnx", "_report.json"))
+    assert saved.is_file() and "\"peer\"" in saved.read_text()
+
+
+def test_calibration_cache_reuse_skips_collection(fp32, calib, tmp_path):
+    first = calibration_ranges(fp32, calib, "minmax", cache_dir=tmp_path, op_types=TRT_OPS, inputs_only=True)
+    assert not first.hit and first.batches == len(calib)
+    served = calib.served
+    again = calibration_ranges(fp32, calib, "minmax", cache_dir=tmp_path, op_types=TRT_OPS, inputs_only=True)
+    assert again.hit and again.batches == 0 and calib.served == served  # no batch was read
+    assert again.cache_path == first.cache_path
+    # quantization reads the cache without any data reader
+    quantize_symmetric(fp32, tmp_path / "q.onnx", again)
+    assert (tmp_path / "q.onnx").is_file() and calib.served == served
+    # a different calibration set or method is a different key
+    other = build_calibration_set(None, scale=2, seed=5, **SMALL)
+    assert not calibration_ranges(fp32, other, "minmax", cache_dir=tmp_path, op_types=TRT_OPS, inputs_only=True).hit
+    assert not calibration_ranges(fp32, calib, "percentile", cache_dir=tmp_path, op_types=TRT_OPS,
+                                  inputs_only=True).hit
+
+
+def test_entropy_is_a_real_kl_search(fp32, calib, tmp_path):
+    import contextlib
+
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    def ranges(method):
+        r = calibration_ranges(fp32, calib, method, cache_dir=tmp_path, op_types=TRT_OPS, inputs_only=True)
+        from onnxruntime.quantization.calibrate import load_tensors_data
+        return {k: v.range_value for k, v in load_tensors_data(r.cache_path).items()}
+
+    mm, ent = ranges("minmax"), ranges("entropy")
+    assert mm.keys() == ent.keys()
+    narrower = [k for k in mm if float(ent[k][1]) < float(mm[k][1]) - 1e-6 or float(ent[k][0]) > float(mm[k][0]) + 1e-6]
+    assert len(narrower) >= len(mm) // 4  # KL clipping trims the tails of many tensors
+
+    # ORT's quantize_static default (128 bins, 128 quantized bins) leaves one window: MinMax (SPEC §5).
+    with contextlib.redirect_stdout(io.StringIO()):
+        cal = create_calibrator(fp32, TRT_OPS, augmented_model_path=str(tmp_path / "aug.onnx"),
+                                calibrate_method=CalibrationMethod.Entropy)
+        calib.rewind()
+        cal.collect_data(calib)
+        default = {k: v.range_value for k, v in cal.compute_data().items()}
+    assert all(np.isclose(float(default[k][1]), float(mm[k][1])) for k in mm)
+
+    # The vectorised KL search picks exactly ORT's own threshold on real 2048-bin histograms.
+    with contextlib.redirect_stdout(io.StringIO()):
+        cal = create_calibrator(fp32, TRT_OPS, augmented_model_path=str(tmp_path / "aug2.onnx"),
+                                calibrate_method=CalibrationMethod.Entropy,
+                                extra_options={"num_bins": 2048, "num_quantized_bins": 128})
+        calib.set_range(0, 2)
+        cal.collect_data(calib)
+        calib.set_range(0, len(calib))
+    hists = cal.collector.histogram_dict
+    for name in list(hists)[:3]:
+        ours = entropy_threshold(*hists[name][:4], 128)
+        theirs = cal.collector.get_entropy_threshold(hists[name], 128)
+        assert float(ours[0]) == float(theirs[0]) and float(ours[1]) == float(theirs[1]), name
+
+
+def test_mixed_precision_keeps_the_sensitive_layer_in_float(tmp_path, calib, cache_dir):
+    fp32 = export_fp32(sensitive_model(), tmp_path / "sens_x2_fp32.onnx")
+    art = quantize_int8(fp32, tmp_path / "out", calib=calib, cache_dir=cache_dir, target_psnr=80.0, max_drop=None,
+                        node_budget=1, peer=False)
+    mp = art.meta["mixed_precision"]
+    assert mp["ranking"][0]["node"] == SENSITIVE
+    assert mp["kept_float"] == [SENSITIVE] and not mp["met"]
+    before, after = mp["steps"][0]["psnr_vs_fp32"], mp["steps"][1]["psnr_vs_fp32"]
+    assert after > before + 3.0, (before, after)
+    assert SENSITIVE in art.meta["checks"]["float_nodes"]
+
+    # The ranking's shortcut (rewiring the Q/DQ graph) is the model nodes_to_exclude produces.
+    ranges = calibration_ranges(fp32, calib, "minmax", cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
+    quantize_symmetric(fp32, tmp_path / "all.onnx", ranges)
+    quantize_symmetric(fp32, tmp_path / "excl.onnx", ranges, [SENSITIVE])
+    shortcut = keep_float(onnx.load(str(tmp_path / "all.onnx")), [SENSITIVE]).SerializeToString()
+    x = calib.batch(0)
+    np.testing.assert_allclose(run(session(shortcut), x), run(session(tmp_path / "excl.onnx"), x), atol=1e-5)
+
+
+def test_polygraphy_comparator_consumes_the_set(default_run, fp32, calib):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
+
+    runners = [OnnxrtRunner(SessionFromOnnx(str(fp32)), name="fp32"),
+               OnnxrtRunner(SessionFromOnnx(str(default_run.path)), name="int8")]
+    results = Comparator.run(runners, data_loader=calib)
+    assert all(len(iters) == len(calib) for _, iters in results)
+    ok = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=0.25, rtol=0.0))
+    assert bool(ok)
+
+
+def test_cli_writes_table_refuses_overwrite_and_reuses_cache(fp32, cache_dir, tmp_path):
+    out = tmp_path / "cli"
+    args = ["int8", str(fp32), "-o", str(out), "--crop", "24x24", "--crops-per-image", "2", "--eval-size", "32x32",
+            "--cache-dir", str(cache_dir), "--no-peer"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "int8 symmetric (minmax)" in r.output and "TensorRT" in r.output
+    assert "cache hit" in r.output  # same model, images and method as the default run above
+    assert (out / "nano_x2_int8_qdq.onnx").is_file() and (out / "nano_x2_int8_report.json").is_file()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
+
+
+def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner().invoke(main, ["int8", str(fp32), "-o", str(tmp_path / "o"), "--calib", str(empty)])
+    assert r.exit_code == 1 and r.output.startswith("Error: calibration folder") and "holds no images" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ParagonError, match="not a readable ONNX model"):
+        quantize_int8(junk, tmp_path / "o")
+    with pytest.raises(ParagonError, match="unknown calibration method"):
+        quantize_int8(fp32, tmp_path / "o", method="kl")
