@@ -1,0 +1,225 @@
+"""ONNX graph helpers shared by the export steps: simplification with a fallback, small exact
+rewrites, metadata, node counts and ORT sessions."""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
+
+
+def io_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """{'input': [dim_param or int, ...], 'output': [...]} of the first graph input and output."""
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return {"input": dims(model.graph.input[0]), "output": dims(model.graph.output[0])}
+
+
+def _constant_tensor(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+    return None
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn tensor-valued Constant nodes into initializers (folded weights stay plain weights)."""
+    graph, keep, moved = model.graph, [], 0
+    outputs = {o.name for o in graph.output}
+    for n in graph.node:
+        value = _constant_tensor(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        if value is None or n.output[0] in outputs:
+            keep.append(n)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, n.output[0]))
+        moved += 1
+    del graph.node[:]
+    graph.node.extend(keep)
+    return moved
+
+
+def _const_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
+    return None
+
+
+def fold_crops_into_conv_transpose(model: onnx.ModelProto) -> int:
+    """Fold Slice crops of a ConvTranspose output (H/W axes, constant margins) into its pads.
+
+    ConvTranspose pads remove rows/columns from the output, so `ConvTranspose(pads=p)` followed by
+    `Slice(starts=a, ends=-b)` equals `ConvTranspose(pads=p+(a, b))` exactly. This leaves the
+    Magic-Conv upsampler as plain Pad/ConvTranspose/Conv. Returns the number of Slices removed.
+    """
+    graph = model.graph
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        consumers = collections.defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                consumers[i].append(n)
+        producers = {o: n for n in graph.node for o in n.output}
+        graph_outputs = {o.name for o in graph.output}
+        for sl in graph.node:
+            if sl.op_type != "Slice" or len(sl.input) < 4:
+                continue
+            ct = producers.get(sl.input[0])
+            if ct is None or ct.op_type != "ConvTranspose" or len(consumers[sl.input[0]]) != 1:
+                continue
+            if sl.input[0] in graph_outputs:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in ct.attribute}
+            if "output_shape" in attrs or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                continue
+            starts, ends, axes = (_const_ints(model, sl.input[i]) for i in (1, 2, 3))
+            steps = _const_ints(model, sl.input[4]) if len(sl.input) > 4 and sl.input[4] else [1] * len(starts or [])
+            if None in (starts, ends, axes, steps) or any(s != 1 for s in steps):
+                continue
+            pads = list(attrs.get("pads", [0, 0, 0, 0]))
+            ok = True
+            for start, end, axis in zip(starts, ends, axes):
+                axis = axis + 4 if axis < 0 else axis
+                if axis not in (2, 3) or start < 0:
+                    ok = False
+                    break
+                if end >= 2**62:  # "to the end"
+                    crop_end = 0
+                elif end < 0:
+                    crop_end = -end
+                else:  # a positive end depends on the input size
+                    ok = False
+                    break
+                pads[axis - 2] += start
+                pads[axis] += crop_end
+            if not ok:
+                continue
+            for a in ct.attribute:
+                if a.name == "pads":
+                    ct.attribute.remove(a)
+                    break
+            ct.attribute.append(helper.make_attribute("pads", pads))
+            ct.output[0] = sl.output[0]
+            graph.node.remove(sl)
+            folded += 1
+            changed = True
+            break
+    if folded:
+        used = {i for n in graph.node for i in n.input}
+        dead = [t for t in graph.initializer if t.name not in used]
+        for t in dead:
+            graph.initializer.remove(t)
+    return folded
+
+
+def strip_unused_opsets(model: onnx.ModelProto) -> None:
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def _fold_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and redundant-node removal by ORT's basic (provider-independent) level."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        out = str(Path(d) / "folded.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = out
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        folded = onnx.load(out)
+    strip_unused_opsets(folded)
+    return folded
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """onnxsim with dynamic dims kept; if it fails (or changes the I/O dims), fall back to ORT's basic
+    constant folding, and failing that keep the graph as exported. Returns (model, info) with
+    info = {"simplifier": "onnxsim"|"onnxruntime-basic"|"none", "reason": why onnxsim was not used}."""
+    dims = io_dims(model)
+    info: dict = {"simplifier": "onnxsim", "reason": None}
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if not ok:
+            raise RuntimeError("onnxsim's own check failed")
+        if io_dims(simplified) != dims:
+            raise RuntimeError(f"onnxsim changed the I/O dims to {io_dims(simplified)}")
+        # onnxsim records its run in metadata_props; the file's metadata is ours.
+        keep = [p for p in simplified.metadata_props if not p.key.startswith("onnxsim")]
+        del simplified.metadata_props[:]
+        simplified.metadata_props.extend(keep)
+        info["simplifier"] = f"onnxsim {getattr(onnxsim, '__version__', '')}".strip()
+    except Exception as e:  # any simplifier failure is reported, not fatal
+        info["reason"] = f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            simplified = _fold_with_onnxruntime(model)
+            if io_dims(simplified) != dims:
+                raise RuntimeError("ORT folding changed the I/O dims")
+            info["simplifier"] = "onnxruntime-basic"
+        except Exception as e2:
+            info["reason"] += f"; ORT constant folding failed too: {type(e2).__name__}: {e2}"
+            info["simplifier"] = "none"
+            simplified = model
+    constants_to_initializers(simplified)
+    fold_crops_into_conv_transpose(simplified)
+    return simplified, info
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (FP16 block lists and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
+    current = {p.key: p.value for p in model.metadata_props}
+    current.update({k: str(v) for k, v in meta.items()})
+    del model.metadata_props[:]
+    for k, v in current.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def read_metadata(model: onnx.ModelProto | Path | str) -> dict[str, str]:
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def ort_session(model: onnx.ModelProto | Path | str, *, threads: int | None = None):
+    """A CPU ORT session; `threads` fixes the intra-op thread count (timings need it fixed)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, x: np.ndarray) -> np.ndarray:
+    """Run a single-input session; the input is cast to the graph's input dtype, output to float32."""
+    inp = sess.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    (y,) = sess.run(None, {inp.name: np.ascontiguousarray(x, dtype=dtype)})
+    return y.astype(np.float32)
