@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -284,11 +285,35 @@ def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the header only; one clear error line for anything unreadable."""
     from PIL import Image, UnidentifiedImageError
 
+    # Decoder chatter about corrupt files would break the one-line error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path) as im:
+                return im.height, im.width
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            if path.suffix.lower() in (".tif", ".tiff"):  # 16-bit gray+alpha and others Pillow cannot open
+                size = _tiff_size(path)
+                if size:
+                    return size
+            raise ParagonError(f"cannot read image {path}: {e}") from None
+
+
+def _tiff_size(path: Path) -> tuple[int, int] | None:
+    import logging
+
+    import tifffile
+
+    log = logging.getLogger("tifffile")
+    was = log.disabled
+    log.disabled = True
     try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ParagonError(f"cannot read image {path}: {e}") from None
+        with tifffile.TiffFile(path) as tf:
+            return int(tf.pages[0].imagelength), int(tf.pages[0].imagewidth)
+    except Exception:  # tifffile raises many types; the caller reports Pillow's clearer message
+        return None
+    finally:
+        log.disabled = was
 
 
 def read_picture(path: Path | str) -> Picture:
