@@ -2,8 +2,8 @@
 
 Same variant (width and depth) with each upsampler head: `mks2021` (Magic Kernel Sharp 2021,
 edge-replicating), `legacy` (traiNNer-redux taps, zero padding) and `pixelshuffle` (conv C->C*s*s +
-PixelShuffle). For each: parameter counts, ONNX op list (onnxsim-simplified fused export, dynamic
-H/W), speed (PyTorch eager and ONNX Runtime, through `paragon_export.bench`), tile seams (tiled
+PixelShuffle). For each: parameter counts, ONNX op list (the shipped export: fused, simplified,
+verified, dynamic H/W), speed (PyTorch eager and ONNX Runtime, through `paragon_export.bench`), tile seams (tiled
 without overlap vs whole image, error near tile borders) and quality on held-out photos when trained
 checkpoints are given (`--trained mks2021=CKPT`...). Without them the weights are seeded random:
 speed, ops and seams do not depend on training, quality does and is then not reported.
@@ -14,16 +14,12 @@ speed, ops and seams do not depend on training, quality does and is then not rep
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from arch import build
@@ -54,26 +50,15 @@ def seeded_model(variant: str, scale: int, upsampler: str, seed: int = 0) -> tor
     return m.eval()
 
 
-def export_onnx(model: torch.nn.Module, path: Path, scale: int) -> onnx.ModelProto:
-    """Fused fp32 export with dynamic H/W (TorchScript exporter), simplified by onnxsim."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.rand(1, 3, 32, 32), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {2: "height", 3: "width"}, "output": {2: "out_h", 3: "out_w"}})
-    m = onnx.load_from_string(buf.getvalue())
-    try:
-        import onnxsim
+def export_onnx(model: torch.nn.Module, path: Path, *, variant: str, scale: int, upsampler: str,
+                threads: int) -> dict[str, int]:
+    """The shipped export (simplified, verified fp32 ONNX with dynamic H/W); returns its op counts."""
+    from paragon_export import export_onnx as exporter
 
-        simplified, ok = onnxsim.simplify(m)
-        if ok:
-            m = simplified
-    except Exception as e:  # onnxsim failing leaves the plain export, which is still valid
-        print(f"  (onnxsim failed: {str(e).splitlines()[0]}; op list is of the unsimplified export)")
-    m.metadata_props.add(key="scale", value=str(scale))
-    onnx.save(m, str(path))
-    return m
+    exporter.VERIFY_THREADS = threads
+    art = exporter.export_model(model, path, meta=dict(scale=str(scale), variant=variant, upsampler=upsampler,
+                                                       precision="fp32"), force=True)
+    return dict(sorted(art.meta["nodes_after"].items()))
 
 
 def seam_errors(model: torch.nn.Module, scale: int, tile: int, overlap: int) -> dict:
@@ -154,14 +139,14 @@ def run(variant: str, scale: int, sizes, threads: int, runs: int, trained: dict[
             m = seeded_model(variant, scale, ups)
             fused = m.fuse_for_release().eval()
             ckpt = save_model(fused, tmp / f"{ups}_fused.safetensors", variant=variant).path
-            model = export_onnx(fused, tmp / f"{ups}_fp32.onnx", scale)
-            ops = dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+            ops = export_onnx(fused, tmp / f"{ups}_fp32.onnx", variant=variant, scale=scale, upsampler=ups,
+                              threads=threads)
             out["heads"][ups] = dict(params_unfused=param_count(m), params_fused=param_count(fused), onnx_ops=ops,
                                      seams_no_overlap=seam_errors(fused, scale, 48, 0),
                                      seams_overlap_16=seam_errors(fused, scale, 48, 16))
             artifacts += [ckpt, tmp / f"{ups}_fp32.onnx"]
         print(f"{variant} x{scale}, weights: {out['weights']}\n")
-        print("| head | params (unfused -> fused) | ONNX ops (fused, simplified) |")
+        print("| head | params (unfused -> fused) | ONNX ops (shipped fp32 export) |")
         print("|---|---|---|")
         for ups, h in out["heads"].items():
             ops = ", ".join(f"{k} {v}" for k, v in h["onnx_ops"].items())
