@@ -27,8 +27,8 @@ OUTPUT_NAME = "output"
 
 
 def _lr_metadata() -> TensorMetadata:
-    # Height and width are named (dynamic) dims so every LR size in a run passes Polygraphy's check.
-    return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=(1, 3, "height", "width"))
+    # Batch, height and width are named (dynamic) dims so every LR size passes Polygraphy's input check.
+    return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=("batch", 3, "height", "width"))
 
 
 class TorchCpuRunner(PytRunner):

@@ -22,15 +22,16 @@ def log(msg: str) -> None:
 
 
 def source_checkpoint(work: Path) -> Path:
+    from paragon_export.errors import ParagonError
+
     try:
         from paragon_export.defaults import default_checkpoint
-    except ImportError:
-        default_checkpoint = None
-    if default_checkpoint is not None:
-        path = default_checkpoint()
-        if path is not None and Path(path).is_file():
-            log(f"model: embedded default {path}")
-            return Path(path)
+
+        path = Path(default_checkpoint())
+        log(f"model: embedded default {path}")
+        return path
+    except (ImportError, ParagonError) as e:
+        log(f"no embedded default model ({e}); using a seeded nano")
     from arch import build, calibrate_kernels
     from paragon_export.checkpoint import save_model
 
@@ -45,7 +46,7 @@ def source_checkpoint(work: Path) -> Path:
     model.eval()
     path = work / "seeded_nano_x2.safetensors"
     save_model(model, path, variant="paragonsr2_nano", force=True)
-    log(f"model: no embedded default yet; seeded nano x2 with calibrated kernels at {path}")
+    log(f"model: seeded nano x2, kernels calibrated on real photos, at {path}")
     return path
 
 
