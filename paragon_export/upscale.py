@@ -52,6 +52,7 @@ class ModelRunner:
     max_hw: tuple[int, int] | None = None
     input_name: str = "input"
     input_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    expected_scale: int | None = None
 
     def __enter__(self) -> "ModelRunner":
         self.runner.activate()
@@ -97,6 +98,8 @@ class ModelRunner:
                 self.scale = int(self.metadata["scale"])
         if self.scale is None:
             self.scale = self._probe_scale()
+        if self.expected_scale is not None and self.expected_scale != self.scale:
+            raise ParagonError(f"{self.path} upscales x{self.scale}, not x{self.expected_scale} as requested")
 
     def _probe_scale(self) -> int:
         h, w = max(self.min_hw[0], 16), max(self.min_hw[1], 16)
@@ -128,8 +131,11 @@ def artifact_kind(path: Path | str) -> str:
                        f"{'/'.join(sorted(CHECKPOINT_SUFFIXES))}, .onnx or {'/'.join(sorted(ENGINE_SUFFIXES))})")
 
 
-def open_model(path: Path | str, *, threads: int | None = None) -> ModelRunner:
-    """Build (not yet activate) the runner for an artifact; use it as a context manager."""
+def open_model(path: Path | str, *, threads: int | None = None, scale: int | None = None) -> ModelRunner:
+    """Build (not yet activate) the runner for an artifact; use it as a context manager.
+
+    `scale` is needed only for checkpoints that do not record it (traiNNer-redux); for the other
+    kinds it is checked against what the artifact says."""
     from polygraphy.logger import G_LOGGER
 
     from . import runners
@@ -145,7 +151,7 @@ def open_model(path: Path | str, *, threads: int | None = None) -> ModelRunner:
 
         from .checkpoint import load_model
 
-        loaded = load_model(path)
+        loaded = load_model(path, scale=scale)
         # Eval mode with the tracked static kernels: the path the fused/exported models reproduce.
         loaded.model.eval().set_dynamic_inference(False)
         if threads:
@@ -153,8 +159,8 @@ def open_model(path: Path | str, *, threads: int | None = None) -> ModelRunner:
         return ModelRunner(runners.TorchCpuRunner(loaded.model, name=path.name), kind, path,
                            metadata={k: str(v) for k, v in loaded.meta.items()}, scale=loaded.scale)
     if kind == "onnxruntime":
-        return ModelRunner(_onnx_runner(path, threads), kind, path)
-    return ModelRunner(runners.trt_runner(path, name=path.name), kind, path)
+        return ModelRunner(_onnx_runner(path, threads), kind, path, expected_scale=scale)
+    return ModelRunner(runners.trt_runner(path, name=path.name), kind, path, expected_scale=scale)
 
 
 def _onnx_runner(path: Path, threads: int | None):
@@ -469,7 +475,7 @@ def _check_image_suffix(p: Path) -> None:
 
 def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, tile: int = DEFAULT_TILE,
             overlap: int = DEFAULT_OVERLAP, alpha: str = "bicubic", force: bool = False, threads: int | None = None,
-            progress: bool | None = None) -> list[dict]:
+            scale: int | None = None, progress: bool | None = None) -> list[dict]:
     """Upscale every input image with `artifact`; returns one record per written file.
 
     All checks (inputs readable, outputs free, formats possible) happen before the model runs, so a
@@ -488,7 +494,7 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
     for j in jobs:
         j.size = image_size(j.src)
     records = []
-    with open_model(artifact, threads=threads) as model:
+    with open_model(artifact, threads=threads, scale=scale) as model:
         total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)
         with tqdm(total=total, unit="tile", disable=(None if progress is None else not progress),
                   desc="upscale") as bar:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from paragon_export.checkpoint import load_model
 from paragon_export.cli import main
+from paragon_export.errors import ParagonError
 from paragon_export.images import bicubic_downscale, bicubic_upscale, load_image, sample_photo_paths
 from paragon_export.upscale import open_model, tile_profile, tile_starts, upscale_array
 
@@ -190,6 +191,9 @@ def test_onnx_fp32_and_fp16_io(tmp_path, photo):
     with open_model(tmp_path / "fp16.onnx", threads=1) as m:
         assert m.scale == 2 and m.input_dtype == np.float16
         out = upscale_array(m, photo, scale=m.scale, tile=TILE, overlap=OVERLAP)
+    with pytest.raises(ParagonError, match="upscales x2, not x3"):
+        with open_model(tmp_path / "fp16.onnx", threads=1, scale=3):
+            pass
     assert out.dtype == np.float32 and 1e-5 < np.abs(out - whole).max() < 1e-2
 
     Image.fromarray((photo * 255 + 0.5).astype(np.uint8)).save(tmp_path / "cat.webp", lossless=True)
@@ -210,6 +214,11 @@ def test_errors_are_one_line(tmp_path, photo):
     Image.fromarray((photo * 255).astype(np.uint8)).save(img)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    # A legacy-head checkpoint without metadata (as traiNNer-redux writes them): its scale is unknown.
+    from safetensors.torch import save_file
+
+    golden = tmp_path / "trainner_legacy.safetensors"
+    save_file({k: v.contiguous() for k, v in make_model(upsampler="legacy").state_dict().items()}, str(golden))
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"\0" * 64)
     cases = [
@@ -219,6 +228,9 @@ def test_errors_are_one_line(tmp_path, photo):
         ([str(ckpt), str(img), "-o", str(tmp_path / "o"), "--tile", "32", "--overlap", "16"], "less than half"),
         ([str(ckpt), str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")], "does not exist"),
         ([str(ckpt), str(img), "-o", str(tmp_path / "x.jpg")], None),  # works: 8-bit RGB to JPEG
+        ([str(golden), str(img), "-o", str(tmp_path / "o")], "pass --scale"),
+        ([str(golden), str(img), "-o", str(tmp_path / "g.png"), "--scale", "2", "--tile", "0"], None),
+        ([str(ckpt), str(img), "-o", str(tmp_path / "o"), "--scale", "3"], "contradictory scale"),
     ]
     for args, message in cases:
         r = CliRunner().invoke(main, ["upscale", *args, "--threads", "1"])

@@ -18,11 +18,12 @@ from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
 @click.option("--alpha", "alpha", type=click.Choice(ALPHA_MODES), default="bicubic", show_default=True,
               help="How the alpha channel is upscaled.")
 @click.option("--threads", type=int, help="CPU threads for torch/onnxruntime.")
+@click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(artifact, inputs, output, tile, overlap, alpha, threads, force):
+def command(artifact, inputs, output, tile, overlap, alpha, threads, scale, force):
     """Upscale images or folders (recursively) with ARTIFACT: a checkpoint, an ONNX model or a TensorRT engine."""
     records = upscale(artifact, list(inputs), output, tile=tile, overlap=overlap, alpha=alpha, threads=threads,
-                      force=force)
+                      scale=scale, force=force)
     for r in records:
         extra = "".join(f", {k}" for k in ("alpha", "gray") if r[k]) + (", 16-bit" if r["bits"] == 16 else "")
         click.echo(f"{r['input']} -> {r['output']} ({r['size_out'][1]}x{r['size_out'][0]}, "
