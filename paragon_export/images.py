@@ -41,6 +41,12 @@ def list_images(folder: Path | str) -> list[Path]:
 def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     """Decode 8/16-bit gray, RGB, RGBA or palette images to float32 RGB(A) in [0, 1]."""
     path = Path(path)
+    from .picture import read_16bit  # Pillow would silently cut 16-bit RGB(A) to 8 bits
+
+    pic = read_16bit(path)
+    if pic is not None:
+        a = pic.rgb if pic.alpha is None or not keep_alpha else np.concatenate([pic.rgb, pic.alpha[..., None]], -1)
+        return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
     try:
         with Image.open(path) as im:
             im.load()
@@ -101,40 +107,8 @@ def to_image(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def save_image(img: np.ndarray, path: Path | str, *, bits: int = 8) -> None:
-    a = np.clip(img, 0.0, 1.0)
-    if bits == 16:
-        if a.shape[-1] != 3:
-            raise ParagonError("16-bit output supports RGB only")
-        import skimage.io
+    """HxWx3 (or x4 with alpha) float image to a file; 16-bit needs .png or .tif."""
+    from .picture import Picture, write_picture
 
-        skimage.io.imsave(str(path), (a * 65535.0 + 0.5).astype(np.uint16), check_contrast=False)
-        return
-    mode = "RGBA" if a.shape[-1] == 4 else "RGB"
-    Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), mode=mode).save(path)
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """'64x64,75x131' -> [(64, 64), (75, 131)] as (height, width)."""
-    try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ParagonError(f"bad size list {text!r} (expected HxW[,HxW...])") from None
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise ParagonError(f"bad size list {text!r} (expected HxW[,HxW...])")
-    return sizes  # type: ignore[return-value]
-
-
-def lr_hr_crops(paths: list[Path], scale: int, size: tuple[int, int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Centre HR crops of (size*scale) from real photos and their bicubic LR: [(name, lr, hr)]."""
-    out = []
-    for p in paths:
-        img = load_image(p)
-        h, w = size[0] * scale, size[1] * scale
-        if img.shape[0] < h or img.shape[1] < w:
-            continue
-        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-        hr, lr = bicubic_downscale(img[top:top + h, left:left + w], scale)
-        out.append((p.stem, lr, hr))
-    if not out:
-        raise ParagonError(f"no image is large enough for a {size[0]}x{size[1]} LR crop at x{scale}")
-    return out
+    alpha = img[..., 3] if img.shape[-1] == 4 else None
+    write_picture(Picture(img[..., :3], alpha, bits, False), Path(path), suffix=Path(path).suffix)

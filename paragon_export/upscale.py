@@ -16,8 +16,6 @@ inputs gray outputs.
 from __future__ import annotations
 
 import math
-import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,11 +24,11 @@ import numpy as np
 
 from .artifact import atomic_output
 from .errors import ParagonError
-from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images, load_image
+from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
+from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
 ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
-OUTPUT_SUFFIXES = {".png", ".tif", ".tiff", ".webp", ".jpg", ".jpeg"}
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
 ALPHA_MODES = ("bicubic", "model")
@@ -265,165 +263,6 @@ def upscale_array(model: Callable[[np.ndarray], np.ndarray], img: np.ndarray, *,
         norm_x[x * s:(x + tw) * s] += px
     out /= (norm_y[:, None, None] * norm_x[None, :, None]).astype(np.float32)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Image files: 8/16-bit, gray/RGB, with or without alpha.
-
-@dataclass
-class Picture:
-    rgb: np.ndarray  # HxWx3 float32 in [0, 1]
-    alpha: np.ndarray | None  # HxW float32 or None
-    bits: int  # 8 or 16
-    gray: bool
-
-
-def _png_header(path: Path) -> tuple[int, int] | None:
-    """(bit depth, colour type) from a PNG's IHDR, or None when the file is not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return struct.unpack(">BB", head[24:26])
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the header only; one clear error line for anything unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    # Decoder chatter about corrupt files would break the one-line error.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(path) as im:
-                return im.height, im.width
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            if path.suffix.lower() in (".tif", ".tiff"):  # 16-bit gray+alpha and others Pillow cannot open
-                size = _tiff_size(path)
-                if size:
-                    return size
-            raise ParagonError(f"cannot read image {path}: {e}") from None
-
-
-def _tiff_size(path: Path) -> tuple[int, int] | None:
-    import logging
-
-    import tifffile
-
-    log = logging.getLogger("tifffile")
-    was = log.disabled
-    log.disabled = True
-    try:
-        with tifffile.TiffFile(path) as tf:
-            return int(tf.pages[0].imagelength), int(tf.pages[0].imagewidth)
-    except Exception:  # tifffile raises many types; the caller reports Pillow's clearer message
-        return None
-    finally:
-        log.disabled = was
-
-
-def read_picture(path: Path | str) -> Picture:
-    path = Path(path)
-    try:
-        png_head = _png_header(path)
-    except OSError as e:
-        raise ParagonError(f"cannot read image {path}: {e.strerror}") from None
-    if png_head and png_head[0] == 16:
-        return _read_png16(path)  # Pillow reduces 16-bit RGB(A) PNGs to 8 bits
-    if path.suffix.lower() in (".tif", ".tiff"):
-        pic = _read_tiff16(path)
-        if pic is not None:
-            return pic
-    from PIL import Image
-
-    with Image.open(path) as im:  # already opened once by image_size, so this cannot fail here
-        mode = im.mode
-    a = load_image(path, keep_alpha=True)
-    gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-    bits = 16 if mode.startswith("I") else 8
-    return Picture(a[..., :3], a[..., 3] if a.shape[-1] == 4 else None, bits, gray)
-
-
-def _split_channels(a: np.ndarray, has_alpha: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    a = a.astype(np.float32)
-    if a.ndim == 2:
-        a = a[..., None]
-    alpha = a[..., -1] if has_alpha else None
-    color = a[..., :-1] if has_alpha else a
-    gray = color.shape[-1] == 1
-    rgb = np.repeat(color, 3, -1) if gray else color[..., :3]
-    return np.ascontiguousarray(rgb), alpha, gray
-
-
-def _read_png16(path: Path) -> Picture:
-    import png
-
-    try:
-        w, h, rows, info = png.Reader(filename=str(path)).asDirect()
-        a = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
-    except (png.Error, OSError, ValueError) as e:
-        raise ParagonError(f"cannot read image {path}: {e}") from None
-    rgb, alpha, gray = _split_channels(a / 65535.0, info["alpha"])
-    return Picture(rgb, alpha, 16, gray)
-
-
-def _read_tiff16(path: Path) -> Picture | None:
-    """16-bit TIFFs through tifffile (Pillow cannot hold 16-bit RGB); None for other TIFFs."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tf:
-            page = tf.pages[0]
-            if page.bitspersample != 16:
-                return None
-            a = page.asarray()
-            extra = len(page.extrasamples)
-    except Exception as e:  # tifffile raises many types (TiffFileError, codec errors, ValueError)
-        raise ParagonError(f"cannot read image {path}: {e}") from None
-    if a.ndim == 3 and a.shape[0] in (2, 3, 4) and a.shape[-1] not in (2, 3, 4):  # planar layout
-        a = a.transpose(1, 2, 0)
-    rgb, alpha, gray = _split_channels(a / 65535.0, extra > 0)
-    return Picture(rgb, alpha, 16, gray)
-
-
-def check_writable_format(path: Path, *, bits: int, alpha: bool) -> None:
-    suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise ParagonError(f"{path}: cannot write {suffix!r} images (use {', '.join(sorted(OUTPUT_SUFFIXES))})")
-    if bits == 16 and suffix not in (".png", ".tif", ".tiff"):
-        raise ParagonError(f"{path}: a 16-bit result needs a .png or .tif output")
-    if alpha and suffix in (".jpg", ".jpeg"):
-        raise ParagonError(f"{path}: JPEG cannot hold the alpha channel; use .png")
-
-
-def write_picture(pic: Picture, path: Path, *, suffix: str) -> None:
-    """Write to `path` (a temp file) in the format of `suffix`."""
-    rgb = np.clip(pic.rgb, 0.0, 1.0)
-    color = rgb.mean(-1, keepdims=True) if pic.gray else rgb
-    planes = color if pic.alpha is None else np.concatenate([color, np.clip(pic.alpha, 0, 1)[..., None]], -1)
-    h, w, c = planes.shape
-    suffix = suffix.lower()
-    if pic.bits == 16:
-        a = (planes * 65535.0 + 0.5).astype(np.uint16)
-        if suffix == ".png":
-            import png
-
-            writer = png.Writer(w, h, greyscale=pic.gray, alpha=pic.alpha is not None, bitdepth=16)
-            with open(path, "wb") as f:
-                writer.write(f, a.reshape(h, w * c))
-        else:
-            import tifffile
-
-            tifffile.imwrite(path, a[..., 0] if c == 1 else a, photometric="minisblack" if pic.gray else "rgb",
-                             extrasamples=("unassalpha",) if pic.alpha is not None else None)
-        return
-    from PIL import Image
-
-    a = (planes * 255.0 + 0.5).astype(np.uint8)
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
-    fmt = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}[suffix]
-    extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    Image.fromarray(a[..., 0] if c == 1 else a, mode=mode).save(path, format=fmt, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
