@@ -91,21 +91,31 @@ class PatchBatches(torch.utils.data.Dataset):
             self._cache[path] = img
         return img
 
+    def _size(self, path: Path) -> tuple[int, int]:
+        """(h, w); decodes (and caches) the image when caching, else reads only the header."""
+        if self.cfg["cache"]:
+            return self._load(path).shape[:2]
+        try:
+            with Image.open(path) as im:
+                return im.size[1], im.size[0]
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ParagonError(f"cannot read image {path}: {e}") from None
+
     def _check_sizes(self) -> None:
         keep, small, unreadable = [], [], []
         for lr_p, hr_p in self.items:
             try:
-                hr = self._load(hr_p)
-                lr = self._load(lr_p) if lr_p is not None else None
+                hr = self._size(hr_p)
+                lr = self._size(lr_p) if lr_p is not None else None
             except ParagonError:
                 unreadable.append(hr_p.name)
                 continue
-            if lr is not None and (lr.shape[0] * self.scale > hr.shape[0] or lr.shape[1] * self.scale > hr.shape[1]):
-                raise ParagonError(f"paired mode: {hr_p.name} is {hr.shape[1]}x{hr.shape[0]} but its LR "
-                                   f"{lr_p.name} is {lr.shape[1]}x{lr.shape[0]} (expected HR = LR x{self.scale})")
-            h, w = (lr.shape[:2] if lr is not None else (hr.shape[0] // self.scale, hr.shape[1] // self.scale))
+            if lr is not None and (lr[0] * self.scale > hr[0] or lr[1] * self.scale > hr[1]):
+                raise ParagonError(f"paired mode: {hr_p.name} is {hr[1]}x{hr[0]} but its LR "
+                                   f"{lr_p.name} is {lr[1]}x{lr[0]} (expected HR = LR x{self.scale})")
+            h, w = lr if lr is not None else (hr[0] // self.scale, hr[1] // self.scale)
             if h < self.lr_crop or w < self.lr_crop:
-                small.append(f"{hr_p.name} ({hr.shape[1]}x{hr.shape[0]})")
+                small.append(f"{hr_p.name} ({hr[1]}x{hr[0]})")
                 continue
             keep.append((lr_p, hr_p))
         if unreadable:

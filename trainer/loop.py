@@ -86,13 +86,22 @@ class _Dist:
             for b in module.buffers():
                 torch.distributed.broadcast(b, 0)
 
-    def gather_checksums(self, module: nn.Module) -> list[str]:
-        """Every rank's SHA-256 of its parameters and buffers (they must all be equal)."""
+    def average_grads(self, module: nn.Module) -> None:
+        if self.world > 1:
+            for p in module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+
+    def gather_checksums(self, *modules: nn.Module | None) -> list[str]:
+        """Every rank's SHA-256 of the modules' parameters and buffers (they must all be equal)."""
         import hashlib
 
         h = hashlib.sha256()
-        for v in module.state_dict().values():
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        for m in modules:
+            if m is not None:
+                for v in m.state_dict().values():
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
         out: list = [None] * self.world
         torch.distributed.all_gather_object(out, h.hexdigest())
         return out
@@ -142,13 +151,17 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
         opt_d = torch.optim.AdamW(disc.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
                                   weight_decay=dc["weight_decay"])
     loss_fn = GeneratorLoss(lc).to(device)
+    amp_dtype = _amp_dtype(tc["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     start = 0
     if resume:
         ck = latest_checkpoint(out)
         if ck is None:
             raise ParagonError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        start = load_run(ck, model=model, ema=ema, opt_g=opt_g, sched=sched, disc=disc, opt_d=opt_d)
+        start = load_run(ck, model=model, ema=ema, opt_g=opt_g, sched=sched, disc=disc, opt_d=opt_d,
+                         scaler=scaler)
     elif latest_checkpoint(out) is not None:
         raise ParagonError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
     if dist.main:
@@ -161,11 +174,6 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=static_start < steps)
-        if disc is not None:
-            disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = _amp_dtype(tc["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     ds = PatchBatches(cfg["data"], scale, seed=cfg["seed"], rank=dist.rank)
     pairs = val_pairs(cfg["val"]["hr_dir"], scale, cfg["val"]["max_lr_size"]) if dist.main else []
@@ -205,11 +213,15 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
         if gan_on:
             for p in disc.parameters():
                 p.requires_grad_(True)
-            with autocast():
+            # R1/R2 differentiate gradients; under fp16 that needs loss scaling inside the
+            # penalty, so the discriminator step uses autocast only for bf16.
+            with autocast() if amp_dtype == torch.bfloat16 else contextlib.nullcontext():
                 d_loss, d_parts = discriminator_loss(disc, sr.detach().float(), hr, r1_gamma=lc["r1_gamma"],
                                                      r2_gamma=lc["r2_gamma"])
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            # R1/R2 need double backward, which DDP does not support: average D's grads by hand.
+            dist.average_grads(disc)
             opt_d.step()
             parts.update(d_parts)
         ema.update(model, step + 1)
@@ -233,8 +245,8 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
             dist.broadcast_buffers(ema.module)
         if is_ckpt and dist.main:
             save_run(out, done, variant=mc["variant"], model=model, ema=ema, opt_g=opt_g, sched=sched,
-                     disc=disc.module if isinstance(disc, nn.parallel.DistributedDataParallel) else disc,
-                     opt_d=opt_d, config=cfg, keep=cfg["checkpoint"]["keep"])
+                     disc=disc,
+                     opt_d=opt_d, config=cfg, keep=cfg["checkpoint"]["keep"], scaler=scaler)
         if is_val and dist.main:
             result = evaluate(ema.module, pairs, device=device)
             _log(log_path, {"step": done, "val": result["mean"]})
@@ -245,7 +257,7 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
     if bar is not None:
         bar.close()
     if dist.world > 1 and start < steps:
-        sums = dist.gather_checksums(model)
+        sums = dist.gather_checksums(model, ema.module, disc)
         if dist.main:
             _log(log_path, {"step": steps, "world_size": dist.world, "ranks": sums})
         if len(set(sums)) > 1:

@@ -3,8 +3,6 @@ in the config; a weight of 0 leaves the loss out entirely (no weights loaded, no
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +86,3 @@ class GeneratorLoss(nn.Module):
             raise ValueError("every loss weight is 0")
         total = sum(self.w[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def is_finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all()) and not math.isnan(float(x))

@@ -82,7 +82,7 @@ def _module_sd(m: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_run(out_dir: Path, step: int, *, variant: str, model, ema, opt_g, sched, disc=None, opt_d=None,
-             config: dict, keep: int = 2) -> Path:
+             config: dict, keep: int = 2, scaler=None) -> Path:
     ckdir = Path(out_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step_{step:08d}"
@@ -96,7 +96,8 @@ def save_run(out_dir: Path, step: int, *, variant: str, model, ema, opt_g, sched
         tensors.update(rng_t)
         meta = {"step": step, "opt_g": og_meta, "sched": {k: v for k, v in sched.state_dict().items()
                                                           if k != "lr_lambdas"},
-                "rng": rng_meta, "config": config}
+                "rng": rng_meta, "config": config,
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
         if disc is not None:
             save_file(_module_sd(disc), str(tmp / "discriminator.safetensors"),
                       metadata={"arch": "MUNet", "model_args": json.dumps(disc.hparams), "step": str(step)})
@@ -129,10 +130,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_run(path: Path, *, model, ema, opt_g, sched, disc=None, opt_d=None) -> int:
+def load_run(path: Path, *, model, ema, opt_g, sched, disc=None, opt_d=None, scaler=None) -> int:
     """Restore everything saved by `save_run`; returns the step to continue from."""
-    from safetensors import safe_open  # noqa: F401 (load_file raises on corrupt files)
-
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
@@ -147,5 +146,7 @@ def load_run(path: Path, *, model, ema, opt_g, sched, disc=None, opt_d=None) -> 
             raise ParagonError(f"cannot resume from {path}: it has no discriminator (GAN was off in that run)")
         disc.load_state_dict(load_file(str(path / "discriminator.safetensors")), strict=True)
         _opt_from_flat(opt_d, "opt_d", tensors, meta["opt_d"])
+    if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     _set_rng_state(tensors, meta["rng"])
     return int(meta["step"])
