@@ -112,3 +112,30 @@ def save_image(img: np.ndarray, path: Path | str, *, bits: int = 8) -> None:
 
     alpha = img[..., 3] if img.shape[-1] == 4 else None
     write_picture(Picture(img[..., :3], alpha, bits, False), Path(path), suffix=Path(path).suffix)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'64x64,75x131' -> [(64, 64), (75, 131)] as (height, width)."""
+    try:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ParagonError(f"bad size list {text!r} (expected HxW[,HxW...])") from None
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise ParagonError(f"bad size list {text!r} (expected HxW[,HxW...])")
+    return sizes  # type: ignore[return-value]
+
+
+def lr_hr_crops(paths: list[Path], scale: int, size: tuple[int, int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Centre HR crops of (size*scale) from real photos and their bicubic LR: [(name, lr, hr)]."""
+    out = []
+    for p in paths:
+        img = load_image(p)
+        h, w = size[0] * scale, size[1] * scale
+        if img.shape[0] < h or img.shape[1] < w:
+            continue
+        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        hr, lr = bicubic_downscale(img[top:top + h, left:left + w], scale)
+        out.append((p.stem, lr, hr))
+    if not out:
+        raise ParagonError(f"no image is large enough for a {size[0]}x{size[1]} LR crop at x{scale}")
+    return out
