@@ -179,8 +179,8 @@ def _artifact_entry(path: Path, ref_scale: int, taken: set) -> Entry:
     return e
 
 
-def _reference_entries(ref: Path, taken: set):
-    loaded = load_model(ref)
+def _reference_entries(ref: Path, taken: set, scale: int | None = None):
+    loaded = load_model(ref, scale=scale)
     if loaded.fused:
         fused, dynamic = loaded.model, None
     else:
@@ -307,10 +307,11 @@ def _tool_versions() -> dict:
 def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str | None = None,
            images: Path | str | None = None, sizes: str | list[tuple[int, int]] = DEFAULT_SIZES,
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
-           force: bool = False, png_crops: int = 3) -> dict:
+           force: bool = False, png_crops: int = 3, scale: int | None = None) -> dict:
     """Compare every artifact with the fp32 torch reference; write parity.json/.md and PNGs to out_dir.
 
-    Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate."""
+    Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
+    `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux)."""
     out_dir = check_output(out_dir, force=force)
     paths = [Path(a) for a in artifacts]
     if not paths:
@@ -331,7 +332,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
                   for k, v in THRESHOLDS.items()}
 
     taken: set = set()
-    loaded, fused, entries = _reference_entries(ref, taken)
+    loaded, fused, entries = _reference_entries(ref, taken, scale)
     scale = loaded.scale
     entries += [_artifact_entry(p, scale, taken) for p in paths]
     for e in entries:

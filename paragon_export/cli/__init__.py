@@ -12,11 +12,14 @@ from ..errors import ParagonError
 # name -> module under paragon_export.cli defining a click command called `command`
 COMMANDS = {
     "fuse": "fuse",
+    "onnx": "onnx",
     "int8": "int8",
+    "qat": "qat",
     "upscale": "upscale",
     "bench": "bench",
     "engine": "engine",
     "parity": "parity",
+    "release": "release",
 }
 
 

@@ -1,0 +1,236 @@
+"""release: the main job. checkpoint -> fuse -> ONNX fp32 -> fp16 -> int8 (-> qat) -> parity (-> engine),
+all in one folder with a manifest and a model card.
+
+Each step is keyed by the sha256 of its input files plus its options (`manifest.step_key`); a rerun
+skips every step whose key matches and whose outputs are intact. A failing step stops the run: the
+steps before it stay recorded and their files stay valid, the failing step leaves no record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from .artifact import sha256_file
+from .checkpoint import load_model
+from .defaults import default_checkpoint
+from .errors import ParagonError
+from .images import list_images, sample_photo_paths
+from .manifest import Manifest, step_key, tool_versions
+
+PRECISIONS = ("fp32", "fp16", "int8", "qat")
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
+OPSET = 17
+
+
+def _rel(root: Path, p: Path) -> str:
+    return str(Path(p).resolve().relative_to(root.resolve()))
+
+
+def _folder_digest(folder: Path | None) -> str:
+    """Content hash of a calibration folder (or of the bundled photos)."""
+    paths = list_images(folder) if folder else sample_photo_paths("all")
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _tensorrt_ready() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    from engines.gpu import query_gpu
+
+    try:
+        query_gpu()
+    except ParagonError:
+        return False
+    return True
+
+
+class _Run:
+    def __init__(self, root: Path, echo: Callable[[str], None]) -> None:
+        self.root, self.echo = root, echo
+        self.manifest = Manifest(root)
+        self.index = 0
+
+    def step(self, name: str, total: int, inputs: dict[str, Path], params: dict, fn: Callable[[], list[dict]]) -> dict:
+        """Run `fn` unless the manifest has this step with the same key and intact outputs.
+
+        `fn` returns [{"path", "kind", "parent", "meta"?}]; the record lists them with sha256s."""
+        self.index += 1
+        tag = f"[{self.index}/{total}] {name}"
+        hashes = {k: sha256_file(p) for k, p in inputs.items()}
+        key = step_key(name, hashes, params)
+        rec = self.manifest.fresh(name, key)
+        if rec:
+            self.echo(f"{tag}: unchanged, skipped")
+            return rec
+        self.manifest.drop(name)
+        self.echo(f"{tag} ...")
+        t0 = time.perf_counter()
+        try:
+            outs = fn()
+        except ParagonError as e:
+            raise ParagonError(f"release stopped at step '{name}': {e}") from None
+        rec = {
+            "key": key, "inputs": {k: {"path": _rel(self.root, p) if p.resolve().is_relative_to(self.root.resolve())
+                                       else str(p), "sha256": hashes[k]} for k, p in inputs.items()},
+            "params": params, "seconds": round(time.perf_counter() - t0, 2), "tool_versions": tool_versions(),
+            "artifacts": [{"path": _rel(self.root, o["path"]), "sha256": sha256_file(o["path"]), "kind": o["kind"],
+                           "parent": o.get("parent"), "bytes": Path(o["path"]).stat().st_size,
+                           **({"meta": o["meta"]} if o.get("meta") else {})} for o in outs],
+        }
+        self.manifest.record(name, rec)
+        self.echo(f"{tag}: done in {rec['seconds']:.1f} s")
+        return rec
+
+    def path(self, rec: dict, kind: str) -> Path:
+        return self.root / next(a["path"] for a in rec["artifacts"] if a["kind"] == kind)
+
+
+def _check_folder(root: Path, force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise ParagonError(f"{root} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").is_file() and not force:
+        raise ParagonError(f"{root} is not empty and holds no release manifest (use --force to release into it)")
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
+            precisions: tuple[str, ...] = DEFAULT_PRECISIONS, engine: bool | None = None, scale: int | None = None,
+            force: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Run the release pipeline into `out_dir`; returns the manifest data. `engine=None` builds an
+    engine only where TensorRT and a GPU exist, True requires them, False skips."""
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown or "fp32" not in precisions:
+        raise ParagonError(f"--precisions takes fp32 plus any of fp16,int8,qat (got {','.join(precisions)})")
+    src = Path(ckpt) if ckpt else default_checkpoint()
+    calib = Path(calib) if calib else None
+    root = Path(out_dir)
+    _check_folder(root, force)
+    loaded = load_model(src, scale=scale)  # fail fast on a bad checkpoint, before any step
+    variant, s = loaded.variant, loaded.scale
+    run = _Run(root, echo)
+    want_engine = _tensorrt_ready() if engine is None else engine
+    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+    calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
+    run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
+                                   "upsampler": loaded.upsampler, "default_model": ckpt is None}
+    run.manifest.data["precisions"] = list(precisions)
+
+    fused_path = root / f"{variant}_x{s}_fused.safetensors"
+
+    def do_fuse():
+        if loaded.fused:
+            shutil.copyfile(src, fused_path)
+            return [{"path": fused_path, "kind": "fused", "parent": str(src), "meta": {"note": "source already fused"}}]
+        from .fuse import fuse
+
+        art, report = fuse(src, fused_path, scale=scale, force=True)
+        return [{"path": art.path, "kind": "fused", "parent": str(src),
+                 "meta": {"exactness_max_abs": report["exactness_max_abs"], "gap": report["gap"],
+                          "params_before": report["params_before"], "params_after": report["params_after"]}}]
+
+    rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s}, do_fuse)
+    fused = run.path(rec, "fused")
+
+    def do_onnx():
+        from .export_onnx import export_onnx
+
+        arts = export_onnx(fused, root, opset=OPSET, fp16="fp16" in precisions, force=True)
+        outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": _rel(root, fused),
+                 "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
+        if "fp16" in arts:
+            outs.append({"path": arts["fp16"].path, "kind": "onnx-fp16", "parent": _rel(root, arts["fp32"].path)})
+        return outs
+
+    rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions}, do_onnx)
+    fp32 = run.path(rec, "onnx-fp32")
+    artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
+
+    if "int8" in precisions:
+        def do_int8():
+            from .int8 import quantize_int8
+
+            art = quantize_int8(fp32, root, calib_dir=calib, force=True, progress=lambda m: echo(f"    {m}"))
+            q = art.meta["quality"]
+            report_path = Path(art.meta["output"]["report"])
+            return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),
+                     "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
+                              "kept_float": art.meta["mixed_precision"].get("kept_float")}},
+                    {"path": report_path, "kind": "int8-report", "parent": _rel(root, art.path)}]
+
+        rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, do_int8)
+        artifacts.append(run.path(rec, "onnx-int8"))
+
+    if "qat" in precisions:
+        def do_qat():
+            from .qat import qat
+
+            art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=False,
+                              say=lambda m: echo(f"    {m}"))
+            return [{"path": art.path, "kind": "onnx-qat", "parent": _rel(root, fused)}]
+
+        rec = run.step("qat", total, {"fused": fused}, {"calib": calib_digest}, do_qat)
+        artifacts.append(run.path(rec, "onnx-qat"))
+
+    def do_parity():
+        from .parity import parity
+
+        report = parity(artifacts, root / "parity", ref=src, scale=s, force=True)
+        return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
+                 "meta": {"passed": report["passed"]}},
+                {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None}]
+
+    inputs = {"reference": src, **{p.name: p for p in artifacts}}
+    rec = run.step("parity", total, inputs, {}, do_parity)
+    parity_ok = rec["artifacts"][0]["meta"]["passed"]
+
+    if want_engine:
+        def do_engine():
+            from engines.build import build_engine
+
+            outs = []
+            for p in artifacts[1:]:
+                art, _ = build_engine(p, root / "engines", check=True, force=True, echo=lambda m: echo(f"    {m}"))
+                outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
+            return outs
+
+        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, do_engine)
+    else:
+        echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
+
+    _write_card(root, run.manifest)
+    run.manifest.save()
+    if not parity_ok:
+        raise ParagonError(f"parity failed: see {root / 'parity' / 'parity.md'}")
+    return run.manifest.data
+
+
+def _write_card(root: Path, manifest: Manifest) -> None:
+    d = manifest.data
+    src = d["source"]
+    lines = [f"# {src['variant']} x{src['scale']} release", "",
+             f"Source: `{src['path']}` (sha256 `{src['sha256'][:16]}`), upsampler {src['upsampler']}.", "",
+             "| artifact | kind | size | sha256 | parent |", "|---|---|---|---|---|"]
+    for name, rec in d["steps"].items():
+        for a in rec["artifacts"]:
+            if a["kind"].startswith(("fused", "onnx", "engine")):
+                lines.append(f"| `{a['path']}` | {a['kind']} | {a['bytes'] / 1024:.0f} KiB | `{a['sha256'][:12]}` | "
+                             f"{a.get('parent') or ''} |")
+    fuse = d["steps"].get("fuse", {}).get("artifacts", [{}])[0].get("meta", {})
+    if "gap" in fuse:
+        g = fuse["gap"]
+        lines += ["", f"Fusion: exact to {fuse['exactness_max_abs']:.1e} max abs; params {fuse['params_before']:,} -> "
+                      f"{fuse['params_after']:,}; held-out Y-PSNR dynamic {g['y_psnr_dynamic']:.2f} dB, "
+                      f"fused {g['y_psnr_fused']:.2f} dB."]
+    par = root / "parity" / "parity.md"
+    if par.is_file():
+        lines += ["", "## Parity", "", par.read_text().strip()]
+    (root / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
