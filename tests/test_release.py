@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from paragon_export.errors import ParagonError
+from paragon_export.release import release
+from conftest import write_model
+
+
+def run(ckpt, out, **kw):
+    lines = []
+    release(ckpt, out, echo=lines.append, **kw)
+    return lines
+
+
+def test_release_manifest_rerun_and_change(tmp_path):
+    ckpt = write_model(tmp_path / "nano.safetensors", seed=3)
+    out = tmp_path / "rel"
+    first = run(ckpt, out, precisions=("fp32",), engine=False)
+    assert any("fuse: done" in ln for ln in first) and any("parity: done" in ln for ln in first)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["steps"]) == {"fuse", "onnx", "parity"}
+    kinds = {a["kind"]: a for s in m["steps"].values() for a in s["artifacts"]}
+    assert kinds["onnx-fp32"]["parent"] == "paragonsr2_nano_x2_fused.safetensors"
+    assert kinds["parity-json"]["meta"]["passed"] is True
+    assert (out / "MODEL_CARD.md").read_text().count("PASS") >= 2
+
+    again = run(ckpt, out, precisions=("fp32",), engine=False)
+    assert sum("unchanged, skipped" in ln for ln in again) == 3
+
+    # A tampered output re-runs only its own step (and what depends on it keeps its key if bytes match).
+    (out / "paragonsr2_nano_x2_fp32_op17.onnx").write_bytes(b"broken")
+    third = run(ckpt, out, precisions=("fp32",), engine=False)
+    assert any("fuse: unchanged" in ln for ln in third) and any("onnx: done" in ln for ln in third)
+
+    # New weights: every step re-runs.
+    write_model(ckpt, seed=4)
+    fourth = run(ckpt, out, precisions=("fp32",), engine=False)
+    assert not any("unchanged" in ln for ln in fourth)
+
+
+def test_failed_step_keeps_finished_steps_consistent(tmp_path):
+    ckpt = write_model(tmp_path / "nano.safetensors", seed=5)
+    out = tmp_path / "rel"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ParagonError, match="release stopped at step 'int8'.*no"):
+        run(ckpt, out, precisions=("fp32", "int8"), calib=empty, engine=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["steps"]) == {"fuse", "onnx"}
+    for step in m["steps"].values():
+        for a in step["artifacts"]:
+            assert (out / a["path"]).is_file()
+
+
+def test_release_refuses_foreign_folder_and_bad_precisions(tmp_path):
+    ckpt = write_model(tmp_path / "nano.safetensors")
+    with pytest.raises(ParagonError, match="fp32 plus"):
+        run(ckpt, tmp_path / "a", precisions=("fp16",))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ParagonError, match="no release manifest"):
+        run(ckpt, foreign, precisions=("fp32",), engine=False)
