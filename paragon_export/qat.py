@@ -1,0 +1,651 @@
+"""qat: quantization-aware fine-tuning with NVIDIA ModelOpt, exported as a Q/DQ INT8 ONNX.
+
+    qat(ckpt, out_dir, *, data_dir=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, resume=False, ...)
+        -> (Artifact, report)
+
+Flow: load the checkpoint and fuse it (QAT trains the deployed graph, the one TensorRT runs); keep
+a deep copy as the fp32 teacher; insert int8 fake quantizers with `mtq.quantize` calibrated (max)
+on the shared calibration set (`calibration.build_calibration_set` on the same folder); fine-tune
+the student with Adam (cosine-decayed learning rate) on seeded random patches of the calibration
+images: L1 to the teacher's output, plus `gt_weight` x L1 to the HR ground truth; export the
+student with the TorchScript exporter to a Q/DQ ONNX with dynamic H/W, simplify it, check every
+zero point is int8 0, and verify ORT against the torch fake-quant model on real photos at two
+sizes. The held-out split of the calibration set gives the progress bar's PSNR and the report.
+
+Resume: `{out_dir}/qat_state.safetensors` holds the student weights with every quantizer's amax
+and Adam's moment tensors; `qat_state.json` the step, the hyper-parameters, the fp32/PTQ figures
+and the sha256 of the checkpoint, the calibration set and the tensor file. Both are rewritten
+atomically every `save_every` steps, at the end and on Ctrl-C. Nothing is pickled.
+
+Magic-Conv filters: kept in float by default (`magic="float"`). Both choices were measured on the
+same model, data and steps (see the README's qat section and the report): quantizing the fixed
+filters adds three activation quantizations at HR resolution on the path straight to the output,
+with nothing learnable before `upsampler` to absorb them, and costs PSNR that QAT does not win
+back; keeping them float costs only an fp16/fp32 depthwise pass on TensorRT.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .artifact import Artifact, atomic_output, check_output, sha256_file
+from .checkpoint import load_model
+from .errors import ParagonError
+from .images import bicubic_downscale, list_images, sample_photo_paths
+from .metrics import psnr, psnr_y, ssim_y
+
+DEFAULT_STEPS = 300
+DEFAULT_LR = 2e-5
+DEFAULT_BATCH = 8
+DEFAULT_PATCH = 48  # LR pixels
+PATCHES_PER_IMAGE = 16
+WARMUP = 0.05  # fraction of the steps
+STATE_NAME, STATE_JSON, REPORT_NAME = "qat_state.safetensors", "qat_state.json", "qat_report.json"
+STATE_FORMAT = "paragon-export-qat-state/1"
+
+
+def onnx_name(variant: str, scale: int, opset: int) -> str:
+    return f"{variant}_x{scale}_int8_qat_op{opset}.onnx"
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class TrainPatches:
+    """Seeded (LR, HR) patch pool cut from the calibration images (never from the held-out split).
+    A step's batch depends only on (seed, step), so a resumed run sees the batches an
+    uninterrupted one would have."""
+
+    lr: np.ndarray  # N x 3 x p x p
+    hr: np.ndarray  # N x 3 x ps x ps
+    seed: int
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        idx = rng.integers(0, len(self.lr), size)
+        lr, hr = self.lr[idx], self.hr[idx]
+        # Flips and transposes: the same dihedral transform on LR and HR.
+        if rng.random() < 0.5:
+            lr, hr = lr[..., ::-1], hr[..., ::-1]
+        if rng.random() < 0.5:
+            lr, hr = lr[..., ::-1, :], hr[..., ::-1, :]
+        if rng.random() < 0.5:
+            lr, hr = lr.swapaxes(-1, -2), hr.swapaxes(-1, -2)
+        return torch.from_numpy(np.ascontiguousarray(lr)), torch.from_numpy(np.ascontiguousarray(hr))
+
+
+def calibration_image_paths(data_dir: Path | None, names: list[str]) -> list[Path]:
+    paths = sample_photo_paths("train") if data_dir is None else list_images(data_dir)
+    wanted = set(names)
+    return [p for p in paths if p.name in wanted]
+
+
+def train_patches(paths: list[Path], *, scale: int, patch: int, seed: int,
+                  per_image: int = PATCHES_PER_IMAGE) -> TrainPatches:
+    from calibration.sources import Decoded, decode
+
+    lrs, hrs = [], []
+    hp = patch * scale
+    for p in paths:
+        d = decode(p, min_hw=(hp, hp))
+        if not isinstance(d, Decoded):
+            continue
+        rng = np.random.default_rng([seed, len(p.name), *p.name.encode()])
+        img = d.image
+        for _ in range(per_image):
+            top = int(rng.integers(0, img.shape[0] // scale - patch + 1)) * scale
+            left = int(rng.integers(0, img.shape[1] // scale - patch + 1)) * scale
+            hr, lr = bicubic_downscale(img[top:top + hp, left:left + hp], scale)
+            lrs.append(lr.transpose(2, 0, 1))
+            hrs.append(hr.transpose(2, 0, 1))
+    if not lrs:
+        raise ParagonError(f"no calibration image is at least {hp}x{hp} px: cannot cut {patch}px training patches "
+                           "(use smaller --patch)")
+    return TrainPatches(np.stack(lrs).astype(np.float32), np.stack(hrs).astype(np.float32), seed)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def _sr(model, lr: np.ndarray) -> np.ndarray:
+    return model(torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))[None]).numpy()[0].transpose(1, 2, 0)
+
+
+def torch_quality(model, holdout, scale: int, fp32_ref: list[np.ndarray] | None) -> dict:
+    """Held-out figures of a torch model in the int8 report's format (`int8_eval.Evaluator`):
+    Y-PSNR/SSIM vs HR and PSNR vs the fp32 outputs `fp32_ref`, per image and mean."""
+    per = []
+    for i, h in enumerate(holdout):
+        y = _sr(model, h.lr)
+        item = {"image": h.name, "lr": list(h.lr.shape[:2])}
+        if fp32_ref is not None:
+            item["psnr_vs_fp32"] = psnr(np.clip(y, 0, 1), np.clip(fp32_ref[i], 0, 1))
+        if h.hr is not None:
+            item["y_psnr"] = psnr_y(y, h.hr, scale)
+            item["ssim"] = ssim_y(y, h.hr, scale)
+        per.append(item)
+    mean = {k: float(np.mean([p[k] for p in per])) for k in ("psnr_vs_fp32", "y_psnr", "ssim") if per and k in per[0]}
+    return {"mean": mean, "images": per}
+
+
+def with_drop(q: dict, fp32: dict) -> dict:
+    if "y_psnr" in q["mean"] and "y_psnr" in fp32["mean"]:
+        q["mean"]["y_psnr_drop"] = fp32["mean"]["y_psnr"] - q["mean"]["y_psnr"]
+    return q
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Settings:
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch: int = DEFAULT_BATCH
+    patch: int = DEFAULT_PATCH
+    gt_weight: float = 0.0
+    magic: str = "float"
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def check(self) -> None:
+        if self.steps < 0 or self.batch < 1 or self.patch < 8 or self.eval_every < 1 or self.save_every < 1:
+            raise ParagonError("qat needs steps >= 0, batch >= 1, patch >= 8, eval/save intervals >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.gt_weight >= 0 and math.isfinite(self.gt_weight)):
+            raise ParagonError(f"qat needs lr > 0 and gt weight >= 0 (got lr={self.lr}, gt weight={self.gt_weight})")
+
+    # What a resumed run must share with the saved one (steps and the learning rate may change).
+    def identity(self) -> dict:
+        return {"batch": self.batch, "patch": self.patch, "gt_weight": self.gt_weight, "magic": self.magic,
+                "seed": self.seed}
+
+
+def learning_rate(base: float, step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of the steps (Adam's first updates are full-size sign steps,
+    which knock a calibrated network off balance), then cosine decay to 0."""
+    warm = max(1, round(WARMUP * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / max(total - warm, 1)))
+
+
+@dataclass
+class QATRun:
+    """Teacher, student and optimizer of one QAT run (the API's building block; tests drive it)."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    settings: Settings
+    scale: int
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @classmethod
+    def create(cls, fused: torch.nn.Module, forward_loop, settings: Settings, scale: int) -> "QATRun":
+        from .qat_quant import quantize
+
+        teacher = copy.deepcopy(fused).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student = quantize(copy.deepcopy(fused).eval(), forward_loop, magic=settings.magic)
+        opt = torch.optim.Adam(student.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
+        return cls(teacher, student, opt, settings, scale)
+
+    def loss(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with torch.no_grad():
+            target = self.teacher(lr)
+        out = self.student(lr)
+        distill = F.l1_loss(out, target)
+        total = distill + self.settings.gt_weight * F.l1_loss(out, hr) if self.settings.gt_weight else distill
+        return total, float(distill.detach())
+
+    def train_step(self, patches: TrainPatches) -> float:
+        s = self.settings
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(s.lr, self.step, s.steps)
+        lr, hr = patches.batch(self.step, s.batch)
+        self.student.train()
+        total, distill = self.loss(lr, hr)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.student.eval()
+        self.step += 1
+        return distill
+
+    @torch.no_grad()
+    def distill_loss(self, lr: torch.Tensor) -> float:
+        self.student.eval()
+        return float(F.l1_loss(self.student(lr), self.teacher(lr)))
+
+    # ------------------------------------------------------------ state (safetensors + JSON)
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.student.state_dict().items()}
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            n = names[id(p)]
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                if k in st:
+                    t = st[k] if torch.is_tensor(st[k]) else torch.tensor(float(st[k]))
+                    out[f"adam.{k}.{n}"] = t.detach().cpu().contiguous().clone()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.student.load_state_dict(model_sd, strict=True)
+        except RuntimeError as e:
+            raise ParagonError(f"saved QAT state does not fit this model: {str(e).splitlines()[0]}") from None
+        params = dict(self.student.named_parameters())
+        for n, p in params.items():
+            st = {k: tensors.get(f"adam.{k}.{n}") for k in ("exp_avg", "exp_avg_sq", "step")}
+            if all(v is not None for v in st.values()):
+                self.optimizer.state[p] = {"step": st["step"].float(), "exp_avg": st["exp_avg"].clone(),
+                                           "exp_avg_sq": st["exp_avg_sq"].clone()}
+
+
+def save_state(run: QATRun, out_dir: Path, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensor_path, json_path = out_dir / STATE_NAME, out_dir / STATE_JSON
+    with atomic_output(tensor_path, force=True) as tmp:
+        save_file(run.state_tensors(), str(tmp), metadata={"format": STATE_FORMAT, "step": str(run.step)})
+    doc = {"format": STATE_FORMAT, "step": run.step, "steps": run.settings.steps, "lr": run.settings.lr,
+           "betas": list(run.settings.betas), "eps": run.settings.eps, **run.settings.identity(),
+           "history": run.history, "tensors_sha256": sha256_file(tensor_path), **extra}
+    with atomic_output(json_path, force=True) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
+
+
+def read_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensor_path, json_path = out_dir / STATE_NAME, out_dir / STATE_JSON
+    if not tensor_path.is_file() or not json_path.is_file():
+        raise ParagonError(f"--resume: no saved QAT state in {out_dir} (expected {STATE_NAME} and {STATE_JSON})")
+    try:
+        doc = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParagonError(f"--resume: {json_path} is not readable JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise ParagonError(f"--resume: {json_path} is not a {STATE_FORMAT} file")
+    if sha256_file(tensor_path) != doc.get("tensors_sha256"):
+        raise ParagonError(f"--resume: {tensor_path} does not match {json_path} (sha256 differs; partial copy?)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ParagonError(f"--resume: {tensor_path} is not a valid safetensors file: {e}") from None
+    return doc, tensors
+
+
+# ---------------------------------------------------------------- Q/DQ ONNX
+
+TRACE_SHAPE = (2, 3, 40, 56)  # a size no verification uses: a shape baked in at trace time cannot pass
+
+
+def _per_channel_form(model) -> int:
+    """ModelOpt writes a one-element weight scale as a scalar (per-tensor); when the weight's
+    output-channel axis has length 1 (the depthwise Magic ConvTranspose) that is the same as
+    per-channel, so write it in per-channel form (1-D scale on that axis), as ORT's PTQ does."""
+    from onnx import helper, numpy_helper
+
+    from .int8_check import WEIGHTED_OPS
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    fixed = 0
+    for n in g.node:
+        if n.op_type not in WEIGHTED_OPS or len(n.input) < 2:
+            continue
+        dq = producer.get(n.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits:
+            continue
+        axis = WEIGHTED_OPS[n.op_type]
+        weight = numpy_helper.to_array(inits[q.input[0]])
+        names = {dq.input[1], dq.input[2], q.input[1], q.input[2]}
+        if weight.shape[axis] != 1 or not all(k in inits and not inits[k].dims for k in names):
+            continue
+        for k in names:
+            arr = numpy_helper.to_array(inits[k]).reshape(1)
+            inits[k].CopyFrom(numpy_helper.from_array(arr, k))
+        for node in (q, dq):
+            for a in list(node.attribute):
+                if a.name == "axis":
+                    node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("axis", axis))
+        fixed += 1
+    if fixed:  # recorded shapes of the rewritten constants are stale; the checker re-infers them
+        del g.value_info[:]
+    return fixed
+
+
+def export_qdq(student: torch.nn.Module, *, opset: int = 17):
+    """Student (fake quant) -> simplified Q/DQ ONNX proto with dynamic batch/height/width, and info
+    (node counts, simplifier, `int8_check.inspect_qdq` figures, TensorRT blockers)."""
+    import io
+    import warnings
+
+    import onnx
+
+    from .int8_check import inspect_qdq, trt_blockers
+    from .onnx_graph import INPUT_NAME, OUTPUT_NAME, constants_to_initializers, name_nodes, op_counts, simplify
+
+    student.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter is the one that turns ModelOpt's fake quant into Q/DQ pairs.
+        torch.onnx.export(student, (torch.zeros(TRACE_SHAPE),), buf, dynamo=False, opset_version=opset,
+                          do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                                        OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"}})
+    raw = onnx.load_from_string(buf.getvalue())
+    before = op_counts(raw)
+    graph, info = simplify(onnx.load_from_string(buf.getvalue()))
+    after = op_counts(graph)
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    if any(after.get(k, 0) != before.get(k, 0) for k in qdq):
+        info = {"simplifier": "none", "reason": f"simplification changed the Q/DQ counts "
+                f"({[before.get(k, 0) for k in qdq]} -> {[after.get(k, 0) for k in qdq]}); kept the exported graph"}
+        graph = raw
+        constants_to_initializers(graph)
+    per_channel_fixed = _per_channel_form(graph)
+    name_nodes(graph)
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ParagonError(f"exported Q/DQ graph fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    checks = inspect_qdq(graph)
+    return graph, {"nodes_before": before, "nodes_after": op_counts(graph), "simplify": info,
+                   "per_channel_rewritten": per_channel_fixed, "checks": checks, "trt_blockers": trt_blockers(checks)}
+
+
+def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
+    """ORT CPU (default optimisations) vs the torch fake-quant student on real photos: per size
+    max abs, mean abs and PSNR (`export_onnx.compare`)."""
+    from .export_onnx import compare, run_onnx, run_torch, verification_inputs
+    from .onnx_graph import ort_session
+
+    inputs = verification_inputs(scale, sizes, paths=paths)
+    refs = {(g, n): run_torch(student, x) for g, n, x in inputs}
+    outputs, errors = run_onnx(ort_session(model), inputs)
+    report = compare(outputs, {k: v for k, v in refs.items() if k[0] not in errors})
+    for g, msg in errors.items():
+        report["groups"][g] = {"error": msg}
+        report["max_abs"], report["min_psnr"] = float("nan"), float("nan")
+    return report
+
+
+# ---------------------------------------------------------------- the command
+
+VERIFY_SIZES = ((64, 64), (45, 77))  # LR (h, w); the second is non-square and not a multiple of 8
+VERIFY_MIN_PSNR = 40.0  # ORT's int8 kernels vs torch fake quant differ by rounding flips only
+
+
+def _train(run: QATRun, patches: TrainPatches, holdout, out_dir: Path, extra: dict, *, progress: bool) -> float:
+    """Steps run.step..settings.steps with periodic held-out PSNR and state saves. Returns seconds."""
+    from tqdm import tqdm
+
+    s = run.settings
+    t0 = time.perf_counter()
+    bar = tqdm(total=s.steps, initial=run.step, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
+    losses: list[float] = []
+    held = run.history[-1]["heldout_y_psnr"] if run.history else None
+    try:
+        while run.step < s.steps:
+            losses.append(run.train_step(patches))
+            bar.update(1)
+            if run.step % s.eval_every == 0 or run.step == s.steps:
+                held = torch_quality(run.student, holdout, run.scale, None)["mean"].get("y_psnr")
+                run.history.append({"step": run.step, "distill_l1": float(np.mean(losses)), "heldout_y_psnr": held})
+                losses = []
+            recent = losses[-20:] or [run.history[-1]["distill_l1"]]
+            bar.set_postfix_str(f"distill L1 {np.mean(recent):.2e}" + (f", held-out Y-PSNR {held:.3f} dB" if held else ""))
+            if run.step % s.save_every == 0 and run.step < s.steps:
+                save_state(run, out_dir, extra)
+    except KeyboardInterrupt:
+        bar.close()
+        save_state(run, out_dir, extra)
+        raise ParagonError(f"interrupted at step {run.step}/{s.steps}; state saved in {out_dir} "
+                           "(run the same command with --resume to continue)") from None
+    bar.close()
+    if s.steps > 0:
+        save_state(run, out_dir, extra)
+    return time.perf_counter() - t0
+
+
+def _fp32_onnx(fused, loaded, tmp: Path, opset: int) -> Path:
+    """The fused model as a verified FP32 ONNX (the int8 evaluator's reference and PTQ's input)."""
+    from .export_onnx import export_model, onnx_filename
+
+    path = tmp / onnx_filename(loaded.variant, loaded.scale, "fp32", opset)
+    export_model(fused, path, meta={"scale": str(loaded.scale), "variant": loaded.variant,
+                                    "source_sha256": loaded.sha256}, opset=opset, force=True)
+    return path
+
+
+def _ptq(fp32: Path, cal, tmp: Path, threads: int, say) -> dict:
+    """The `int8` command with its defaults on the same FP32 graph and calibration set."""
+    from .int8 import quantize_int8
+
+    say("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
+    art = quantize_int8(fp32, tmp / "ptq", calib=cal, peer=False, threads=threads, force=True,
+                        progress=lambda m: say(f"  {m}"))
+    r = art.meta
+    return {"path": Path(r["output"]["model"]), "quality": r["quality"]["int8"], "checks": r["checks"],
+            "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],
+            "mixed_precision_met": r["mixed_precision"]["met"]}
+
+
+def qat(ckpt: Path | str, out_dir: Path | str, *, data_dir: Path | str | None = None, settings: Settings | None = None,
+        resume: bool = False, force: bool = False, opset: int = 17, verify_sizes=VERIFY_SIZES, ptq_baseline: bool = True,
+        threads: int = 1, train_threads: int | None = None, progress: bool = True,
+        calib_options: dict | None = None, say=None) -> tuple[Artifact, dict]:
+    """Checkpoint + images -> QAT fine-tuned, verified Q/DQ INT8 ONNX in `out_dir` (module docstring).
+    Returns the ONNX Artifact (meta: metadata + report) and the report (also `qat_report.json`).
+    `threads`: ORT threads for evaluation and timing; `train_threads`: torch threads (None: torch's
+    default; on a machine shared with other jobs, 1 is often several times faster than 2)."""
+    if train_threads is None:
+        return _qat(ckpt, out_dir, data_dir=data_dir, settings=settings, resume=resume, force=force, opset=opset,
+                    verify_sizes=verify_sizes, ptq_baseline=ptq_baseline, threads=threads, progress=progress,
+                    calib_options=calib_options, say=say)
+    if train_threads < 1:
+        raise ParagonError(f"train threads must be >= 1, got {train_threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(train_threads)
+    try:
+        return _qat(ckpt, out_dir, data_dir=data_dir, settings=settings, resume=resume, force=force, opset=opset,
+                    verify_sizes=verify_sizes, ptq_baseline=ptq_baseline, threads=threads, progress=progress,
+                    calib_options=calib_options, say=say)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_sizes, ptq_baseline, threads, progress,
+         calib_options, say) -> tuple[Artifact, dict]:
+    import tempfile
+
+    import onnx
+
+    from calibration import build_calibration_set
+
+    from .export_onnx import describe, fused_model
+    from .int8_eval import Evaluator, latency
+    from .onnx_graph import set_metadata
+
+    say = say or (lambda _m: None)
+    settings = settings or Settings()
+    settings.check()
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    loaded = load_model(ckpt)
+    onnx_path = out_dir / onnx_name(loaded.variant, loaded.scale, opset)
+    report_path = out_dir / REPORT_NAME
+    for p in (onnx_path, report_path):
+        check_output(p, force=force)
+    if not resume and (out_dir / STATE_JSON).exists() and not force:
+        raise ParagonError(f"{out_dir} holds a saved QAT run: pass --resume to continue it or --force to start over")
+    doc, tensors = read_state(out_dir) if resume else (None, None)
+    fused, fusion = fused_model(loaded)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    cal = build_calibration_set(data_dir, scale=loaded.scale, **(calib_options or {}))
+    if not cal.holdout or any(h.hr is None for h in cal.holdout):
+        raise ParagonError("qat needs held-out HR images to measure quality (give a folder of >= 2 HR photos)")
+    for sk in cal.skipped:
+        say(f"warning: skipped {sk}")
+    patches = train_patches(calibration_image_paths(data_dir, cal.calib_images), scale=loaded.scale,
+                            patch=settings.patch, seed=settings.seed)
+    ident = {"source_sha256": loaded.sha256, "calibration_fingerprint": cal.fingerprint, **settings.identity()}
+
+    with tempfile.TemporaryDirectory(prefix="paragon-qat-") as tmp_name:
+        tmp = Path(tmp_name)
+        say("exporting the fused fp32 model to ONNX (reference)")
+        fp32_path = _fp32_onnx(fused, loaded, tmp, opset)
+        ev = Evaluator(fp32_path, cal, loaded.scale, threads)
+        if resume:
+            changed = [k for k, v in ident.items() if doc.get(k) != v]
+            if changed:
+                raise ParagonError(f"--resume: the saved run differs in {', '.join(changed)} "
+                                   "(same checkpoint, images and settings needed; --force starts over)")
+            if doc["step"] > settings.steps:
+                raise ParagonError(f"--resume: the saved run is at step {doc['step']}, past --steps {settings.steps}")
+            first = torch.from_numpy(cal.batch(0))
+            run = QATRun.create(fused, lambda m: m(first), settings, loaded.scale)  # creates the amax buffers
+            run.load_tensors(tensors)
+            run.step, run.history = int(doc["step"]), list(doc.get("history", []))
+            ptq_modelopt = doc["ptq_modelopt"]
+            say(f"resuming at step {run.step} of {settings.steps}")
+        else:
+            say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops")
+            run = QATRun.create(fused, cal.forward_loop, settings, loaded.scale)
+            ptq_modelopt = with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32)
+            run.history.append({"step": 0, "distill_l1": None, "heldout_y_psnr": ptq_modelopt["mean"]["y_psnr"]})
+        start_step = run.step
+        out_dir.mkdir(parents=True, exist_ok=True)
+        train_s = _train(run, patches, cal.holdout, out_dir, {**ident, "ptq_modelopt": ptq_modelopt},
+                         progress=progress)
+
+        say("exporting Q/DQ ONNX and verifying it on ONNX Runtime")
+        graph, info = export_qdq(run.student, opset=opset)
+        if info["trt_blockers"]:
+            raise ParagonError(f"the QAT Q/DQ model is not TensorRT-compatible: {'; '.join(info['trt_blockers'])}")
+        meta = {"producer": "paragon-export", "variant": loaded.variant, "scale": str(loaded.scale),
+                "upsampler": loaded.upsampler, "precision": "int8-qdq", "quantization": "qat (nvidia-modelopt)",
+                "io_dtype": "float32", "opset": str(opset), "source_sha256": loaded.sha256,
+                "calibration_fingerprint": cal.fingerprint, "qat_steps": str(run.step),
+                "magic_filters": settings.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
+        set_metadata(graph, meta)
+        verification = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
+        if not verification["min_psnr"] >= VERIFY_MIN_PSNR:
+            raise ParagonError("the Q/DQ ONNX disagrees with the torch fake-quant model (PSNR "
+                               f"{describe(verification, 'psnr')}; limit {VERIFY_MIN_PSNR} dB); nothing written")
+        qat_path = tmp / "qat.onnx"
+        onnx.save(graph, str(qat_path))
+        quality = {"fp32": ev.fp32, "ptq_modelopt": ptq_modelopt,
+                   "qat_torch": with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32),
+                   "qat_int8": ev.quality(qat_path)}
+        models = {"fp32": fp32_path, "qat_int8": qat_path}
+        ptq = None
+        if ptq_baseline:
+            ptq = _ptq(fp32_path, cal, tmp, threads, say)
+            quality["ptq_int8"] = ptq["quality"]
+            models["ptq_int8"] = ptq.pop("path")
+        say("timing on ONNX Runtime CPU")
+        lat = latency(models, cal.holdout[0].lr, threads=threads)
+        lat["ratio_vs_fp32"] = {k: v / lat["median_ms"]["fp32"] for k, v in lat["median_ms"].items()}
+
+        checks = info.pop("checks")
+        report = {
+            "command": "qat",
+            "model": {"source": str(loaded.path), "source_sha256": loaded.sha256, "variant": loaded.variant,
+                      "scale": loaded.scale, "upsampler": loaded.upsampler, "fusion": fusion},
+            "calibration": cal.summary(),
+            "recipe": {"tool": "nvidia-modelopt", "format": "QDQ", "calibrator": "max",
+                       "activations": "int8 symmetric (zero point 0), per tensor",
+                       "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
+                       "bias": "float", "quantized_ops": ["Conv", "ConvTranspose"], "output_quantization": False,
+                       "magic_filters": settings.magic, "trt_compatible": True},
+            "checks": {k: v for k, v in checks.items() if k != "quantized_nodes"}
+                      | {"quantized_nodes": len(checks["quantized_nodes"])},
+            "export": info,
+            "training": {"steps": run.step, "resumed_from": start_step if resume else None,
+                         "steps_this_run": run.step - start_step, "train_seconds": round(train_s, 2),
+                         "seconds_per_step": round(train_s / max(1, run.step - start_step), 4),
+                         "lr": settings.lr, "schedule": "cosine to 0", "batch": settings.batch,
+                         "patch": settings.patch, "gt_weight": settings.gt_weight,
+                         "loss": "L1 to the fp32 teacher" + (f" + {settings.gt_weight} x L1 to HR" if settings.gt_weight else ""),
+                         "train_patches": int(len(patches.lr)), "history": run.history},
+            "verification": {**verification, "min_psnr_limit": VERIFY_MIN_PSNR, "reference": "torch fake-quant student",
+                             "runtime": "onnxruntime CPU, default optimisations"},
+            "quality": quality,
+            "ptq": ptq,
+            "latency": lat,
+        }
+        with atomic_output(onnx_path, force=force) as t:
+            t.write_bytes(qat_path.read_bytes())
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["output"] = {"model": str(onnx_path), "sha256": sha256_file(onnx_path), "report": str(report_path)}
+    with atomic_output(report_path, force=force) as t:
+        t.write_text(json.dumps(report, indent=1, default=_json_default))
+    return Artifact(onnx_path, "onnx-int8", {"metadata": meta, **report}), report
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def format_table(report: dict) -> str:
+    """fp32 / PTQ / QAT side by side, in the int8 command's table layout."""
+    q, lat = report["quality"], report["latency"]
+    ms, ratio = lat["median_ms"], lat["ratio_vs_fp32"]
+    chk = report["checks"]
+    rows = [("fp32 (ONNX)", q["fp32"]["mean"], "fp32", "-", "-", "-")]
+    if "ptq_int8" in q:
+        p = report["ptq"]
+        rows.append((f"PTQ int8 (int8 command, {p['method']})", q["ptq_int8"]["mean"], "ptq_int8",
+                     f"{p['checks']['q_nodes']}/{p['checks']['dq_nodes']}", str(len(p["kept_float"])), "yes"))
+    rows.append(("PTQ int8 (ModelOpt max, torch)", q["ptq_modelopt"]["mean"], None, "-", "-", "-"))
+    rows.append((f"QAT int8 ({report['training']['steps']} steps)", q["qat_int8"]["mean"], "qat_int8",
+                 f"{chk['q_nodes']}/{chk['dq_nodes']}", str(len(chk["float_nodes"])),
+                 "yes" if not report["export"]["trt_blockers"] else "NO"))
+    head = f"{'model':34} {'Y-PSNR':>7} {'SSIM':>7} {'PSNR/fp32':>9} {'ms':>8} {'x fp32':>6} {'Q/DQ':>9} {'float':>5}  TensorRT"
+    lines = [head, "-" * len(head)]
+    for name, m, key, qdq, kept, trt in rows:
+        vs = "-" if name.startswith("fp32") else f"{m['psnr_vs_fp32']:.2f}"
+        y = f"{m['y_psnr']:.3f}" if "y_psnr" in m else "-"
+        s = f"{m['ssim']:.4f}" if "ssim" in m else "-"
+        t = f"{ms[key]:8.2f} {ratio[key]:6.2f}" if key else f"{'-':>8} {'-':>6}"
+        lines.append(f"{name:34} {y:>7} {s:>7} {vs:>9} {t} {qdq:>9} {kept:>5}  {trt}")
+    n = len(report["calibration"]["holdout_images"])
+    lines.append(f"held-out: {n} images ({', '.join(report['calibration']['holdout_images'])}), "
+                 f"latency: median of {lat['repeats']} at {lat['input'][2]}x{lat['input'][3]}, {lat['threads']} thread(s)")
+    fp = q["fp32"]["mean"].get("y_psnr")
+    if fp is not None:
+        gains = [f"QAT vs fp32 {q['qat_int8']['mean']['y_psnr'] - fp:+.3f} dB"]
+        if "ptq_int8" in q:
+            gains.append(f"QAT vs PTQ {q['qat_int8']['mean']['y_psnr'] - q['ptq_int8']['mean']['y_psnr']:+.3f} dB")
+        lines.append("Y-PSNR: " + ", ".join(gains))
+    v = report["verification"]
+    sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB" for g, r in v["groups"].items()
+                      if "max_abs" in r)
+    lines.append(f"ORT vs torch fake quant: {sizes}")
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""qat: ModelOpt fake quantization, fine-tuning, resume, Q/DQ export and ORT agreement on real photos."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_model, write_model
+from paragon_export.images import load_image, sample_photo_paths, save_image
+from paragon_export.metrics import psnr
+
+CALIB = {"lr_size": (16, 16), "eval_size": (32, 32), "crops_per_image": 1, "batch_size": 2}
+SIZES = ((32, 32), (27, 45))  # LR; the second is non-square and not a multiple of 8
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread: on a machine shared with other jobs two spinning threads are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Eight real photos, centre-cropped to 96x128 so that decoding them is quick."""
+    d = tmp_path_factory.mktemp("photos")
+    for p in sample_photo_paths("all")[::2]:
+        img = load_image(p)
+        h, w = img.shape[:2]
+        save_image(img[h // 2 - 48:h // 2 + 48, w // 2 - 64:w // 2 + 64], d / f"{p.stem}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def calib(photos):
+    from calibration import build_calibration_set
+
+    return build_calibration_set(photos, scale=2, **CALIB)
+
+
+@pytest.fixture(scope="module")
+def patches(photos, calib):
+    from paragon_export.qat import calibration_image_paths, train_patches
+
+    return train_patches(calibration_image_paths(photos, calib.calib_images), scale=2, patch=16, seed=0)
+
+
+def _run(calib, settings, seed=0):
+    from paragon_export.qat import QATRun
+
+    return QATRun.create(make_model(fused=True, seed=seed), calib.forward_loop, settings, 2)
+
+
+def test_import_and_help_do_not_load_modelopt():
+    code = (
+        "import sys, paragon_export, paragon_export.qat, paragon_export.cli.qat\n"
+        "from click.testing import CliRunner\n"
+        "from paragon_export.cli import main\n"
+        "r = CliRunner().invoke(main, ['--help'])\n"
+        "assert r.exit_code == 0 and 'qat' in r.output, r.output\n"
+        "r = CliRunner().invoke(main, ['qat', '--help'])\n"
+        "assert r.exit_code == 0 and '--resume' in r.output, r.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('modelopt', 'tensorrt')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("upsampler", ["mks2021", "legacy"])
+def test_magic_quantizers_disabled_are_exact_and_enabled_quantize(upsampler):
+    from paragon_export.qat_quant import quantize, quantizers
+
+    base = make_model(fused=True, upsampler=upsampler)
+    x = torch.from_numpy(load_image(sample_photo_paths("eval")[0])[100:124, 100:140].transpose(2, 0, 1).copy())[None]
+    floaty = quantize(copy.deepcopy(base), lambda m: m(x), magic="float")
+    q8 = quantize(copy.deepcopy(base), lambda m: m(x), magic="int8")
+    magic_q = [n for n in quantizers(q8) if n.startswith("magic_upsampler.")]
+    assert len(magic_q) == 6
+    assert not [n for n in quantizers(floaty) if n.startswith("magic_upsampler.")]
+    # With the rest of the network disabled too, the quantized upsampler is the original op for op.
+    for q in quantizers(floaty).values():
+        q.disable()
+    with torch.no_grad():
+        assert torch.equal(floaty(x), base(x))
+        only_magic = copy.deepcopy(q8)
+        for n, q in quantizers(only_magic).items():
+            if not n.startswith("magic_upsampler."):
+                q.disable()
+        diff = (only_magic(x) - base(x)).abs().max().item()
+    assert 1e-5 < diff < 0.1
+
+
+def test_short_qat_reduces_distillation_loss(calib, patches):
+    from paragon_export.qat import Settings
+
+    run = _run(calib, Settings(steps=40, lr=2e-5, batch=4, patch=16))
+    probe = torch.from_numpy(np.concatenate([calib.batch(i) for i in range(len(calib))]))
+    before = run.distill_loss(probe)
+    teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
+    losses = [run.train_step(patches) for _ in range(40)]
+    after = run.distill_loss(probe)
+    assert run.step == 40
+    # Most of the gap is activation rounding noise that no weight can remove; the rest goes.
+    assert after < 0.98 * before, (before, after, losses)
+    # The teacher is a frozen copy: training the student never touches it.
+    assert all(torch.equal(v, run.teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_resume_matches_an_uninterrupted_run(calib, patches, tmp_path):
+    from paragon_export.qat import QATRun, Settings, read_state, save_state
+
+    settings = Settings(steps=5, lr=5e-4, batch=2, patch=16)
+    straight = _run(calib, settings)
+    for _ in range(5):
+        straight.train_step(patches)
+    first = _run(calib, settings)
+    for _ in range(3):
+        first.train_step(patches)
+    save_state(first, tmp_path, {"note": "test"})
+    doc, tensors = read_state(tmp_path)
+    assert doc["step"] == 3 and doc["note"] == "test"
+    assert any(k.startswith("adam.exp_avg_sq.") for k in tensors)
+    assert any(k.endswith("input_quantizer._amax") for k in tensors)
+    # Rebuilt as `qat --resume` does: calibrated on one batch only (other amax), then loaded.
+    one = torch.from_numpy(calib.batch(0))
+    resumed = QATRun.create(make_model(fused=True), lambda m: m(one), settings, 2)
+    assert not torch.equal(resumed.student.conv_in.input_quantizer.amax, first.student.conv_in.input_quantizer.amax)
+    resumed.load_tensors(tensors)
+    resumed.step = doc["step"]
+    for _ in range(2):
+        resumed.train_step(patches)
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-6
+
+
+def test_qdq_export_symmetric_per_channel_and_ort_agrees(calib):
+    from paragon_export.export_onnx import run_torch, verification_inputs
+    from paragon_export.onnx_graph import io_dims, ort_session, run_session
+    from paragon_export.qat import Settings, export_qdq, verify_qdq
+
+    run = _run(calib, Settings(magic="int8"))
+    graph, info = export_qdq(run.student)
+    checks = info["checks"]
+    assert checks["q_nodes"] > 0 and checks["q_nodes"] == checks["dq_nodes"]
+    assert checks["zero_points_all_zero"] and checks["zero_point_types"] == ["int8"]
+    assert checks["weights_per_channel"] and not info["trt_blockers"]
+    assert not checks["float_nodes"]  # magic="int8": the Magic ConvTranspose/Convs are quantized too
+    assert "ConvTranspose" in checks["op_counts"]
+    assert io_dims(graph)["input"][2:] == ["height", "width"]
+    report = verify_qdq(graph, run.student, 2, SIZES)
+    assert set(report["groups"]) >= {"32x32", "27x45"}
+    assert report["min_psnr"] > 45 and report["max_abs"] < 0.05
+    # ORT reproduces the fake-quant model, not the fp32 one it was made from.
+    sess = ort_session(graph)
+    for group, _, x in verification_inputs(2, SIZES)[:2]:
+        y = run_session(sess, x)
+        assert psnr(y, run_torch(run.student, x)) > psnr(y, run_torch(run.teacher, x)) + 5
+
+
+def test_cli_interrupt_then_resume(photos, tmp_path, monkeypatch):
+    from paragon_export import qat as qat_mod
+    from paragon_export.cli import main
+
+    ckpt = write_model(tmp_path / "nano.safetensors", fused=True)
+    out = tmp_path / "qat"
+    args = ["qat", str(ckpt), "--data", str(photos), "-o", str(out), "--steps", "4", "--batch", "2",
+            "--patch", "16", "--crop", "16x16", "--eval-size", "32x32", "--eval-every", "2", "--save-every", "2",
+            "--no-ptq"]
+    monkeypatch.setattr(qat_mod, "VERIFY_SIZES", SIZES)
+    real_step = qat_mod.QATRun.train_step
+
+    def interrupted(self, patches):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, patches)
+
+    monkeypatch.setattr(qat_mod.QATRun, "train_step", interrupted)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "interrupted at step 3/4" in r.output, r.output
+    assert json.loads((out / "qat_state.json").read_text())["step"] == 3
+    assert not list(out.glob("*.onnx"))  # nothing half-done is written
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "--resume" in r.output  # a saved run is not silently restarted
+
+    monkeypatch.setattr(qat_mod.QATRun, "train_step", real_step)
+    r = CliRunner().invoke(main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "qat_report.json").read_text())
+    t = report["training"]
+    assert (t["resumed_from"], t["steps"], t["steps_this_run"]) == (3, 4, 1)
+    assert [h["step"] for h in t["history"]] == [0, 2, 4]
+    assert report["checks"]["zero_points_all_zero"] and report["checks"]["weights_per_channel"]
+    assert report["recipe"]["magic_filters"] == "float" and len(report["checks"]["float_nodes"]) == 3
+    assert report["verification"]["min_psnr"] > 40
+    assert {"fp32", "ptq_modelopt", "qat_torch", "qat_int8"} <= set(report["quality"])
+    assert "QAT int8 (4 steps)" in r.output
+    onnx_files = list(out.glob("*_int8_qat_op17.onnx"))
+    assert len(onnx_files) == 1 and report["output"]["model"] == str(onnx_files[0])
+
+
+def test_cli_errors(photos, tmp_path):
+    from paragon_export.cli import main
+
+    ckpt = write_model(tmp_path / "nano.safetensors", fused=True)
+    r = CliRunner().invoke(main, ["qat", str(ckpt), "--data", str(photos), "-o", str(tmp_path / "o"), "--resume",
+                                  "--crop", "16x16"])
+    assert r.exit_code == 1 and "no saved QAT state" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["qat", str(ckpt), "--data", str(photos), "-o", str(tmp_path / "o"), "--lr", "-1"])
+    assert r.exit_code == 1 and "lr > 0" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner().invoke(main, ["qat", str(ckpt), "--data", str(empty), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "holds no images" in r.output
