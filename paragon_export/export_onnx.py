@@ -96,6 +96,9 @@ def _torch_export(model: torch.nn.Module, *, opset: int, exporter: str, static_s
     axes = {0: "batch"} if static_shape else {0: "batch", 2: "height", 3: "width"}
     out_axes = {0: "batch"} if static_shape else {0: "batch", 2: "out_height", 3: "out_width"}
     buf = io.BytesIO()
+    if static_shape:
+        with torch.no_grad():
+            out_shape = tuple(model(dummy).shape)
     # The TorchScript exporter warns about its own deprecation and about traced shapes; a shape
     # that really got baked in is caught by verifying at sizes other than the traced one.
     with warnings.catch_warnings(), torch.no_grad():
@@ -103,7 +106,13 @@ def _torch_export(model: torch.nn.Module, *, opset: int, exporter: str, static_s
         torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset, export_params=True,
                           do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: out_axes})
-    return onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(buf.getvalue())
+    if static_shape:
+        # The exporter's shape inference mislabels the static output dims; state them.
+        for d, v in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], out_shape[1:]):
+            d.Clear()
+            d.dim_value = v
+    return proto
 
 
 def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, static: bool) -> onnx.ModelProto:
@@ -183,6 +192,10 @@ def compare(outputs: dict, references: dict) -> dict:
             continue
         if "shape_mismatch" in g:
             continue
+        if not np.isfinite(out).all():
+            g.update(max_abs=float("inf"), mean_abs=float("inf"), psnr=float("-inf"), nonfinite=True)
+            g["images"] += out.shape[0]
+            continue
         d = np.abs(out.astype(np.float64) - ref)
         g["max_abs"] = max(g["max_abs"], float(d.max()))
         g["mean_abs"] = max(g["mean_abs"], float(d.mean()))
@@ -206,7 +219,8 @@ def describe(report: dict, metric: str = "max_abs") -> str:
         if "error" in v:
             parts.append(f"{g}: {v['error']}")
         elif "shape_mismatch" in v:
-            parts.append(f"{g}: output shape {v['shape_mismatch']} (reference)")
+            ours, ref = v["shape_mismatch"].split(" vs ")
+            parts.append(f"{g}: output shape {ours}, reference {ref}")
         else:
             parts.append(f"{g}: {v[metric]:.3g}" + (" dB" if metric == "psnr" else ""))
     return ", ".join(parts)

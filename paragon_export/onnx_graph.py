@@ -204,12 +204,15 @@ def read_metadata(model: onnx.ModelProto | Path | str) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def ort_session(model: onnx.ModelProto | Path | str, *, threads: int | None = None):
-    """A CPU ORT session; `threads` fixes the intra-op thread count (timings need it fixed)."""
+def ort_session(model: onnx.ModelProto | Path | str, *, threads: int | None = None, level=None):
+    """A CPU ORT session; `threads` fixes the intra-op thread count (timings need it fixed),
+    `level` the graph optimization level (default: ORT's, all)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

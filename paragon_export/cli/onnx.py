@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import click
+
+from ..images import parse_sizes
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items())
+
+
+@click.command("onnx")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output-dir", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for {variant}_x{scale}_{fp32|fp16}_op{opset}.onnx.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset, 13-20.")
+@click.option("--fp16", is_flag=True, help="Also write an FP16 graph (fp32 inputs/outputs).")
+@click.option("--fp16-io", is_flag=True, help="With --fp16: make the FP16 graph's input and output float16 too.")
+@click.option("--exporter", default="torchscript", show_default=True,
+              help="torchscript or dynamo (dynamo needs onnxscript).")
+@click.option("--static-shape", metavar="HxW", help="Bake this LR input size in (batch stays dynamic).")
+@click.option("--variant", help="Expected variant (checked against the weights).")
+@click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def command(checkpoint, out_dir, opset, fp16, fp16_io, exporter, static_shape, variant, scale, force):
+    """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""
+    from ..errors import ParagonError
+    from ..export_onnx import describe, export_onnx
+
+    shape = None
+    if static_shape:
+        sizes = parse_sizes(static_shape)
+        if len(sizes) != 1:
+            raise ParagonError(f"--static-shape takes one HxW, got {static_shape!r}")
+        shape = sizes[0]
+    arts = export_onnx(checkpoint, out_dir, opset=opset, fp16=fp16, fp16_io=fp16_io, exporter=exporter,
+                       static_shape=shape, variant=variant, scale=scale, force=force)
+    a = arts["fp32"]
+    md, m = a.meta["metadata"], a.meta
+    click.echo(f"{md['variant']} x{md['scale']} ({md['upsampler']}), {md['exporter']} exporter, opset {md['opset']}, "
+               f"input {md['input_shape']}")
+    if m["fusion"]:
+        click.echo(f"fused the checkpoint first: exactness max abs {m['fusion']['exactness_max_abs']:.2e} [limit 1e-5]")
+    s = m["simplify"]
+    before, after = sum(m["nodes_before"].values()), sum(m["nodes_after"].values())
+    click.echo(f"simplified with {s['simplifier']}: {before} -> {after} nodes"
+               + (f" ({s['reason']})" if s["reason"] else ""))
+    click.echo(f"  before: {_counts(m['nodes_before'])}")
+    click.echo(f"  after:  {_counts(m['nodes_after'])}")
+    v = m["verification"]
+    click.echo(f"verified fp32 (ORT CPU vs fused PyTorch on real photos, max abs, limit {v['atol']:g}): {describe(v)}")
+    if "fp16" in arts:
+        f = arts["fp16"].meta
+        kept = f["fp16"]["kept_fp32"]
+        click.echo(f"fp16: {len(kept)} node(s) kept fp32"
+                   + (": " + "; ".join(f"{k} ({r})" for k, r in kept.items()) if kept else "")
+                   + f" [activation peak {f['fp16']['activation_peak']:.3g} on {f['fp16']['calibration_images']} "
+                     "calibration photos]")
+        fv = f["verification"]
+        line = f"verified fp16 (min PSNR, target >= {fv['target_psnr']:g} dB): vs fp32 ONNX {fv['vs_fp32_onnx']['min_psnr']:.1f} dB"
+        if "vs_torch_half" in fv:
+            line += (f", vs torch half {fv['vs_torch_half']['min_psnr']:.1f} dB "
+                     f"(torch half vs fp32: {fv['torch_half_vs_fp32']['min_psnr']:.1f} dB)")
+        else:
+            line += f"; {fv['torch_half_note']}"
+        click.echo(line)
+    for art in arts.values():
+        click.echo(f"wrote {art.path} ({art.path.stat().st_size / 1024:.0f} KiB)")
