@@ -181,7 +181,7 @@ def _scan(paths: list[Path], *, limit: int, **kw) -> tuple[list[_Image], list[Sk
 
 
 def build_calibration_set(folder: Path | str | None = None, *, scale: int, lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
-                          crops_per_image: int = 4, batch_size: int = 4, seed: int = 0, holdout: float = 0.25,
+                          crops_per_image: int = 4, batch_size: int = 2, seed: int = 0, holdout: float = 0.25,
                           eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE, max_images: int = 64,
                           hr: bool = True) -> CalibrationSet:
     """Calibration crops and a held-out split from an image folder, or from the bundled photos.

@@ -30,16 +30,17 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
-from calibration.ranges import METHODS, Ranges, calibration_ranges
+from calibration.ranges import USER_METHODS, Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_check import WEIGHTED_OPS, inspect_qdq, trt_blockers
 from .int8_eval import Evaluator, latency, run, session
+from .onnx_graph import set_metadata
 
-DEFAULT_METHOD = "minmax"
+DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
-DEFAULT_BUDGET_FRACTION = 0.15  # of the quantizable nodes, when no node budget is given
+DEFAULT_BUDGET_FRACTION = 0.20  # of the quantizable nodes, when no node budget is given
 MIN_OPSET = 13
 TRT_OPS = list(WEIGHTED_OPS)
 TRT_EXTRA_OPTIONS = {
@@ -77,13 +78,16 @@ def quantize_symmetric(fp32: Path, out: Path, ranges: Ranges, exclude: list[str]
                         extra_options=dict(TRT_EXTRA_OPTIONS), calibration_cache_path=str(ranges.cache_path))
 
 
-def quantize_peer(fp32: Path, out: Path, calib: CalibrationSet) -> None:
-    """The original deploy script's recipe, on the same calibration crops."""
-    calib.set_range(0, len(calib))
+def quantize_peer(fp32: Path, out: Path, calib: CalibrationSet, cache_dir: Path | str | None) -> Ranges:
+    """The original deploy script's recipe on the same calibration crops. Its ranges come from the
+    calibrator `quantize_static` itself builds for Entropy (ORT defaults), collected batch by batch:
+    handed the whole reader at once, ORT holds every activation of every batch in memory."""
+    ranges = calibration_ranges(fp32, calib, "ort-entropy", cache_dir=cache_dir)
     with _quiet():
-        quantize_static(str(fp32), str(out), calib, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Entropy)
-    calib.rewind()
+        quantize_static(str(fp32), str(out), None, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=ranges.ort_method,
+                        calibration_cache_path=str(ranges.cache_path))
+    return ranges
 
 
 # ---------------------------------------------------------------- input model
@@ -209,11 +213,20 @@ def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str],
     return sorted(out, key=lambda r: -r["psnr_gain"])
 
 
+def computed_weights(model: onnx.ModelProto) -> list[str]:
+    """Weighted nodes whose weight is computed in the graph rather than stored: ORT can only quantize
+    those per tensor, which TensorRT rejects, so they stay in float (an export without constant
+    folding leaves e.g. the legacy Magic upsampler's taps like that)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.input[1] not in inits]
+
+
 def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, target_psnr: float | None,
                     max_drop: float | None, node_budget: int | None, progress: Callable[[str], None]) -> dict:
     """Quantize, measure on held-out, and keep the costliest nodes in float until the target holds."""
     path = tmp / "step.onnx"
-    quantize_symmetric(fp32, path, ranges)
+    fixed = computed_weights(onnx.load(str(fp32)))
+    quantize_symmetric(fp32, path, ranges, fixed)
     candidates = inspect_qdq(onnx.load(str(path)))["quantized_nodes"]
     budget = node_budget if node_budget is not None else math.ceil(DEFAULT_BUDGET_FRACTION * len(candidates))
     q = ev.quality(path)
@@ -226,14 +239,15 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
         ranking = rank_nodes(onnx.load(str(path)), ev, candidates, progress)
         for r in ranking[:budget]:
             kept.append(r["node"])
-            quantize_symmetric(fp32, path, ranges, kept)
+            quantize_symmetric(fp32, path, ranges, [*fixed, *kept])
             q = ev.quality(path)
             steps.append(_step(kept, q, r["node"]))
             progress(f"  float: {r['node']}  -> {_describe(q)}")
             if _meets(q, target_psnr, max_drop):
                 break
     return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
-            "quantizable_nodes": len(candidates), "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
+            "quantizable_nodes": len(candidates), "float_computed_weights": fixed,
+            "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
             "steps": steps, "ranking": ranking[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
             "model": path.read_bytes(), "quality": q}
 
@@ -257,7 +271,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
                   calib: CalibrationSet | None = None, method: str = DEFAULT_METHOD,
                   target_psnr: float | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
                   node_budget: int | None = None, lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
-                  crops_per_image: int = 4, batch_size: int = 4, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
+                  crops_per_image: int = 4, batch_size: int = 2, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
                   holdout: float = 0.25, seed: int = 0, cache_dir: Path | str | None = None, peer: bool = True,
                   threads: int = 1, variant: str | None = None, scale: int | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> Artifact:
@@ -265,8 +279,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
 
     Returns the model's Artifact; its meta is the report (also written as JSON)."""
     progress = progress or (lambda _msg: None)
-    if method not in METHODS:
-        raise ParagonError(f"unknown calibration method {method!r} (choose {', '.join(METHODS)})")
+    if method not in USER_METHODS:
+        raise ParagonError(f"unknown calibration method {method!r} (choose {', '.join(USER_METHODS)})")
     if node_budget is not None and node_budget < 0:
         raise ParagonError("node budget must be >= 0")
     src = Path(model)
@@ -306,9 +320,15 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         ev = Evaluator(fp32, calib, found, threads)
         mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
                              node_budget=node_budget, progress=progress)
-        int8_bytes = mp.pop("model")
         int8_quality = mp.pop("quality")
-        checks = inspect_qdq(onnx.load_from_string(int8_bytes))
+        int8_proto = onnx.load_from_string(mp.pop("model"))
+        # Downstream steps (engine, parity) read the precision from metadata and cross-check the graph.
+        set_metadata(int8_proto, {"precision": "int8", "quantization": "qdq int8 symmetric, per-channel weights",
+                                  "calibration_method": method, "calibration_fingerprint": calib.fingerprint,
+                                  "float_nodes": ",".join(mp["float_computed_weights"] + mp["kept_float"]),
+                                  "fp32_sha256": sha256_file(fp32)})
+        int8_bytes = int8_proto.SerializeToString()
+        checks = inspect_qdq(int8_proto)
         blockers = trt_blockers(checks)
         if blockers:
             raise ParagonError(f"the INT8 model is not TensorRT-compatible: {'; '.join(blockers)}")
@@ -318,7 +338,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         peer_report = None
         if peer:
             progress("running the original deploy recipe for comparison")
-            quantize_peer(fp32, tmp / "peer.onnx", calib)
+            quantize_peer(fp32, tmp / "peer.onnx", calib, cache_dir)
             models["peer"] = tmp / "peer.onnx"
             peer_checks = inspect_qdq(onnx.load(str(tmp / "peer.onnx")))
             peer_report = {"recipe": PEER_RECIPE, "trt_compatible": False,

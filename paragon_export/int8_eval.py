@@ -16,7 +16,7 @@ from calibration import CalibrationSet
 from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y
 
-RANK_BATCHES = 6  # calibration batches the node ranking is measured on
+RANK_BATCHES = 2  # calibration batches the node ranking is measured on (leave-one-out runs it once per node)
 
 
 def session(model: Path | str | bytes, threads: int = 1) -> ort.InferenceSession:
@@ -106,7 +106,7 @@ def format_table(report: dict) -> str:
     ms, ratio = lat["median_ms"], lat["ratio_vs_fp32"]
     rows = [("fp32", q["fp32"]["mean"], "fp32", {"q_nodes": 0, "dq_nodes": 0}, "-", "-"),
             (f"int8 symmetric ({report['recipe']['method']})", q["int8"]["mean"], "int8", report["checks"],
-             str(len(mp["kept_float"])), "yes")]
+             str(len(mp["kept_float"]) + len(mp["float_computed_weights"])), "yes")]
     peer = report.get("peer")
     if peer:
         rows.append(("peer: QUInt8 asym, ORT entropy", peer["quality"]["mean"], "peer", peer["checks"], "0", "NO"))

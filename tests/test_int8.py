@@ -169,10 +169,12 @@ def test_calibration_cache_reuse_skips_collection(fp32, calib, tmp_path):
                                   inputs_only=True).hit
 
 
-def test_entropy_is_a_real_kl_search(fp32, calib, tmp_path):
+def test_entropy_is_a_real_kl_search(fp32, tmp_path):
     import contextlib
 
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    calib = build_calibration_set(None, scale=2, **(SMALL | {"crops_per_image": 1}))
 
     def ranges(method):
         r = calibration_ranges(fp32, calib, method, cache_dir=tmp_path, op_types=TRT_OPS, inputs_only=True)
@@ -202,7 +204,7 @@ def test_entropy_is_a_real_kl_search(fp32, calib, tmp_path):
         cal.collect_data(calib)
         calib.set_range(0, len(calib))
     hists = cal.collector.histogram_dict
-    for name in list(hists)[:3]:
+    for name in list(hists)[:2]:
         ours = entropy_threshold(*hists[name][:4], 128)
         theirs = cal.collector.get_entropy_threshold(hists[name], 128)
         assert float(ours[0]) == float(theirs[0]) and float(ours[1]) == float(theirs[1]), name
@@ -220,7 +222,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(tmp_path, calib, cac
     assert SENSITIVE in art.meta["checks"]["float_nodes"]
 
     # The ranking's shortcut (rewiring the Q/DQ graph) is the model nodes_to_exclude produces.
-    ranges = calibration_ranges(fp32, calib, "minmax", cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
+    ranges = calibration_ranges(fp32, calib, "percentile", cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
     quantize_symmetric(fp32, tmp_path / "all.onnx", ranges)
     quantize_symmetric(fp32, tmp_path / "excl.onnx", ranges, [SENSITIVE])
     shortcut = keep_float(onnx.load(str(tmp_path / "all.onnx")), [SENSITIVE]).SerializeToString()
@@ -243,11 +245,12 @@ def test_polygraphy_comparator_consumes_the_set(default_run, fp32, calib):
 
 def test_cli_writes_table_refuses_overwrite_and_reuses_cache(fp32, cache_dir, tmp_path):
     out = tmp_path / "cli"
-    args = ["int8", str(fp32), "-o", str(out), "--crop", "24x24", "--crops-per-image", "2", "--eval-size", "32x32",
+    args = ["int8", str(fp32), "-o", str(out), "--crop", "24x24", "--crops-per-image", "2", "--batch-size", "4",
+            "--eval-size", "32x32",
             "--cache-dir", str(cache_dir), "--no-peer"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "int8 symmetric (minmax)" in r.output and "TensorRT" in r.output
+    assert "int8 symmetric (percentile)" in r.output and "TensorRT" in r.output
     assert "cache hit" in r.output  # same model, images and method as the default run above
     assert (out / "nano_x2_int8_qdq.onnx").is_file() and (out / "nano_x2_int8_report.json").is_file()
     r = CliRunner().invoke(main, args)

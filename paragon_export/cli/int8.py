@@ -16,14 +16,16 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path),
               help="Calibration image folder (HR photos; split by image into calibration and held-out). "
                    "Default: the bundled sample photos.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True,
               help="Activation range calibration.")
 @click.option("--target-psnr", type=float, help="Required PSNR of int8 against fp32 on held-out images (dB).")
 @click.option("--max-drop", type=float, default=0.10, show_default=True,
               help="Largest allowed held-out Y-PSNR drop against fp32 (dB); a negative value disables it.")
-@click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 15% of the quantizable nodes).")
+@click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 20% of the quantizable nodes).")
 @click.option("--crop", default="64x64", show_default=True, help="LR calibration crop size HxW.")
 @click.option("--crops-per-image", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True,
+              help="Crops per calibration batch (histogram calibration holds one batch's feature maps in memory).")
 @click.option("--eval-size", default="128x128", show_default=True, help="Largest LR centre crop of held-out images.")
 @click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of folder images held out.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -34,15 +36,16 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, eval_size,
-            holdout, seed, cache_dir, no_peer, threads, variant, scale, force):
+def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
+            eval_size, holdout, seed, cache_dir, no_peer, threads, variant, scale, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
 
     art = quantize_int8(model, out_dir, calib_dir=calib_dir, method=method, target_psnr=target_psnr,
                         max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
-                        lr_size=_size(crop), crops_per_image=crops_per_image, eval_size=_size(eval_size),
+                        lr_size=_size(crop), crops_per_image=crops_per_image, batch_size=batch_size,
+                        eval_size=_size(eval_size),
                         holdout=holdout, seed=seed, cache_dir=cache_dir, peer=not no_peer, threads=threads,
                         variant=variant, scale=scale, force=force, progress=lambda m: click.echo(m, err=True))
     click.echo(format_table(art.meta))
