@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -126,22 +127,32 @@ def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, s
     dims = {0: Dim("batch", min=1, max=1024)}
     if not static:
         dims.update({2: Dim("height", min=4, max=8192), 3: Dim("width", min=4, max=8192)})
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
+    # onnxscript's version-converter fallback logs tracebacks that are not errors, torch.onnx
+    # warns about torchvision ops this network does not use.
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (dummy,), dynamo=True, opset_version=opset, external_data=False,
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=(dims,), optimize=True)
-        except Exception as e:
-            raise ParagonError(f"dynamo export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+                                        dynamic_shapes=(dims,), optimize=True, verbose=False)
+    except Exception as e:
+        raise ParagonError(f"dynamo export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    finally:
+        for q, lvl in zip(quiet, levels):
+            q.setLevel(lvl)
     proto = program.model_proto
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
-        # The dynamo exporter raises the opset when an op (e.g. Pad) needs it; convert back.
+        # The dynamo exporter raises the opset when an op needs it (Split, Pad: 18); try to convert back.
         try:
             proto = onnx.version_converter.convert_version(proto, opset)
-        except Exception as e:
-            raise ParagonError(f"dynamo exporter wrote opset {got}, and converting it to {opset} failed: {e}") from None
+        except Exception:
+            raise ParagonError(f"the dynamo exporter wrote opset {got} and ONNX cannot convert this graph down to "
+                               f"{opset}; use --opset {got} or newer, or the torchscript exporter") from None
     return proto
 
 

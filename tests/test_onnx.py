@@ -186,7 +186,7 @@ def test_fp16_cli_fp32_io_runs_in_ort(tmp_path):
     ckpt = write_model(tmp_path / "nano.safetensors", fused=True)
     res = CliRunner().invoke(main, ["onnx", str(ckpt), "-o", str(tmp_path / "out"), "--fp16"])
     assert res.exit_code == 0, res.output
-    assert "verified fp32" in res.output and "verified fp16" in res.output and "vs torch half" in res.output
+    assert "verified fp32" in res.output and "verified fp16" in res.output and "torch half" in res.output and "emulation" in res.output
     p16 = tmp_path / "out" / "paragonsr2_nano_x2_fp16_op17.onnx"
     p32 = tmp_path / "out" / "paragonsr2_nano_x2_fp32_op17.onnx"
     g = onnx.load(str(p16))
