@@ -34,7 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ParagonError
-from .images import lr_hr_crops, sample_photo_paths
+from .images import sample_photo_paths
 from .onnx_graph import INPUT_NAME, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
 
 FP16_MAX = 65504.0
@@ -54,9 +54,11 @@ def _threads() -> int | None:
 
 def calibration_inputs(scale: int, paths=None, size=CALIB_LR_SIZE) -> list[np.ndarray]:
     """NCHW LR crops of real photos (by default the bundled training photos, not the held-out ones
-    verification uses)."""
+    verification uses); photos smaller than `size` are padded as in verification."""
+    from .export_onnx import verification_inputs
+
     paths = list(paths or sample_photo_paths("train"))[:CALIB_IMAGES]
-    return [lr.transpose(2, 0, 1)[None].copy() for _, lr, _ in lr_hr_crops(paths, scale, size)]
+    return [x for _, _, x in verification_inputs(scale, [tuple(size)], paths=paths, batch=1)]
 
 
 # ---------------------------------------------------------------- conversion
