@@ -130,5 +130,6 @@ def format_table(report: dict) -> str:
     for i, st in enumerate(mp["steps"]):
         drop = f", Y-PSNR drop {st['y_psnr_drop']:+.3f} dB" if st.get("y_psnr_drop") is not None else ""
         what = f"+ float {st['added']}" if st["added"] else "all quantized"
-        lines.append(f"  step {i}: {what}: PSNR vs fp32 {st['psnr_vs_fp32']:.2f} dB{drop}")
+        back = "" if st.get("kept", True) else "  (no gain: back to int8)"
+        lines.append(f"  step {i}: {what}: PSNR vs fp32 {st['psnr_vs_fp32']:.2f} dB{drop}{back}")
     return "\n".join(lines)

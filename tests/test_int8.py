@@ -269,3 +269,13 @@ def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
         quantize_int8(junk, tmp_path / "o")
     with pytest.raises(ParagonError, match="unknown calibration method"):
         quantize_int8(fp32, tmp_path / "o", method="kl")
+
+
+def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, tmp_path):
+    art = quantize_int8(nano_fused_ckpt, tmp_path / "o", calib=calib, cache_dir=cache_dir, peer=False)
+    assert art.path.name == "paragonsr2_nano_x2_op17_int8_qdq.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
+    assert meta["precision"] == "int8" and meta["variant"] == "paragonsr2_nano" and meta["scale"] == "2"
+    assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]
+    with pytest.raises(ParagonError, match="scale"):
+        quantize_int8(nano_fused_ckpt, tmp_path / "o2", calib=calib, cache_dir=cache_dir, scale=3)
