@@ -249,3 +249,15 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert res.exit_code == 1 and "Error: unknown config key 'train.stpes'" in res.output
     res = CliRunner().invoke(main, ["-o", f"data.hr_dir={tmp_path / 'missing'}", "-o", f"out_dir={tmp_path}/r"])
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_embedded_default_is_trained_and_fuses_without_gap():
+    from paragon_export.defaults import default_checkpoint
+    from trainer.validate import evaluate, val_pairs
+
+    loaded = load_model(default_checkpoint())
+    assert (loaded.variant, loaded.scale, loaded.upsampler, loaded.fused) == ("paragonsr2_nano", 2, "mks2021", False)
+    assert not loaded.model.uninitialized_kernels()
+    m = evaluate(loaded.model, val_pairs(None, 2, 96))["mean"]  # held-out photos, centre crops
+    assert m["fused_psnr"] - m["bicubic_psnr"] >= 0.5, m
+    assert abs(m["fused_psnr"] - m["dynamic_psnr"]) <= 0.05, m
