@@ -88,7 +88,7 @@ def test_perceptual_and_dists_from_local_weights(tmp_path):
     dists = DISTS(_random_backbone(tmp_path / "dists.safetensors", VGG16_CFG, extra=ab))
     loss = dists(sr, hr)
     _assert_finite_with_grad(loss, sr)
-    assert float(dists(hr, hr)) < float(loss)
+    assert float(dists(hr, hr)) < float(loss.detach())
     with pytest.raises(ParagonError, match="nope.safetensors"):
         VGGPerceptual(tmp_path / "nope.safetensors")
     with pytest.raises(ParagonError, match="missing features.0.weight"):
@@ -261,3 +261,30 @@ def test_embedded_default_is_trained_and_fuses_without_gap():
     m = evaluate(loaded.model, val_pairs(None, 2, 96))["mean"]  # held-out photos, centre crops
     assert m["fused_psnr"] - m["bicubic_psnr"] >= 0.5, m
     assert abs(m["fused_psnr"] - m["dynamic_psnr"]) <= 0.05, m
+
+
+def test_sigkill_loses_at_most_one_interval_and_resumes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    args = ["-o", f"out_dir={out}", "-o", "threads=1", "-o", "data.lr_crop=16", "-o", "data.batch_size=2",
+            "-o", "train.steps=400", "-o", "checkpoint.every=5", "-o", "val.every=0", "-o", "log.every=1",
+            "-o", "log.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "checkpoints" / "step_00000015").is_dir():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    done = max(r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()[:-1]))
+    latest = (out / "checkpoints" / "latest").read_text()
+    saved = int(latest.split("_")[1])
+    assert saved >= 15 and done - saved <= 5 + 1, (done, saved)  # +1: the step being logged when killed
+    cfg = load_config(None, [a for a in args if a != "-o"] + ["train.steps=" + str(saved + 2)])
+    train(cfg, resume=True)
+    assert not list((out / "checkpoints").glob(".step_*"))
+    assert load_model(out / "ema_final.safetensors").scale == 2

@@ -85,6 +85,8 @@ def save_run(out_dir: Path, step: int, *, variant: str, model, ema, opt_g, sched
              config: dict, keep: int = 2, scaler=None) -> Path:
     ckdir = Path(out_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
+    for stale in ckdir.glob(".step_*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     final = ckdir / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckdir))
     try:
