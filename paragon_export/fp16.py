@@ -252,6 +252,37 @@ def fp16_block_list(graph: onnx.ModelProto, calib: list[np.ndarray], *,
     return kept, figures
 
 
+# ---------------------------------------------------------------- torch half reference
+
+# torch 2.13's oneDNN fp16 depthwise conv does not return (minutes at 32x32) for kernels of 15+ taps
+# (anime's 1x15/15x1 band convs), measured on this project's CPUs; 14 taps take milliseconds.
+ONEDNN_FP16_MAX_TAPS = 14
+
+
+class _NativeConv(torch.nn.Module):
+    """Runs one conv on torch's native kernels instead of oneDNN."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the flags context warns about TF32 on Intel GPUs
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self.conv(x)
+
+
+def _torch_half(model: torch.nn.Module) -> torch.nn.Module:
+    """A float16 copy of `model`; long-kernel convs avoid the oneDNN fp16 path that hangs."""
+    half = copy.deepcopy(model).half().eval()
+    for parent in list(half.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Conv2d) and max(child.kernel_size) > ONEDNN_FP16_MAX_TAPS:
+                setattr(parent, name, _NativeConv(child))
+    return half
+
+
 # ---------------------------------------------------------------- the step
 
 def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Module, fp32_path: Path,
@@ -287,7 +318,7 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
     report: dict = {"vs_fp32_onnx": compare(out16, out32), "emulated_vs_fp32": compare(emulated, out32),
                     "target_psnr": target_psnr, "torch_half_note": None}
     try:
-        half_model = copy.deepcopy(reference).half().eval()
+        half_model = _torch_half(reference)
         half = {(g, n): run_torch(half_model, x, torch.float16) for g, n, x in inputs}
         torch32 = {(g, n): run_torch(reference, x) for g, n, x in inputs}
         report["vs_torch_half"] = compare(out16, half)
