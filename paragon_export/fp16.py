@@ -18,7 +18,8 @@ emulation of the same graph vs the fp32 ONNX, and torch `.half()` arithmetic of 
 when no node is kept fp32 (torch cannot keep nodes fp32, so otherwise it is reported only).
 
 API: write_fp16(fp32_graph, tmp_path, *, reference, fp32_path, ...) -> (metadata, info), used by
-`export_onnx(..., fp16=True)`; fp16_block_list(graph, calib) and emulate_fp16(graph, kept) alone.
+`export_onnx(..., fp16=True)`; fp16_block_list(graph, calib) and emulate_fp16(graph, kept) alone;
+torch_half_model(model): a float16 copy that avoids torch 2.13's hanging oneDNN fp16 long-kernel convs.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class _NativeConv(torch.nn.Module):
                 return self.conv(x)
 
 
-def _torch_half(model: torch.nn.Module) -> torch.nn.Module:
+def torch_half_model(model: torch.nn.Module) -> torch.nn.Module:
     """A float16 copy of `model`; long-kernel convs avoid the oneDNN fp16 path that hangs."""
     half = copy.deepcopy(model).half().eval()
     for parent in list(half.modules()):
@@ -318,7 +319,7 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
     report: dict = {"vs_fp32_onnx": compare(out16, out32), "emulated_vs_fp32": compare(emulated, out32),
                     "target_psnr": target_psnr, "torch_half_note": None}
     try:
-        half_model = _torch_half(reference)
+        half_model = torch_half_model(reference)
         half = {(g, n): run_torch(half_model, x, torch.float16) for g, n, x in inputs}
         torch32 = {(g, n): run_torch(reference, x) for g, n, x in inputs}
         report["vs_torch_half"] = compare(out16, half)

@@ -288,6 +288,6 @@ def test_torch_half_reference_runs_long_band_kernels():
     x = torch.from_numpy(_photo(2, (32, 32)))
     with torch.no_grad():
         ref = m(x).numpy()
-        half = fp16_mod._torch_half(m)(x.half()).float().numpy()
+        half = fp16_mod.torch_half_model(m)(x.half()).float().numpy()
     assert half.dtype == np.float32 and np.isfinite(half).all()
     assert 0 < np.abs(half - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
