@@ -34,13 +34,15 @@ from calibration.ranges import USER_METHODS, Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
-from .int8_check import WEIGHTED_OPS, inspect_qdq, trt_blockers
+from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers
 from .int8_eval import Evaluator, latency, run, session
 from .onnx_graph import set_metadata
 
 DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
 DEFAULT_BUDGET_FRACTION = 0.20  # of the quantizable nodes, when no node budget is given
+RANK_EVALUATIONS = 300  # leave-one-out model evaluations the mixed-precision search may spend
+COST_FLOOR = 0.02  # MAC share added to every node's in the ranking
 MIN_OPSET = 13
 TRT_OPS = list(WEIGHTED_OPS)
 TRT_EXTRA_OPTIONS = {
@@ -200,17 +202,21 @@ def keep_float(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     return m
 
 
-def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str],
-               progress: Callable[[str], None]) -> list[dict]:
-    """Leave-one-out: each candidate kept in float alone; sorted by how much PSNR that buys back."""
-    base_score = ev.rank_score(base.SerializeToString())
+def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str], kept: list[str],
+               shares: dict[str, float], progress: Callable[[str], None]) -> list[dict]:
+    """Leave-one-out given the nodes already in float: the PSNR (against fp32, on calibration crops)
+    each candidate buys back when kept in float too. Ordered by gain per share of the model's MACs
+    it would move to float (floored, so a near-free node still needs a real gain): an HR-resolution
+    conv is most of an SR model's work and is kept in float only if nothing cheaper helps."""
+    base_score = ev.rank_score(keep_float(base, kept).SerializeToString())
     out = []
     for i, node in enumerate(candidates):
-        score = ev.rank_score(keep_float(base, [node]).SerializeToString())
-        out.append({"node": node, "psnr_gain": score - base_score})
-        if (i + 1) % 20 == 0:
+        gain = ev.rank_score(keep_float(base, [*kept, node]).SerializeToString()) - base_score
+        share = shares.get(node, 0.0)
+        out.append({"node": node, "psnr_gain": gain, "mac_share": share, "score": gain / (share + COST_FLOOR)})
+        if (i + 1) % 25 == 0:
             progress(f"  ranked {i + 1}/{len(candidates)} nodes")
-    return sorted(out, key=lambda r: -r["psnr_gain"])
+    return sorted(out, key=lambda r: -r["score"])
 
 
 def computed_weights(model: onnx.ModelProto) -> list[str]:
@@ -233,30 +239,45 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
     q = ev.quality(path)
     kept: list[str] = []
     steps = [_step(kept, q, None)]
-    ranking: list[dict] = []
+    first: list[dict] = []
+    shares = mac_shares(onnx.load(str(fp32)))
     t0 = time.perf_counter()
     if not _meets(q, target_psnr, max_drop) and budget > 0:
         progress(f"int8 misses the target ({_describe(q)}); ranking {len(candidates)} nodes (leave-one-out)")
-        ranking = rank_nodes(onnx.load(str(path)), ev, candidates, progress)
+        quantized = onnx.load(str(path))
+        ranking = first = rank_nodes(quantized, ev, candidates, kept, shares, progress)
+        # Nodes interact (the two passes of a separable filter can each look harmless alone), so the
+        # ranking is redone after every node kept in float, while the evaluation budget lasts.
+        reranks = max(0, RANK_EVALUATIONS // max(1, len(candidates)) - 1)
         best = path.read_bytes()
-        for r in ranking[:budget]:
-            quantize_symmetric(fp32, path, ranges, [*fixed, *kept, r["node"]])
-            trial = ev.quality(path)
-            # Single-node gains need not add up (errors can cancel): a node that does not raise the
-            # held-out PSNR goes back to int8 rather than costing speed for nothing.
-            better = trial["mean"]["psnr_vs_fp32"] > q["mean"]["psnr_vs_fp32"]
-            steps.append(_step([*kept, r["node"]], trial, r["node"]) | {"kept": better})
-            progress(f"  float: {r['node']}  -> {_describe(trial)}{'' if better else '  (no gain: back to int8)'}")
-            if better:
-                kept.append(r["node"])
-                q, best = trial, path.read_bytes()
-            if _meets(q, target_psnr, max_drop):
+        tried: set[str] = set()
+        while len(kept) < budget and len(tried) < 2 * budget:
+            todo = [r for r in ranking if r["node"] not in tried]
+            if not todo:
                 break
+            node = todo[0]["node"]
+            tried.add(node)
+            quantize_symmetric(fp32, path, ranges, [*fixed, *kept, node])
+            trial = ev.quality(path)
+            # A node that does not raise the held-out PSNR goes back to int8 rather than costing speed.
+            better = trial["mean"]["psnr_vs_fp32"] > q["mean"]["psnr_vs_fp32"]
+            steps.append(_step([*kept, node], trial, node) | {"kept": better})
+            progress(f"  float: {node}  -> {_describe(trial)}{'' if better else '  (no gain: back to int8)'}")
+            if better:
+                kept.append(node)
+                q, best = trial, path.read_bytes()
+                if _meets(q, target_psnr, max_drop):
+                    break
+                if reranks > 0 and len(kept) < budget:
+                    reranks -= 1
+                    rest = [c for c in candidates if c not in kept and c not in tried]
+                    ranking = rank_nodes(quantized, ev, rest, kept, shares, progress)
         path.write_bytes(best)
     return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
             "quantizable_nodes": len(candidates), "float_computed_weights": fixed,
             "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
-            "steps": steps, "ranking": ranking[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
+            "float_mac_share": sum(shares.get(n, 0.0) for n in [*fixed, *kept]),
+            "steps": steps, "ranking": first[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
             "model": path.read_bytes(), "quality": q}
 
 
@@ -325,7 +346,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         progress(f"calibrating ({method}) on {len(calib.crops)} crops from {len(calib.calib_images)} images")
         ranges = calibration_ranges(fp32, calib, method, cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
         progress(f"calibration ranges: cache {'hit (no inference run)' if ranges.hit else 'miss'} ({ranges.cache_path})")
-        ev = Evaluator(fp32, calib, found, threads)
+        ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
         mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
                              node_budget=node_budget, progress=progress)
         int8_quality = mp.pop("quality")

@@ -16,7 +16,7 @@ from calibration import CalibrationSet
 from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y
 
-RANK_BATCHES = 2  # calibration batches the node ranking is measured on (leave-one-out runs it once per node)
+RANK_CROPS = 16  # calibration crops the node ranking is measured on (it runs once per candidate node)
 
 
 def session(model: Path | str | bytes, threads: int = 1) -> ort.InferenceSession:
@@ -46,11 +46,16 @@ def _hwc(y: np.ndarray) -> np.ndarray:
 class Evaluator:
     """Holds the fp32 outputs (computed once) that every candidate INT8 model is compared with."""
 
-    def __init__(self, fp32: Path | str, calib: CalibrationSet, scale: int, threads: int = 1) -> None:
+    def __init__(self, fp32: Path | str, calib: CalibrationSet, scale: int, threads: int = 1,
+                 static_batch: bool = False) -> None:
         self.calib, self.scale, self.threads = calib, scale, threads
         sess = session(fp32, threads)
         self.ref = [_hwc(run(sess, h.lr)) for h in calib.holdout]
-        self.rank_inputs = [calib.batch(i) for i in range(min(len(calib), RANK_BATCHES))]
+        if static_batch:
+            self.rank_inputs = [calib.batch(i) for i in range(min(len(calib), -(-RANK_CROPS // calib.batch_size)))]
+        else:
+            crops = calib.crops[:RANK_CROPS]
+            self.rank_inputs = [crops[i:i + 8].copy() for i in range(0, len(crops), 8)]
         self.rank_ref = [run(sess, b) for b in self.rank_inputs]
         self.has_gt = all(h.hr is not None for h in calib.holdout)
         self.fp32 = self._scores(self.ref)
@@ -126,7 +131,7 @@ def format_table(report: dict) -> str:
     goal = " and ".join(s for s in (f"PSNR vs fp32 >= {mp['target_psnr']} dB" if mp["target_psnr"] is not None else "",
                                      f"Y-PSNR drop <= {mp['max_drop']} dB" if mp["max_drop"] is not None else "") if s)
     lines.append(f"mixed precision ({goal or 'no target'}; budget {mp['node_budget']} of {mp['quantizable_nodes']} nodes): "
-                 f"{'met' if mp['met'] else 'NOT met'}")
+                 f"{'met' if mp['met'] else 'NOT met'}; float nodes hold {100 * mp['float_mac_share']:.1f}% of the MACs")
     for i, st in enumerate(mp["steps"]):
         drop = f", Y-PSNR drop {st['y_psnr_drop']:+.3f} dB" if st.get("y_psnr_drop") is not None else ""
         what = f"+ float {st['added']}" if st["added"] else "all quantized"

@@ -279,3 +279,13 @@ def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, t
     assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]
     with pytest.raises(ParagonError, match="scale"):
         quantize_int8(nano_fused_ckpt, tmp_path / "o2", calib=calib, cache_dir=cache_dir, scale=3)
+
+
+def test_mac_shares_weigh_hr_convs(fp32):
+    from paragon_export.int8_check import mac_shares
+
+    shares = mac_shares(onnx.load(str(fp32)))
+    assert sum(shares.values()) == pytest.approx(1.0)
+    # same 3x3 C->C conv, at HR (x2 each side) vs LR: exactly 4x the work
+    assert shares["/upsampler/Conv"] == pytest.approx(4 * shares["/conv_fuse/Conv"])
+    assert max(shares, key=shares.get) == "/upsampler/Conv"
