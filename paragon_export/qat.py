@@ -193,13 +193,20 @@ class QATRun:
     history: list = field(default_factory=list)
 
     @classmethod
-    def create(cls, fused: torch.nn.Module, forward_loop, settings: Settings, scale: int) -> "QATRun":
-        from .qat_quant import quantize
+    def create(cls, fused: torch.nn.Module, forward_loop, settings: Settings, scale: int,
+               keep_float: list[str] = ()) -> "QATRun":
+        """Teacher = frozen copy of `fused`; student = a copy with int8 fake quantizers calibrated by
+        `forward_loop`, minus the quantizers named in `keep_float` (those layers stay float)."""
+        from .qat_quant import quantize, quantizers
 
         teacher = copy.deepcopy(fused).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         student = quantize(copy.deepcopy(fused).eval(), forward_loop, magic=settings.magic)
+        enabled = quantizers(student)
+        for name in keep_float:
+            if name in enabled:
+                enabled[name].disable()
         opt = torch.optim.Adam(student.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
         return cls(teacher, student, opt, settings, scale)
 
@@ -439,17 +446,31 @@ def _fp32_onnx(fused, loaded, tmp: Path, opset: int) -> Path:
     return path
 
 
-def _ptq(fp32: Path, cal, tmp: Path, threads: int, say) -> dict:
-    """The `int8` command with its defaults on the same FP32 graph and calibration set."""
+def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, say) -> dict:
+    """The `int8` command with its defaults on the same FP32 graph and calibration set; its model and
+    report are written to `out` (the user gets the PTQ artifact too)."""
     from .int8 import quantize_int8
 
     say("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
-    art = quantize_int8(fp32, tmp / "ptq", calib=cal, peer=False, threads=threads, force=True,
+    art = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
                         progress=lambda m: say(f"  {m}"))
     r = art.meta
-    return {"path": Path(r["output"]["model"]), "quality": r["quality"]["int8"], "checks": r["checks"],
-            "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],
+    return {"model": r["output"]["model"], "report": r["output"]["report"], "quality": r["quality"]["int8"],
+            "checks": r["checks"], "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],
             "mixed_precision_met": r["mixed_precision"]["met"]}
+
+
+def _float_quantizers(fused, settings: Settings, ptq: dict | None) -> tuple[list[str], list[str]]:
+    """Quantizers to disable so QAT keeps in float exactly the layers PTQ kept in float (by ONNX node
+    name); `magic="int8"` overrides PTQ for the Magic filters. Returns (names, unmatched nodes)."""
+    from .qat_quant import quantizers_for_nodes
+
+    if ptq is None:
+        return [], []
+    names, unmatched = quantizers_for_nodes(fused, ptq["kept_float"])
+    if settings.magic == "int8":
+        names = [n for n in names if not n.startswith("magic_upsampler.")]
+    return names, unmatched
 
 
 def qat(ckpt: Path | str, out_dir: Path | str, *, data_dir: Path | str | None = None, settings: Settings | None = None,
@@ -517,6 +538,7 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
         say("exporting the fused fp32 model to ONNX (reference)")
         fp32_path = _fp32_onnx(fused, loaded, tmp, opset)
         ev = Evaluator(fp32_path, cal, loaded.scale, threads)
+        out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             changed = [k for k, v in ident.items() if doc.get(k) != v]
             if changed:
@@ -524,21 +546,28 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                                    "(same checkpoint, images and settings needed; --force starts over)")
             if doc["step"] > settings.steps:
                 raise ParagonError(f"--resume: the saved run is at step {doc['step']}, past --steps {settings.steps}")
+            ptq, keep_float, unmatched = doc.get("ptq"), doc["keep_float"], doc.get("unmatched_float_nodes", [])
             first = torch.from_numpy(cal.batch(0))
-            run = QATRun.create(fused, lambda m: m(first), settings, loaded.scale)  # creates the amax buffers
+            # Calibrating on one batch only creates the amax buffers; the saved values replace them.
+            run = QATRun.create(fused, lambda m: m(first), settings, loaded.scale, keep_float)
             run.load_tensors(tensors)
             run.step, run.history = int(doc["step"]), list(doc.get("history", []))
             ptq_modelopt = doc["ptq_modelopt"]
             say(f"resuming at step {run.step} of {settings.steps}")
         else:
-            say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops")
-            run = QATRun.create(fused, cal.forward_loop, settings, loaded.scale)
+            ptq = _ptq(fp32_path, cal, out_dir / "ptq", threads, force, say) if ptq_baseline else None
+            keep_float, unmatched = _float_quantizers(fused, settings, ptq)
+            say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops"
+                + (f"; float as in PTQ: {', '.join(ptq['kept_float'])}" if ptq and ptq["kept_float"] else ""))
+            run = QATRun.create(fused, cal.forward_loop, settings, loaded.scale, keep_float)
             ptq_modelopt = with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32)
             run.history.append({"step": 0, "distill_l1": None, "heldout_y_psnr": ptq_modelopt["mean"]["y_psnr"]})
         start_step = run.step
-        out_dir.mkdir(parents=True, exist_ok=True)
-        train_s = _train(run, patches, cal.holdout, out_dir, {**ident, "ptq_modelopt": ptq_modelopt},
-                         progress=progress)
+        extra = {**ident, "ptq_baseline": ptq is not None, "ptq": ptq, "keep_float": keep_float,
+                 "unmatched_float_nodes": unmatched, "ptq_modelopt": ptq_modelopt}
+        if not resume:
+            save_state(run, out_dir, extra)  # step 0: a run interrupted in its first steps resumes without PTQ
+        train_s = _train(run, patches, cal.holdout, out_dir, extra, progress=progress)
 
         say("exporting Q/DQ ONNX and verifying it on ONNX Runtime")
         graph, info = export_qdq(run.student, opset=opset)
@@ -556,20 +585,24 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                                f"{describe(verification, 'psnr')}; limit {VERIFY_MIN_PSNR} dB); nothing written")
         qat_path = tmp / "qat.onnx"
         onnx.save(graph, str(qat_path))
+        checks = info.pop("checks")
+        if ptq is not None:
+            missing = sorted(set(ptq["kept_float"]) - set(checks["float_nodes"]) - (
+                {n for n in ptq["kept_float"] if "magic_upsampler" in n} if settings.magic == "int8" else set()))
+            if missing:
+                raise ParagonError(f"QAT quantized layers that PTQ kept in float: {', '.join(missing)}")
         quality = {"fp32": ev.fp32, "ptq_modelopt": ptq_modelopt,
                    "qat_torch": with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32),
                    "qat_int8": ev.quality(qat_path)}
         models = {"fp32": fp32_path, "qat_int8": qat_path}
-        ptq = None
-        if ptq_baseline:
-            ptq = _ptq(fp32_path, cal, tmp, threads, say)
+        if ptq is not None:
             quality["ptq_int8"] = ptq["quality"]
-            models["ptq_int8"] = ptq.pop("path")
+            if Path(ptq["model"]).is_file():
+                models["ptq_int8"] = Path(ptq["model"])
         say("timing on ONNX Runtime CPU")
         lat = latency(models, cal.holdout[0].lr, threads=threads)
         lat["ratio_vs_fp32"] = {k: v / lat["median_ms"]["fp32"] for k, v in lat["median_ms"].items()}
 
-        checks = info.pop("checks")
         report = {
             "command": "qat",
             "model": {"source": str(loaded.path), "source_sha256": loaded.sha256, "variant": loaded.variant,
@@ -579,7 +612,8 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                        "activations": "int8 symmetric (zero point 0), per tensor",
                        "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
                        "bias": "float", "quantized_ops": ["Conv", "ConvTranspose"], "output_quantization": False,
-                       "magic_filters": settings.magic, "trt_compatible": True},
+                       "magic_filters": settings.magic, "kept_float_as_ptq": ptq["kept_float"] if ptq else None,
+                       "float_quantizers": keep_float, "unmatched_float_nodes": unmatched, "trt_compatible": True},
             "checks": {k: v for k, v in checks.items() if k != "quantized_nodes"}
                       | {"quantized_nodes": len(checks["quantized_nodes"])},
             "export": info,
@@ -633,7 +667,7 @@ def format_table(report: dict) -> str:
         vs = "-" if name.startswith("fp32") else f"{m['psnr_vs_fp32']:.2f}"
         y = f"{m['y_psnr']:.3f}" if "y_psnr" in m else "-"
         s = f"{m['ssim']:.4f}" if "ssim" in m else "-"
-        t = f"{ms[key]:8.2f} {ratio[key]:6.2f}" if key else f"{'-':>8} {'-':>6}"
+        t = f"{ms[key]:8.2f} {ratio[key]:6.2f}" if key in ms else f"{'-':>8} {'-':>6}"
         lines.append(f"{name:34} {y:>7} {s:>7} {vs:>9} {t} {qdq:>9} {kept:>5}  {trt}")
     n = len(report["calibration"]["holdout_images"])
     lines.append(f"held-out: {n} images ({', '.join(report['calibration']['holdout_images'])}), "
@@ -644,6 +678,9 @@ def format_table(report: dict) -> str:
         if "ptq_int8" in q:
             gains.append(f"QAT vs PTQ {q['qat_int8']['mean']['y_psnr'] - q['ptq_int8']['mean']['y_psnr']:+.3f} dB")
         lines.append("Y-PSNR: " + ", ".join(gains))
+    kept = report["recipe"]["kept_float_as_ptq"]
+    if kept:
+        lines.append(f"kept in float (as PTQ): {', '.join(kept)}")
     v = report["verification"]
     sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB" for g, r in v["groups"].items()
                       if "max_abs" in r)

@@ -117,3 +117,39 @@ def quantizers(model: torch.nn.Module) -> dict[str, object]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+
+
+# Which Magic quantizers cover each ONNX node of the TorchScript export (forward order: the sharpen
+# Conv on rows comes before the one on columns in both tap sets).
+_MAGIC_NODES = {"ConvTranspose": "resample", "Conv": "sharpen_h", "Conv_1": "sharpen_v"}
+
+
+def module_for_onnx_node(node_name: str) -> tuple[str, str]:
+    """'/body/body.0/blocks/blocks.1/context/dwconv_hw/Conv' -> ('body.0.blocks.1.context.dwconv_hw', 'Conv'):
+    the TorchScript exporter names nodes by module scope, a container's children as 'name.index'."""
+    *scopes, op = node_name.strip("/").split("/")
+    path: list[str] = []
+    for c in scopes:
+        if path and c.startswith(path[-1] + "."):
+            path[-1] = c
+        else:
+            path.append(c)
+    return ".".join(path), op
+
+
+def quantizers_for_nodes(model: torch.nn.Module, node_names) -> tuple[list[str], list[str]]:
+    """Quantizer names (input and weight) of the convs behind ONNX `node_names` of `model`'s export,
+    and the node names that match none."""
+    found, unmatched = [], []
+    modules = dict(model.named_modules())
+    for name in node_names:
+        mod, op = module_for_onnx_node(name)
+        if mod.endswith("magic_upsampler") and op in _MAGIC_NODES and mod in modules:
+            prefix = f"{mod}.{_MAGIC_NODES[op]}_"
+        elif mod in modules and isinstance(modules[mod], torch.nn.Conv2d) and op == "Conv":
+            prefix = f"{mod}."
+        else:
+            unmatched.append(name)
+            continue
+        found += [f"{prefix}input_quantizer", f"{prefix}weight_quantizer"]
+    return found, unmatched

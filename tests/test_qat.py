@@ -224,3 +224,24 @@ def test_cli_errors(photos, tmp_path):
     empty.mkdir()
     r = CliRunner().invoke(main, ["qat", str(ckpt), "--data", str(empty), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "holds no images" in r.output
+
+
+@pytest.mark.parametrize("upsampler", ["mks2021", "legacy"])
+def test_onnx_node_names_map_to_every_quantizer(upsampler, tmp_path, calib):
+    """QAT keeps in float the layers PTQ kept in float, named by ONNX node: the mapping must reach
+    every conv of the real FP32 export, each to its own quantizers."""
+    import onnx
+
+    from paragon_export.export_onnx import export_model
+    from paragon_export.qat import QATRun, Settings
+    from paragon_export.qat_quant import quantizers, quantizers_for_nodes
+
+    fused = make_model(fused=True, upsampler=upsampler)
+    path = tmp_path / "fp32.onnx"
+    export_model(fused, path, meta={"scale": "2"}, verify_sizes=((16, 16),))
+    nodes = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    names, unmatched = quantizers_for_nodes(fused, nodes)
+    assert not unmatched and len(names) == 2 * len(nodes) == len(set(names))
+    run = QATRun.create(fused, lambda m: m(torch.from_numpy(calib.batch(0))), Settings(magic="int8"), 2,
+                        keep_float=names[:4])
+    assert set(quantizers(run.student)) == set(names[4:])

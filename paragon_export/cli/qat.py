@@ -12,8 +12,9 @@ def _size(text: str) -> tuple[int, int]:
 
 @click.command("qat")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="HR photo folder: calibration crops, training patches and (split by image) held-out images.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="HR photo folder: calibration crops, training patches and (split by image) held-out images. "
+                   "Default: the bundled sample photos (held-out: astronaut, chelsea, coffee, rocket).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Folder for the Q/DQ ONNX, qat_report.json and the resumable qat_state.*")
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Total fine-tuning steps.")
