@@ -4,7 +4,8 @@ API (what `int8`, `parity` and `release` call):
 
     export_onnx(ckpt, out_dir, *, opset=17, fp16=False, fp16_io=False, exporter="torchscript",
                 static_shape=None, variant=None, scale=None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, force=False) -> {"fp32": Artifact, "fp16": Artifact (with fp16=True)}
+                calib_paths=None, fp16_target_psnr=None (60 dB), force=False)
+        -> {"fp32": Artifact, "fp16": Artifact (with fp16=True)}
 
     Loads CKPT (fused or not: an unfused one is fused first and the fusion verified as by
     `paragon-export fuse`), exports it with input "input" and output "output" (NCHW float32,
@@ -62,7 +63,8 @@ def onnx_filename(variant: str, scale: int, precision: str, opset: int) -> str:
     return f"{variant}_x{scale}_{precision}_op{opset}.onnx"
 
 
-def check_options(*, opset: int, exporter: str, static_shape, fp16: bool = False, fp16_io: bool = False) -> None:
+def check_options(*, opset: int, exporter: str, static_shape, fp16: bool = False, fp16_io: bool = False,
+                  fp16_target_psnr: float | None = None) -> None:
     if opset not in OPSETS:
         raise ParagonError(f"opset must be {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
     if exporter not in EXPORTERS:
@@ -71,6 +73,8 @@ def check_options(*, opset: int, exporter: str, static_shape, fp16: bool = False
         raise ParagonError(f"static shape must be (height, width) >= 1, got {static_shape}")
     if fp16_io and not fp16:
         raise ParagonError("--fp16-io needs --fp16")
+    if fp16_target_psnr is not None and not fp16:
+        raise ParagonError("--fp16-min-psnr needs --fp16")
 
 
 def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, dict | None]:
@@ -313,9 +317,10 @@ def export_model(model: torch.nn.Module, out_path: Path | str, *, meta: dict, op
 def export_onnx(ckpt: Path | str, out_dir: Path | str, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                 fp16_io: bool = False, exporter: str = "torchscript", static_shape: tuple[int, int] | None = None,
                 variant: str | None = None, scale: int | None = None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, force: bool = False) -> dict[str, Artifact]:
+                calib_paths=None, fp16_target_psnr: float | None = None, force: bool = False) -> dict[str, Artifact]:
     """Checkpoint -> verified ONNX FP32 (+ FP16). See the module docstring for the contract."""
-    check_options(opset=opset, exporter=exporter, static_shape=static_shape, fp16=fp16, fp16_io=fp16_io)
+    check_options(opset=opset, exporter=exporter, static_shape=static_shape, fp16=fp16, fp16_io=fp16_io,
+                  fp16_target_psnr=fp16_target_psnr)
     loaded = load_model(ckpt, variant=variant, scale=scale)
     out_dir = Path(out_dir)
     paths = {"fp32": out_dir / onnx_filename(loaded.variant, loaded.scale, "fp32", opset)}
@@ -340,7 +345,8 @@ def export_onnx(ckpt: Path | str, out_dir: Path | str, *, opset: int = DEFAULT_O
             tmp16 = stack.enter_context(atomic_output(paths["fp16"], force=force))
             meta16, info16 = write_fp16(graph, tmp16, reference=model, fp32_path=tmp32,
                                         keep_io_types=not fp16_io, static_shape=static_shape,
-                                        verify_sizes=verify_sizes, calib_paths=calib_paths)
+                                        verify_sizes=verify_sizes, calib_paths=calib_paths,
+                                        target_psnr=fp16_target_psnr)
             arts["fp16"] = Artifact(paths["fp16"], "onnx", {"metadata": meta16, **info16, "fusion": fusion})
     return arts
 

@@ -16,13 +16,16 @@ def _counts(c: dict) -> str:
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset, 13-20.")
 @click.option("--fp16", is_flag=True, help="Also write an FP16 graph (fp32 inputs/outputs).")
 @click.option("--fp16-io", is_flag=True, help="With --fp16: make the FP16 graph's input and output float16 too.")
+@click.option("--fp16-min-psnr", type=float, metavar="DB",
+              help="FP16 gate: PSNR vs the FP32 ONNX on ORT CPU (default 60 dB).")
 @click.option("--exporter", default="torchscript", show_default=True,
               help="torchscript or dynamo (dynamo needs onnxscript).")
 @click.option("--static-shape", metavar="HxW", help="Bake this LR input size in (batch stays dynamic).")
 @click.option("--variant", help="Expected variant (checked against the weights).")
 @click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(checkpoint, out_dir, opset, fp16, fp16_io, exporter, static_shape, variant, scale, force):
+def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, static_shape, variant, scale,
+            force):
     """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""
     from ..errors import ParagonError
     from ..export_onnx import describe, export_onnx
@@ -34,7 +37,8 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, exporter, static_shape, v
             raise ParagonError(f"--static-shape takes one HxW, got {static_shape!r}")
         shape = sizes[0]
     arts = export_onnx(checkpoint, out_dir, opset=opset, fp16=fp16, fp16_io=fp16_io, exporter=exporter,
-                       static_shape=shape, variant=variant, scale=scale, force=force)
+                       static_shape=shape, variant=variant, scale=scale, fp16_target_psnr=fp16_min_psnr,
+                       force=force)
     a = arts["fp32"]
     md, m = a.meta["metadata"], a.meta
     click.echo(f"{md['variant']} x{md['scale']} ({md['upsampler']}), {md['exporter']} exporter, opset {md['opset']}, "
@@ -65,5 +69,11 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, exporter, static_shape, v
         if fv["torch_half_note"]:
             line += f"; {fv['torch_half_note']}"
         click.echo(line)
+        if f["fp16"]["error_blocking"]:
+            click.echo(f"  fp16 error blocking {f['fp16']['error_blocking']}")
+        if fv["below_target"]:
+            click.echo(f"  warning: fp16 arithmetic below the {fv['target_psnr']:g} dB target: "
+                       f"{', '.join(fv['below_target'])} (above the {fv['arith_floor_psnr']:g} dB floor; "
+                       "ORT CPU hides this, an fp16 GPU engine will show it)")
     for art in arts.values():
         click.echo(f"wrote {art.path} ({art.path.stat().st_size / 1024:.0f} KiB)")
