@@ -22,32 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arch import build
 from paragon_export.artifact import atomic_output
 from paragon_export.bench import bench, format_table
 from paragon_export.checkpoint import load_model, param_count, save_model
 from paragon_export.errors import ParagonError
+from paragon_export.seeded import seeded_model
 from paragon_export.images import bicubic_downscale, load_image, parse_sizes, sample_photo_paths
 from paragon_export.metrics import psnr_y, ssim_y
 from paragon_export.upscale import tile_starts, upscale_array
 
 UPSAMPLERS = ("mks2021", "legacy", "pixelshuffle")
-
-
-def seeded_model(variant: str, scale: int, upsampler: str, seed: int = 0) -> torch.nn.Module:
-    """Random weights, LayerScale gammas 0.05-0.3 and initialised tracked kernels, so that every block
-    contributes (a freshly built model is nearly the identity path)."""
-    torch.manual_seed(seed)
-    m = build(variant, scale=scale, upsampler=upsampler)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.05 + 0.25 * torch.rand(p.shape, generator=g))
-        for _, t in m.transformers():
-            t.tracked_kernel.copy_(t.identity_kernel + 0.1 * torch.randn(t.tracked_kernel.shape, generator=g))
-            t.tracked_initialized.fill_(True)
-    return m.eval()
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, variant: str, scale: int, upsampler: str,

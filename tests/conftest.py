@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from arch import build
 from paragon_export.checkpoint import save_model
+from paragon_export.seeded import seeded_model
 
 # One thread: oversubscribed cores make multi-threaded torch CPU convs 10-30x slower.
 torch.set_num_threads(1)
@@ -19,19 +19,7 @@ COMPAT = Path(__file__).resolve().parent / "golden"
 
 def make_model(variant: str = "paragonsr2_nano", scale: int = 2, upsampler: str = "mks2021", seed: int = 0,
                fused: bool = False):
-    """Seeded random weights, LayerScale gammas in 0.05-0.3 and initialised tracked kernels (as the
-    golden files), so that fusion and quantization are exercised on every block."""
-    torch.manual_seed(seed)  # conv initialisers draw from the global generator
-    g = torch.Generator().manual_seed(seed)
-    m = build(variant, scale=scale, upsampler=upsampler)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.05 + 0.25 * torch.rand(p.shape, generator=g))
-        for name, t in m.transformers():
-            t.tracked_kernel.copy_(t.identity_kernel + 0.1 * torch.randn(t.tracked_kernel.shape, generator=g))
-            t.tracked_initialized.fill_(True)
-    m.eval()
+    m = seeded_model(variant, scale, upsampler, seed)
     return m.fuse_for_release().eval() if fused else m
 
 
