@@ -97,11 +97,11 @@ class MagicUpsampler(nn.Module):
             pad = (w.shape[-1] - s) // 2
             return F.conv_transpose2d(x, w, stride=s, padding=pad, groups=c)
         w = self.resample_conv.transpose_kernel(s, box=False).to(x.dtype)
-        # Replicate one LR pixel per side, then crop its s HR pixels: the edge behaves like
-        # an infinite continuation of the border, which keeps tile seams invisible.
+        # Replicate one LR pixel per side: the edge behaves like an infinite continuation of the
+        # border (no dark rim). padding=2s drops the s HR pixels that pad produced on each side, so
+        # the export needs no Slice.
         x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        x = F.conv_transpose2d(x, w, stride=s, padding=s, groups=c)
-        x = x[:, :, s:-s, s:-s]
+        x = F.conv_transpose2d(x, w, stride=s, padding=2 * s, groups=c)
         r = self.sharpen.conv_h.weight.shape[-1] // 2
         x = F.pad(x, (r, r, r, r), mode="replicate")
         x = F.conv2d(x, self.sharpen.conv_h.weight.to(x.dtype), groups=c)

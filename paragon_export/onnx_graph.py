@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -46,82 +46,6 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return moved
-
-
-def _const_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
-    return None
-
-
-def fold_crops_into_conv_transpose(model: onnx.ModelProto) -> int:
-    """Fold Slice crops of a ConvTranspose output (H/W axes, constant margins) into its pads.
-
-    ConvTranspose pads remove rows/columns from the output, so `ConvTranspose(pads=p)` followed by
-    `Slice(starts=a, ends=-b)` equals `ConvTranspose(pads=p+(a, b))` exactly. This leaves the
-    Magic-Conv upsampler as plain Pad/ConvTranspose/Conv. Returns the number of Slices removed.
-    """
-    graph = model.graph
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        consumers = collections.defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                consumers[i].append(n)
-        producers = {o: n for n in graph.node for o in n.output}
-        graph_outputs = {o.name for o in graph.output}
-        for sl in graph.node:
-            if sl.op_type != "Slice" or len(sl.input) < 4:
-                continue
-            ct = producers.get(sl.input[0])
-            if ct is None or ct.op_type != "ConvTranspose" or len(consumers[sl.input[0]]) != 1:
-                continue
-            if sl.input[0] in graph_outputs:
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in ct.attribute}
-            if "output_shape" in attrs or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                continue
-            starts, ends, axes = (_const_ints(model, sl.input[i]) for i in (1, 2, 3))
-            steps = _const_ints(model, sl.input[4]) if len(sl.input) > 4 and sl.input[4] else [1] * len(starts or [])
-            if None in (starts, ends, axes, steps) or any(s != 1 for s in steps):
-                continue
-            pads = list(attrs.get("pads", [0, 0, 0, 0]))
-            ok = True
-            for start, end, axis in zip(starts, ends, axes):
-                axis = axis + 4 if axis < 0 else axis
-                if axis not in (2, 3) or start < 0:
-                    ok = False
-                    break
-                if end >= 2**62:  # "to the end"
-                    crop_end = 0
-                elif end < 0:
-                    crop_end = -end
-                else:  # a positive end depends on the input size
-                    ok = False
-                    break
-                pads[axis - 2] += start
-                pads[axis] += crop_end
-            if not ok:
-                continue
-            for a in ct.attribute:
-                if a.name == "pads":
-                    ct.attribute.remove(a)
-                    break
-            ct.attribute.append(helper.make_attribute("pads", pads))
-            ct.output[0] = sl.output[0]
-            graph.node.remove(sl)
-            folded += 1
-            changed = True
-            break
-    if folded:
-        used = {i for n in graph.node for i in n.input}
-        dead = [t for t in graph.initializer if t.name not in used]
-        for t in dead:
-            graph.initializer.remove(t)
-    return folded
 
 
 def strip_unused_opsets(model: onnx.ModelProto) -> None:
@@ -177,7 +101,6 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             info["simplifier"] = "none"
             simplified = model
     constants_to_initializers(simplified)
-    fold_crops_into_conv_transpose(simplified)
     return simplified, info
 
 

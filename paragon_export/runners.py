@@ -40,9 +40,13 @@ class TorchCpuRunner(PytRunner):
 
     def activate_impl(self):
         # A copy: casting to half must not change the caller's fp32 model.
-        self.model = copy.deepcopy(self._model).to(self.dtype).eval()
-        if self.dtype == torch.float16:  # oneDNN's fp16 convs are ~20x faster channels-last on CPU
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.dtype == torch.float16:
+            from .fp16 import torch_half_model  # avoids oneDNN's fp16 long-kernel convs, which hang
+
+            # oneDNN's fp16 convs are ~20x faster channels-last on CPU
+            self.model = torch_half_model(self._model).to(memory_format=torch.channels_last)
+        else:
+            self.model = copy.deepcopy(self._model).eval()
 
     def infer_impl(self, feed_dict):
         x = torch.from_numpy(np.ascontiguousarray(next(iter(feed_dict.values())))).to(self.dtype)
