@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
@@ -34,13 +35,14 @@ from calibration.ranges import USER_METHODS, Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
+from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers
 from .int8_eval import Evaluator, latency, run, session
 from .onnx_graph import set_metadata
 
 DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
-DEFAULT_BUDGET_FRACTION = 0.20  # of the quantizable nodes, when no node budget is given
+DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
 RANK_EVALUATIONS = 300  # leave-one-out model evaluations the mixed-precision search may spend
 COST_FLOOR = 0.02  # MAC share added to every node's in the ranking
 MIN_OPSET = 13
@@ -173,14 +175,21 @@ def _step(kept: list[str], q: dict, added: str | None) -> dict:
             "y_psnr": m.get("y_psnr"), "ssim": m.get("ssim"), "y_psnr_drop": m.get("y_psnr_drop")}
 
 
-def keep_float(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+def keep_float(model: onnx.ModelProto, nodes: list[str],
+               undo: dict[str, tuple[str, np.ndarray]] | None = None) -> onnx.ModelProto:
     """A copy of a Q/DQ model with `nodes` reading the float tensors behind their Q->DQ inputs, and
-    Q/DQ nodes nobody reads any more removed: what `nodes_to_exclude` produces, without requantizing."""
+    Q/DQ nodes nobody reads any more removed: what `nodes_to_exclude` produces, without requantizing.
+    `undo`: node -> (bias initializer, uncorrected value), put back for nodes leaving int8."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
     producer = {o: n for n in g.node for o in n.output}
     wanted = set(nodes)
+    inits = {i.name: i for i in g.initializer}
+    for node in wanted & set(undo or {}):
+        name, value = undo[node]
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     for n in g.node:
         if n.name not in wanted:
             continue
@@ -203,15 +212,16 @@ def keep_float(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
 
 
 def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str], kept: list[str],
-               shares: dict[str, float], progress: Callable[[str], None]) -> list[dict]:
+               shares: dict[str, float], progress: Callable[[str], None],
+               undo: dict[str, tuple[str, np.ndarray]] | None = None) -> list[dict]:
     """Leave-one-out given the nodes already in float: the PSNR (against fp32, on calibration crops)
     each candidate buys back when kept in float too. Ordered by gain per share of the model's MACs
     it would move to float (floored, so a near-free node still needs a real gain): an HR-resolution
     conv is most of an SR model's work and is kept in float only if nothing cheaper helps."""
-    base_score = ev.rank_score(keep_float(base, kept).SerializeToString())
+    base_score = ev.rank_score(keep_float(base, kept, undo).SerializeToString())
     out = []
     for i, node in enumerate(candidates):
-        gain = ev.rank_score(keep_float(base, [*kept, node]).SerializeToString()) - base_score
+        gain = ev.rank_score(keep_float(base, [*kept, node], undo).SerializeToString()) - base_score
         share = shares.get(node, 0.0)
         out.append({"node": node, "psnr_gain": gain, "mac_share": share, "score": gain / (share + COST_FLOOR)})
         if (i + 1) % 25 == 0:
@@ -228,24 +238,43 @@ def computed_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, target_psnr: float | None,
-                    max_drop: float | None, node_budget: int | None, progress: Callable[[str], None]) -> dict:
+                    max_drop: float | None, node_budget: int | None, bias_correction: bool,
+                    progress: Callable[[str], None]) -> dict:
     """Quantize, measure on held-out, and keep the costliest nodes in float until the target holds.
     `steps` lists every node tried, with the held-out figures and whether it stayed in float."""
     path = tmp / "step.onnx"
-    fixed = computed_weights(onnx.load(str(fp32)))
+    fp32_proto = onnx.load(str(fp32))
+    fixed = computed_weights(fp32_proto)
+    shares = mac_shares(fp32_proto)
     quantize_symmetric(fp32, path, ranges, fixed)
-    candidates = inspect_qdq(onnx.load(str(path)))["quantized_nodes"]
+    plain = onnx.load(str(path))
+    candidates = inspect_qdq(plain)["quantized_nodes"]
+    deltas: dict[str, np.ndarray] = {}
+    correction = {"enabled": bias_correction}
+    if bias_correction:
+        correction["without"] = _step([], ev.quality(path), None)
+        deltas = bias_deltas(plain, input_channel_means(fp32_proto, ev.calib, candidates))
+        correction["nodes"] = len(deltas)
+    undo = undo_map(fp32_proto, deltas)
+
+    def quantize(exclude: list[str]) -> None:
+        src = fp32
+        if deltas:
+            src = tmp / "fp32_bias_corrected.onnx"
+            onnx.save(corrected(fp32_proto, deltas, exclude), str(src))
+        quantize_symmetric(src, path, ranges, exclude)
+
+    quantize(fixed)
     budget = node_budget if node_budget is not None else math.ceil(DEFAULT_BUDGET_FRACTION * len(candidates))
     q = ev.quality(path)
     kept: list[str] = []
     steps = [_step(kept, q, None)]
     first: list[dict] = []
-    shares = mac_shares(onnx.load(str(fp32)))
     t0 = time.perf_counter()
     if not _meets(q, target_psnr, max_drop) and budget > 0:
         progress(f"int8 misses the target ({_describe(q)}); ranking {len(candidates)} nodes (leave-one-out)")
         quantized = onnx.load(str(path))
-        ranking = first = rank_nodes(quantized, ev, candidates, kept, shares, progress)
+        ranking = first = rank_nodes(quantized, ev, candidates, kept, shares, progress, undo)
         # Nodes interact (the two passes of a separable filter can each look harmless alone), so the
         # ranking is redone after every node kept in float, while the evaluation budget lasts.
         reranks = max(0, RANK_EVALUATIONS // max(1, len(candidates)) - 1)
@@ -257,7 +286,7 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
                 break
             node = todo[0]["node"]
             tried.add(node)
-            quantize_symmetric(fp32, path, ranges, [*fixed, *kept, node])
+            quantize([*fixed, *kept, node])
             trial = ev.quality(path)
             # A node that does not raise the held-out PSNR goes back to int8 rather than costing speed.
             better = trial["mean"]["psnr_vs_fp32"] > q["mean"]["psnr_vs_fp32"]
@@ -271,10 +300,10 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
                 if reranks > 0 and len(kept) < budget:
                     reranks -= 1
                     rest = [c for c in candidates if c not in kept and c not in tried]
-                    ranking = rank_nodes(quantized, ev, rest, kept, shares, progress)
+                    ranking = rank_nodes(quantized, ev, rest, kept, shares, progress, undo)
         path.write_bytes(best)
     return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
-            "quantizable_nodes": len(candidates), "float_computed_weights": fixed,
+            "quantizable_nodes": len(candidates), "float_computed_weights": fixed, "bias_correction": correction,
             "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
             "float_mac_share": sum(shares.get(n, 0.0) for n in [*fixed, *kept]),
             "steps": steps, "ranking": first[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
@@ -302,7 +331,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
                   node_budget: int | None = None, lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
                   crops_per_image: int = 4, batch_size: int = 2, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
                   holdout: float = 0.25, seed: int = 0, cache_dir: Path | str | None = None, peer: bool = True,
-                  threads: int = 1, variant: str | None = None, scale: int | None = None, force: bool = False,
+                  threads: int = 1, bias_correction: bool = True, variant: str | None = None,
+                  scale: int | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> Artifact:
     """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<name>_int8_qdq.onnx` + `<name>_int8_report.json`.
 
@@ -348,7 +378,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         progress(f"calibration ranges: cache {'hit (no inference run)' if ranges.hit else 'miss'} ({ranges.cache_path})")
         ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
         mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
-                             node_budget=node_budget, progress=progress)
+                             node_budget=node_budget, bias_correction=bias_correction, progress=progress)
         int8_quality = mp.pop("quality")
         int8_proto = onnx.load_from_string(mp.pop("model"))
         # Downstream steps (engine, parity) read the precision from metadata and cross-check the graph.
@@ -383,7 +413,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
             "calibration": {**calib.summary(), **ranges.summary()},
             "recipe": {"format": "QDQ", "activations": "int8 symmetric (zero point 0)",
                        "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
-                       "bias": "float", "quantized_ops": TRT_OPS, "output_quantization": False,
+                       "bias": "float" + (", corrected for the int8 weights' mean error" if bias_correction else ""),
+                       "quantized_ops": TRT_OPS, "output_quantization": False,
                        "method": method, "trt_compatible": True},
             "checks": _brief(checks),
             "mixed_precision": mp,

@@ -132,6 +132,12 @@ def format_table(report: dict) -> str:
                                      f"Y-PSNR drop <= {mp['max_drop']} dB" if mp["max_drop"] is not None else "") if s)
     lines.append(f"mixed precision ({goal or 'no target'}; budget {mp['node_budget']} of {mp['quantizable_nodes']} nodes): "
                  f"{'met' if mp['met'] else 'NOT met'}; float nodes hold {100 * mp['float_mac_share']:.1f}% of the MACs")
+    bc = mp.get("bias_correction", {})
+    if bc.get("enabled"):
+        w = bc["without"]
+        drop = f", Y-PSNR drop {w['y_psnr_drop']:+.3f} dB" if w.get("y_psnr_drop") is not None else ""
+        lines.append(f"  bias correction on {bc['nodes']} nodes; without it step 0 would be: "
+                     f"PSNR vs fp32 {w['psnr_vs_fp32']:.2f} dB{drop}")
     for i, st in enumerate(mp["steps"]):
         drop = f", Y-PSNR drop {st['y_psnr_drop']:+.3f} dB" if st.get("y_psnr_drop") is not None else ""
         what = f"+ float {st['added']}" if st["added"] else "all quantized"

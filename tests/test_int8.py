@@ -289,3 +289,39 @@ def test_mac_shares_weigh_hr_convs(fp32):
     # same 3x3 C->C conv, at HR (x2 each side) vs LR: exactly 4x the work
     assert shares["/upsampler/Conv"] == pytest.approx(4 * shares["/conv_fuse/Conv"])
     assert max(shares, key=shares.get) == "/upsampler/Conv"
+
+
+def test_bias_correction_removes_the_mean_shift_of_int8_weights(fp32, calib, cache_dir, tmp_path):
+    from paragon_export.int8_bias import bias_deltas, corrected, input_channel_means, undo_map
+    from paragon_export.int8_check import inspect_qdq
+
+    ranges = calibration_ranges(fp32, calib, "percentile", cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
+    quantize_symmetric(fp32, tmp_path / "plain.onnx", ranges)
+    plain, proto = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(fp32))
+    nodes = inspect_qdq(plain)["quantized_nodes"]
+    deltas = bias_deltas(plain, input_channel_means(proto, calib, nodes))
+    assert set(deltas) == set(nodes) and all(np.isfinite(d).all() for d in deltas.values())
+    onnx.save(corrected(proto, deltas), str(tmp_path / "fp32_corr.onnx"))
+    quantize_symmetric(tmp_path / "fp32_corr.onnx", tmp_path / "corr.onnx", ranges)
+
+    ref, q_plain, q_corr = session(fp32), session(tmp_path / "plain.onnx"), session(tmp_path / "corr.onnx")
+    shift_plain, shift_corr, p_plain, p_corr = [], [], [], []
+    for h in calib.holdout:
+        r = run(ref, h.lr)
+        a, b = run(q_plain, h.lr), run(q_corr, h.lr)
+        shift_plain.append((a - r).mean(axis=(0, 2, 3)))
+        shift_corr.append((b - r).mean(axis=(0, 2, 3)))
+        p_plain.append(psnr(np.clip(a, 0, 1), np.clip(r, 0, 1)))
+        p_corr.append(psnr(np.clip(b, 0, 1), np.clip(r, 0, 1)))
+    # the per-channel mean error of the output shrinks, and the image gets closer to fp32
+    assert np.abs(np.mean(shift_corr, 0)).max() < 0.75 * np.abs(np.mean(shift_plain, 0)).max()
+    assert np.mean(p_corr) > np.mean(p_plain)
+
+    # keeping a node in float puts its trained bias back: the shortcut equals a real requantization
+    node = "/magic_upsampler/Conv"
+    shortcut = keep_float(onnx.load(str(tmp_path / "corr.onnx")), [node], undo_map(proto, deltas))
+    onnx.save(corrected(proto, deltas, skip=[node]), str(tmp_path / "fp32_corr2.onnx"))
+    quantize_symmetric(tmp_path / "fp32_corr2.onnx", tmp_path / "corr2.onnx", ranges, [node])
+    x = calib.batch(0)
+    np.testing.assert_allclose(run(session(shortcut.SerializeToString()), x),
+                               run(session(tmp_path / "corr2.onnx"), x), atol=1e-5)

@@ -21,7 +21,7 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--target-psnr", type=float, help="Required PSNR of int8 against fp32 on held-out images (dB).")
 @click.option("--max-drop", type=float, default=0.10, show_default=True,
               help="Largest allowed held-out Y-PSNR drop against fp32 (dB); a negative value disables it.")
-@click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 20% of the quantizable nodes).")
+@click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 40% of the quantizable nodes).")
 @click.option("--crop", default="64x64", show_default=True, help="LR calibration crop size HxW.")
 @click.option("--crops-per-image", type=int, default=4, show_default=True)
 @click.option("--batch-size", type=int, default=2, show_default=True,
@@ -31,13 +31,15 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Calibration cache folder "
               "(default: $PARAGON_EXPORT_CACHE or ~/.cache/paragon-export/calibration).")
+@click.option("--no-bias-correction", is_flag=True,
+              help="Keep the biases as trained (default: correct them for the int8 weights' mean error).")
 @click.option("--no-peer", is_flag=True, help="Skip the original deploy recipe's comparison row.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
-            eval_size, holdout, seed, cache_dir, no_peer, threads, variant, scale, force):
+            eval_size, holdout, seed, cache_dir, no_bias_correction, no_peer, threads, variant, scale, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
@@ -47,6 +49,7 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
                         lr_size=_size(crop), crops_per_image=crops_per_image, batch_size=batch_size,
                         eval_size=_size(eval_size),
                         holdout=holdout, seed=seed, cache_dir=cache_dir, peer=not no_peer, threads=threads,
+                        bias_correction=not no_bias_correction,
                         variant=variant, scale=scale, force=force, progress=lambda m: click.echo(m, err=True))
     click.echo(format_table(art.meta))
     mp = art.meta["mixed_precision"]
