@@ -4,11 +4,13 @@ Recipe (what TensorRT explicit quantization needs, SPEC §5): ONNX Runtime `quan
 format, int8 symmetric activations and weights (zero point 0), per-channel weights on the
 output-channel axis, float biases, Q/DQ on the inputs of Conv/ConvTranspose only (TensorRT fuses
 the rest; residual adds and the output stay in float). Ranges come from `calibration.ranges`
-(cached; entropy is the real KL search).
+(cached; entropy is the real KL search). Biases are corrected for the int8 weights' mean error
+(`int8_bias`).
 
 Accuracy-driven mixed precision: the INT8 model is measured against FP32 on the held-out images; while
-it misses the target, nodes are kept in float in order of how much their quantization costs
-(leave-one-out, measured on calibration crops so the held-out images only judge), up to a budget.
+it misses the target, nodes are kept in float one at a time, in order of PSNR bought back per share
+of the model's MACs (leave-one-out on calibration crops, so the held-out images only judge; re-ranked
+after each node kept), up to a budget; a node that does not help on held-out goes back to int8.
 
 The original deploy script's recipe (asymmetric QUInt8 activations, per-tensor weights, entropy
 through `quantize_static`, no exclusions) runs on the same model and data for comparison."""
@@ -28,7 +30,7 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
 from calibration.ranges import USER_METHODS, Ranges, calibration_ranges
@@ -44,7 +46,8 @@ DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
 DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
 RANK_EVALUATIONS = 300  # leave-one-out model evaluations the mixed-precision search may spend
-COST_FLOOR = 0.02  # MAC share added to every node's in the ranking
+COST_FLOOR = 0.02  # added to every node's MAC share in the ranking
+MAX_REJECTED = 8  # nodes tried beyond the budget (ones that did not help go back to int8)
 MIN_OPSET = 13
 TRT_OPS = list(WEIGHTED_OPS)
 TRT_EXTRA_OPTIONS = {
@@ -280,7 +283,7 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
         reranks = max(0, RANK_EVALUATIONS // max(1, len(candidates)) - 1)
         best = path.read_bytes()
         tried: set[str] = set()
-        while len(kept) < budget and len(tried) < 2 * budget:
+        while len(kept) < budget and len(tried) < budget + MAX_REJECTED:
             todo = [r for r in ranking if r["node"] not in tried]
             if not todo:
                 break
