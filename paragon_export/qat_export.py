@@ -1,0 +1,105 @@
+"""Q/DQ ONNX export of a ModelOpt fake-quant model (TorchScript exporter, dynamic batch/H/W, onnxsim
+only when it keeps every Q/DQ), its TensorRT checks, and its verification on ONNX Runtime."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ParagonError
+
+TRACE_SHAPE = (2, 3, 40, 56)  # a size no verification uses: a shape baked in at trace time cannot pass
+
+
+def _per_channel_form(model) -> int:
+    """ModelOpt writes a one-element weight scale as a scalar (per-tensor); when the weight's
+    output-channel axis has length 1 (the depthwise Magic ConvTranspose) that is the same as
+    per-channel, so write it in per-channel form (1-D scale on that axis), as ORT's PTQ does."""
+    from onnx import helper, numpy_helper
+
+    from .int8_check import WEIGHTED_OPS
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    fixed = 0
+    for n in g.node:
+        if n.op_type not in WEIGHTED_OPS or len(n.input) < 2:
+            continue
+        dq = producer.get(n.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits:
+            continue
+        axis = WEIGHTED_OPS[n.op_type]
+        weight = numpy_helper.to_array(inits[q.input[0]])
+        names = {dq.input[1], dq.input[2], q.input[1], q.input[2]}
+        if weight.shape[axis] != 1 or not all(k in inits and not inits[k].dims for k in names):
+            continue
+        for k in names:
+            arr = numpy_helper.to_array(inits[k]).reshape(1)
+            inits[k].CopyFrom(numpy_helper.from_array(arr, k))
+        for node in (q, dq):
+            for a in list(node.attribute):
+                if a.name == "axis":
+                    node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("axis", axis))
+        fixed += 1
+    if fixed:  # recorded shapes of the rewritten constants are stale; the checker re-infers them
+        del g.value_info[:]
+    return fixed
+
+
+def export_qdq(student: torch.nn.Module, *, opset: int = 17):
+    """Student (fake quant) -> simplified Q/DQ ONNX proto with dynamic batch/height/width, and info
+    (node counts, simplifier, `int8_check.inspect_qdq` figures, TensorRT blockers)."""
+    import io
+    import warnings
+
+    import onnx
+
+    from .int8_check import inspect_qdq, trt_blockers
+    from .onnx_graph import INPUT_NAME, OUTPUT_NAME, constants_to_initializers, name_nodes, op_counts, simplify
+
+    student.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter is the one that turns ModelOpt's fake quant into Q/DQ pairs.
+        torch.onnx.export(student, (torch.zeros(TRACE_SHAPE),), buf, dynamo=False, opset_version=opset,
+                          do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                                        OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"}})
+    raw = onnx.load_from_string(buf.getvalue())
+    before = op_counts(raw)
+    graph, info = simplify(onnx.load_from_string(buf.getvalue()))
+    after = op_counts(graph)
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    if any(after.get(k, 0) != before.get(k, 0) for k in qdq):
+        info = {"simplifier": "none", "reason": f"simplification changed the Q/DQ counts "
+                f"({[before.get(k, 0) for k in qdq]} -> {[after.get(k, 0) for k in qdq]}); kept the exported graph"}
+        graph = raw
+        constants_to_initializers(graph)
+    per_channel_fixed = _per_channel_form(graph)
+    name_nodes(graph)
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ParagonError(f"exported Q/DQ graph fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    checks = inspect_qdq(graph)
+    return graph, {"nodes_before": before, "nodes_after": op_counts(graph), "simplify": info,
+                   "per_channel_rewritten": per_channel_fixed, "checks": checks, "trt_blockers": trt_blockers(checks)}
+
+
+def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
+    """ORT CPU (default optimisations) vs the torch fake-quant student on real photos: per size
+    max abs, mean abs and PSNR (`export_onnx.compare`)."""
+    from .export_onnx import compare, run_onnx, run_torch, verification_inputs
+    from .onnx_graph import ort_session
+
+    inputs = verification_inputs(scale, sizes, paths=paths)
+    refs = {(g, n): run_torch(student, x) for g, n, x in inputs}
+    outputs, errors = run_onnx(ort_session(model), inputs)
+    report = compare(outputs, {k: v for k, v in refs.items() if k[0] not in errors})
+    for g, msg in errors.items():
+        report["groups"][g] = {"error": msg}
+        report["max_abs"], report["min_psnr"] = float("nan"), float("nan")
+    return report
