@@ -324,8 +324,10 @@ def _describe(q: dict) -> str:
 # ---------------------------------------------------------------- the step
 
 def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
-    base = stem.replace("_fp32", "")
-    return out_dir / f"{base}_int8_qdq.onnx", out_dir / f"{base}_int8_report.json"
+    """`{variant}_x{s}_fp32_op{N}` -> `{variant}_x{s}_int8_op{N}.onnx` (+ `_report.json`), the export's
+    naming; any other stem gets `_int8` appended."""
+    base = stem.replace("_fp32", "_int8") if "_fp32" in stem else f"{stem}_int8"
+    return out_dir / f"{base}.onnx", out_dir / f"{base}_report.json"
 
 
 def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | str | None = None,
@@ -337,7 +339,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
                   threads: int = 1, bias_correction: bool = True, variant: str | None = None,
                   scale: int | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> Artifact:
-    """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<name>_int8_qdq.onnx` + `<name>_int8_report.json`.
+    """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<variant>_x<s>_int8_op<N>.onnx` + `..._report.json`.
 
     Returns the model's Artifact; its meta is the report (also written as JSON)."""
     progress = progress or (lambda _msg: None)

@@ -148,7 +148,7 @@ def test_report_figures(default_run):
     assert any("per-channel" in b for b in peer["trt_blockers"])
     assert 20 < peer["quality"]["mean"]["psnr_vs_fp32"] < 80
     assert r["mixed_precision"]["steps"][0]["kept_float"] == []
-    saved = default_run.path.with_name(default_run.path.name.replace("_qdq.onnx", "_report.json"))
+    saved = default_run.path.with_name("nano_x2_int8_report.json")
     assert saved.is_file() and "\"peer\"" in saved.read_text()
 
 
@@ -252,7 +252,7 @@ def test_cli_writes_table_refuses_overwrite_and_reuses_cache(fp32, cache_dir, tm
     assert r.exit_code == 0, r.output
     assert "int8 symmetric (percentile)" in r.output and "TensorRT" in r.output
     assert "cache hit" in r.output  # same model, images and method as the default run above
-    assert (out / "nano_x2_int8_qdq.onnx").is_file() and (out / "nano_x2_int8_report.json").is_file()
+    assert (out / "nano_x2_int8.onnx").is_file() and (out / "nano_x2_int8_report.json").is_file()
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
 
@@ -273,7 +273,7 @@ def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
 
 def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, tmp_path):
     art = quantize_int8(nano_fused_ckpt, tmp_path / "o", calib=calib, cache_dir=cache_dir, peer=False)
-    assert art.path.name == "paragonsr2_nano_x2_op17_int8_qdq.onnx"
+    assert art.path.name == "paragonsr2_nano_x2_int8_op17.onnx"
     meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
     assert meta["precision"] == "int8" and meta["variant"] == "paragonsr2_nano" and meta["scale"] == "2"
     assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]

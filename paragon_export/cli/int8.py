@@ -12,7 +12,7 @@ def _size(text: str) -> tuple[int, int]:
 @click.command("int8")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for <name>_int8_qdq.onnx and <name>_int8_report.json.")
+              help="Folder for <variant>_x<s>_int8_op<N>.onnx and its _report.json.")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path),
               help="Calibration image folder (HR photos; split by image into calibration and held-out). "
                    "Default: the bundled sample photos.")
