@@ -27,26 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arch import build
 from paragon_export.checkpoint import save_model
 from paragon_export.errors import ParagonError
 from paragon_export.export_onnx import export_onnx
 from paragon_export.images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr_y
 from paragon_export.onnx_graph import ort_session, run_session
+from paragon_export.seeded import seeded_model
 
 
 def fitted_model(variant: str, scale: int, upsampler: str, steps: int, seed: int = 0) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    m = build(variant, scale=scale, upsampler=upsampler)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.05 + 0.25 * torch.rand(p.shape, generator=g))
-        for _, t in m.transformers():
-            t.tracked_kernel.copy_(t.identity_kernel + 0.1 * torch.randn(t.tracked_kernel.shape, generator=g))
-            t.tracked_initialized.fill_(True)
+    m = seeded_model(variant, scale, upsampler, seed)
     photos = [bicubic_downscale(load_image(p), scale) for p in sample_photo_paths("train")]
     m.eval()  # static path: the fitted convs are the ones that get fused and exported
     opt = torch.optim.Adam([p for n, p in m.named_parameters() if "kernel_generator" not in n], lr=2e-3)
