@@ -1,6 +1,6 @@
 """Run checkpoints: weights and full training state, without pickle, written atomically.
 
-Layout: <out_dir>/checkpoints/step_XXXXXXXX/{generator,ema,discriminator,state}.safetensors +
+Layout: <out_dir>/checkpoints/step_<8-digit step>/{generator,ema,discriminator,state}.safetensors +
 state.json, and <out_dir>/checkpoints/latest (name of the newest complete folder). A folder is
 assembled under a temp name and renamed into place, and `latest` is replaced atomically, so a run
 killed at any moment resumes from the previous interval at worst.
