@@ -11,8 +11,8 @@ import onnx
 
 from paragon_export.artifact import sha256_file
 from paragon_export.errors import ParagonError
+from paragon_export.onnx_graph import graph_precision, normalise_precision
 
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _FLOAT16 = onnx.TensorProto.FLOAT16
 
 
@@ -30,35 +30,6 @@ class OnnxInfo:
     precision_note: str = ""
 
 
-def _normalise_precision(text: str) -> str | None:
-    t = text.strip().lower()
-    if "int8" in t or "qdq" in t:
-        return "int8"
-    if t in ("fp16", "float16", "half"):
-        return "fp16"
-    if t in ("fp32", "float32", "float"):
-        return "fp32"
-    return None
-
-
-def graph_precision(model: onnx.ModelProto) -> str:
-    """int8 if the graph has Q/DQ nodes, fp16 if it carries fp16 weights or casts, else fp32."""
-    g = model.graph
-    ops = {n.op_type for n in g.node}
-    if ops & _QDQ_OPS:
-        return "int8"
-    if any(t.data_type == _FLOAT16 for t in g.initializer):
-        return "fp16"
-    for n in g.node:
-        if n.op_type == "Cast" and any(a.name == "to" and a.i == _FLOAT16 for a in n.attribute):
-            return "fp16"
-        if n.op_type == "Constant" and any(a.name == "value" and a.t.data_type == _FLOAT16 for a in n.attribute):
-            return "fp16"
-    if any(v.type.tensor_type.elem_type == _FLOAT16 for v in list(g.input) + list(g.output)):
-        return "fp16"
-    return "fp32"
-
-
 def detect_precision(model: onnx.ModelProto, meta: dict | None = None) -> tuple[str, str]:
     """(precision, note): metadata_props["precision"] cross-checked against the graph.
 
@@ -71,7 +42,7 @@ def detect_precision(model: onnx.ModelProto, meta: dict | None = None) -> tuple[
     declared = meta.get("precision")
     if declared is None:
         return inferred, "from the graph (no precision metadata)"
-    norm = _normalise_precision(declared)
+    norm = normalise_precision(declared)
     if norm == inferred:
         return inferred, f"metadata precision={declared}, matches the graph"
     evidence = "it has Q/DQ nodes" if inferred == "int8" else (

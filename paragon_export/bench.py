@@ -31,6 +31,7 @@ import numpy as np
 from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import load_image, sample_photo_paths
+from .onnx_graph import graph_precision
 from .upscale import ModelRunner, artifact_kind, open_model
 
 FORMAT = "paragon-export/bench"
@@ -114,13 +115,7 @@ def precision_of(path: Path, kind: str, runner: ModelRunner) -> str:
 def onnx_graph_precision(path: Path | str) -> str:
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    ops = {n.op_type for n in m.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer):
-        return "fp16"
-    return "fp32"
+    return graph_precision(onnx.load(str(path), load_external_data=False))
 
 
 def form_of(kind: str, runner: ModelRunner) -> str:

@@ -16,7 +16,7 @@ from .artifact import sha256_file
 
 SCHEMA_VERSION = 1
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxconverter-common", "polygraphy", "nvidia-modelopt",
-          "tensorrt", "numpy")
+          "tensorrt", "numpy", "scikit-image")
 
 
 def tool_versions() -> dict[str, str]:

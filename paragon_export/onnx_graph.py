@@ -149,3 +149,37 @@ def run_session(sess, x: np.ndarray) -> np.ndarray:
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     (y,) = sess.run(None, {inp.name: np.ascontiguousarray(x, dtype=dtype)})
     return y.astype(np.float32)
+
+
+_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}
+_FLOAT16 = onnx.TensorProto.FLOAT16
+
+
+def normalise_precision(text: str) -> str | None:
+    """A metadata "precision" label -> fp32 / fp16 / int8, or None when it is none of them."""
+    t = text.strip().lower()
+    if "int8" in t or "qat" in t or "qdq" in t:
+        return "int8"
+    if t in ("fp16", "float16", "half"):
+        return "fp16"
+    if t in ("fp32", "float32", "float"):
+        return "fp32"
+    return None
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """int8 if the graph quantizes (Q/DQ or integer convs), fp16 if it carries fp16 weights, casts,
+    constants or I/O, else fp32. The graph, not its metadata, is what a runtime executes."""
+    g = model.graph
+    if {n.op_type for n in g.node} & _INT8_OPS:
+        return "int8"
+    if any(t.data_type == _FLOAT16 for t in g.initializer):
+        return "fp16"
+    for n in g.node:
+        if n.op_type == "Cast" and any(a.name == "to" and a.i == _FLOAT16 for a in n.attribute):
+            return "fp16"
+        if n.op_type == "Constant" and any(a.name == "value" and a.t.data_type == _FLOAT16 for a in n.attribute):
+            return "fp16"
+    if any(v.type.tensor_type.elem_type == _FLOAT16 for v in list(g.input) + list(g.output)):
+        return "fp16"
+    return "fp32"

@@ -27,7 +27,9 @@ from .checkpoint import load_model
 from .errors import ParagonError
 from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
 from .localize import localize as localize_onnx
+from .manifest import tool_versions
 from .metrics import psnr, psnr_y, ssim_y
+from .onnx_graph import graph_precision, normalise_precision
 from .parity_report import write_outputs
 from .runners import INPUT_NAME, TorchCpuRunner, onnx_runner, tensorrt_unavailable, trt_runner
 
@@ -93,29 +95,13 @@ def classify(path: Path) -> str:
                        "(expected .safetensors/.pth, .onnx or .engine)")
 
 
-def _norm_precision(value: str) -> str | None:
-    v = value.strip().lower()
-    if "int8" in v or "qat" in v or "qdq" in v:
-        return "int8"
-    if v in ("fp16", "float16", "half"):
-        return "fp16"
-    if v in ("fp32", "float32", "float"):
-        return "fp32"
-    return None
-
-
 def onnx_precision(model: onnx.ModelProto) -> tuple[str, str]:
     """(precision, where it came from): the "precision" metadata_props entry when the graph agrees
     with it; on a conflict the graph wins (a Q/DQ graph labelled fp32 is still int8)."""
-    ops = {n.op_type for n in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
-        graph, evidence = "int8", "Q/DQ nodes"
-    elif any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-        graph, evidence = "fp16", "fp16 initializers"
-    else:
-        graph, evidence = "fp32", "fp32 initializers"
+    graph = graph_precision(model)
+    evidence = {"int8": "Q/DQ nodes", "fp16": "fp16 initializers", "fp32": "fp32 initializers"}[graph]
     props = {p.key: p.value for p in model.metadata_props}
-    meta = _norm_precision(props["precision"]) if "precision" in props else None
+    meta = normalise_precision(props["precision"]) if "precision" in props else None
     if meta == graph:
         return graph, f"metadata precision={props['precision']}"
     if meta is not None:
@@ -290,20 +276,6 @@ def _run(entry: Entry, feeds: list) -> RunResults | None:
     return None
 
 
-def _tool_versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for dist in ("paragon-export", "torch", "numpy", "onnx", "onnxruntime", "polygraphy", "onnxconverter-common",
-                 "scikit-image", "tensorrt"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str | None = None,
            images: Path | str | None = None, sizes: str | list[tuple[int, int]] = DEFAULT_SIZES,
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
@@ -439,7 +411,7 @@ def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, 
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "passed": passed,
-        "tool_versions": _tool_versions(),
+        "tool_versions": tool_versions(),
         "reference": {"path": str(ref), "sha256": loaded.sha256, "variant": loaded.variant, "scale": loaded.scale,
                       "upsampler": loaded.upsampler, "fused": loaded.fused,
                       "runner": "torch-cpu fp32, fused" + ("" if loaded.fused else " from the unfused checkpoint")},
