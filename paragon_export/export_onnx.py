@@ -43,7 +43,7 @@ from .errors import ParagonError
 from .fuse import EXACT_ATOL, verify_fusion
 from .images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
 from .metrics import psnr
-from .onnx_graph import (INPUT_NAME, OUTPUT_NAME, io_dims, name_nodes, op_counts, ort_session, run_session,
+from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, ort_session, run_session,
                          set_metadata, simplify)
 
 OPSETS = range(13, 21)
@@ -287,11 +287,7 @@ def _write_fp32(model: torch.nn.Module, tmp: Path, *, meta: dict, opset: int, ex
     graph, simplify_info = simplify(raw)
     name_nodes(graph)
     set_metadata(graph, meta)
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ParagonError(f"exported graph fails the ONNX checker: {str(e).splitlines()[0]}") from None
-    onnx.save(graph, str(tmp))
+    check_and_save(graph, tmp, "exported graph")
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes)
     report = verify_onnx(tmp, model, int(meta["scale"]), sizes, atol=atol)
     if not report["ok"]:

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ParagonError
 from .images import sample_photo_paths
-from .onnx_graph import INPUT_NAME, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
+from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
 
 FP16_MAX = 65504.0
 # 16x headroom below the fp16 maximum for images brighter or busier than the calibration set.
@@ -317,11 +317,7 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
     meta.update(precision="fp16", io_dtype="float32" if keep_io_types else "float16",
                 fp16_fp32_nodes=json.dumps(sorted(kept)))
     set_metadata(g16, meta)
-    try:
-        onnx.checker.check_model(g16, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ParagonError(f"FP16 graph fails the ONNX checker: {str(e).splitlines()[0]}") from None
-    onnx.save(g16, str(tmp))
+    check_and_save(g16, tmp, "FP16 graph")
 
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes or VERIFY_SIZES)
     inputs = verification_inputs(scale, sizes)

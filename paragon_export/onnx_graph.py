@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import ParagonError
+
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
@@ -183,3 +185,12 @@ def graph_precision(model: onnx.ModelProto) -> str:
     if any(v.type.tensor_type.elem_type == _FLOAT16 for v in list(g.input) + list(g.output)):
         return "fp16"
     return "fp32"
+
+
+def check_and_save(model: onnx.ModelProto, path: Path | str, what: str) -> None:
+    """`onnx.checker` full check, then save; a graph that fails is never written."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ParagonError(f"{what} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    onnx.save(model, str(path))
