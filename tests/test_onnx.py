@@ -32,13 +32,9 @@ MAGIC_OPS = {"Pad", "Conv", "ConvTranspose"}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # Shared 2-core machine: one thread each for torch and ORT avoids spinning thread pools.
+def _one_ort_thread(monkeypatch):
+    # Shared 2-core machine: spinning ORT thread pools (torch is on one thread via conftest).
     monkeypatch.setattr(eo, "VERIFY_THREADS", 1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _photo(scale: int, size=(19, 23)) -> np.ndarray:

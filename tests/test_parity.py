@@ -32,16 +32,6 @@ NAN_INIT = "body.0.blocks.1.context.dwconv_w.weight"
 SCHEMA = Path(__file__).resolve().parents[1] / "paragon_export" / "schemas" / "parity.schema.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These nano forwards take milliseconds; with two OpenMP threads on a shared 2-core machine
-    they spend most of their time waiting on each other (measured 27 ms vs 740 ms per pass)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _export(model, path: Path) -> Path:
     torch.onnx.export(model, (torch.rand(1, 3, 24, 24),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["output"],

@@ -20,15 +20,6 @@ CALIB = {"lr_size": (16, 16), "eval_size": (32, 32), "crops_per_image": 1, "batc
 SIZES = ((32, 32), (27, 45))  # LR; the second is non-square and not a multiple of 8
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: on a machine shared with other jobs two spinning threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Eight real photos, centre-cropped to 96x128 so that decoding them is quick."""

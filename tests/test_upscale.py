@@ -23,15 +23,6 @@ from conftest import export_onnx_file, make_model, write_model
 TILE, OVERLAP = 56, 24  # 72x100 LR -> 2x3 tiles
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core box run ~20x slower than one; restore for other files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     """72x100 LR crop of a real photo, bicubic-downscaled so it holds more than 8 bits of detail."""
