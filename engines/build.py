@@ -9,7 +9,6 @@ target is queried from TensorRT and the driver, and compilation is `builder.comp
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from paragon_export import __version__
-from paragon_export.artifact import Artifact, atomic_output, sha256_file
+from paragon_export.artifact import Artifact, atomic_output, check_output_dir, sha256_file
 from paragon_export.errors import ParagonError
 
 from .gpu import GpuInfo, query_gpu
@@ -64,19 +63,6 @@ def _check_options(options: BuildOptions, gpu: GpuInfo | None = None) -> None:
                            f"compute {gpu.cc}")
 
 
-def _out_dir(path: Path | str) -> Path:
-    d = Path(path)
-    if d.exists() and not d.is_dir():
-        raise ParagonError(f"{d} is a file; -o takes a folder")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ParagonError(f"cannot create output folder {d}: {e.strerror}") from None
-    if not os.access(d, os.W_OK):
-        raise ParagonError(f"output folder {d} is not writable")
-    return d
-
-
 def _entry(key: EngineKey, filename: str, model: OnnxInfo, data: bytes | None, engine_sha: str, *,
            timing_cache: Path, trtexec: str, build_seconds: float | None, check: dict | None) -> dict:
     return {"file": filename, "key": key.as_dict(), "engine_sha256": engine_sha,
@@ -107,7 +93,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     else:
         prof = choose_profile(model, profile=profile, preset=preset)
     _check_options(options)
-    out = _out_dir(out_dir)
+    out = check_output_dir(out_dir)
     target = target or current_target()
     _check_options(options, target.gpu)
 

@@ -32,23 +32,32 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def check_output_dir(folder: Path | str) -> Path:
+    """Create `folder` if needed and prove it writable."""
+    folder = Path(folder) if str(folder) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise ParagonError(f"{folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParagonError(f"cannot create output folder {folder}: {e.strerror}") from None
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ParagonError(f"output folder {folder} is not writable: {e.strerror}") from None
+    return folder
+
+
 def check_output(path: Path | str, *, force: bool = False) -> Path:
     """Refuse to clobber an existing output and fail early on an unwritable folder."""
     path = Path(path)
     if path.exists() and not force:
         raise ParagonError(f"{path} already exists (use --force to overwrite)")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise ParagonError(f"cannot write {path}: {parent} is not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ParagonError(f"cannot create output folder {parent}: {e.strerror}") from None
-    try:  # a real probe: os.access says yes to root even on read-only mounts
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise ParagonError(f"output folder {parent} is not writable: {e.strerror}") from None
+        check_output_dir(path.parent)
+    except ParagonError as e:
+        raise ParagonError(f"cannot write {path}: {e}") from None
     return path
 
 

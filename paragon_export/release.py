@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .artifact import sha256_file
+from .artifact import check_output_dir, sha256_file
 from .checkpoint import load_model
 from .defaults import default_checkpoint
 from .errors import ParagonError
@@ -99,7 +99,7 @@ def _check_folder(root: Path, force: bool) -> None:
         raise ParagonError(f"{root} exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").is_file() and not force:
         raise ParagonError(f"{root} is not empty and holds no release manifest (use --force to release into it)")
-    root.mkdir(parents=True, exist_ok=True)
+    check_output_dir(root)
 
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
