@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from arch import ParagonSR2, detect_variant
 from arch.paragonsr2 import VARIANTS
@@ -159,8 +159,21 @@ def save_model(model: ParagonSR2, path: Path | str, *, variant: str, force: bool
     }
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_output(path, force=force) as tmp:
-        save_file(sd, str(tmp), metadata=meta)
+        tmp.write_bytes(_sorted_metadata(save(sd, metadata=meta)))
     return Artifact(Path(path), "checkpoint", meta)
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """safetensors writes `__metadata__` in random order (safetensors issue #584), so the same model
+    saved twice would get two sha256s and miss every cache keyed on it. The header is rewritten with
+    the keys sorted; it has the same length, so the tensor offsets stay valid."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never expected (same JSON, other order); keep the library's bytes then
+        return blob
+    return blob[:8] + text.ljust(n) + blob[8 + n:]
 
 
 def param_count(model: torch.nn.Module) -> int:

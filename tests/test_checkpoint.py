@@ -28,6 +28,16 @@ def test_roundtrip_records_scale_and_metadata(tmp_path):
         save_model(m, art.path, variant="paragonsr2_nano")
 
 
+def test_same_model_saves_to_the_same_bytes(tmp_path):
+    # safetensors' own metadata order is random per save; caches and the release manifest key on sha256.
+    m = make_model()
+    blobs = {save_model(m, tmp_path / f"{i}.safetensors", variant="paragonsr2_nano").path.read_bytes()
+            for i in range(6)}
+    assert len(blobs) == 1
+    loaded = load_model(tmp_path / "0.safetensors")
+    assert loaded.variant == "paragonsr2_nano" and loaded.scale == 2
+
+
 @pytest.mark.parametrize("wrapper", ["params_ema", "params", "state_dict"])
 def test_traiNNer_wrappers_and_module_prefix(tmp_path, wrapper):
     sd = golden_sd()
