@@ -9,8 +9,10 @@ the rest; residual adds and the output stay in float). Ranges come from `calibra
 
 Accuracy-driven mixed precision: the INT8 model is measured against FP32 on the held-out images; while
 it misses the target, nodes are kept in float one at a time, in order of PSNR bought back per share
-of the model's MACs (leave-one-out on calibration crops, so the held-out images only judge; re-ranked
-after each node kept), up to a budget; a node that does not help on held-out goes back to int8.
+of the model's MACs (leave-one-out on calibration crops, so the held-out images only judge), up to a
+budget; a node that does not help on held-out goes back to int8. After each node kept, only the
+leaders of the last ranking and the kept node's graph neighbours are re-measured: that is where the
+order changes, and it keeps the search linear in the number of nodes.
 
 The original deploy script's recipe (asymmetric QUInt8 activations, per-tensor weights, entropy
 through `quantize_static`, no exclusions) runs on the same model and data for comparison."""
@@ -45,7 +47,7 @@ from .onnx_graph import set_metadata
 DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
 DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
-RANK_EVALUATIONS = 300  # leave-one-out model evaluations the mixed-precision search may spend
+RERANK_LEADERS = 5  # candidates from the top of the last ranking re-measured after each node kept
 COST_FLOOR = 0.02  # added to every node's MAC share in the ranking
 MAX_REJECTED = 8  # nodes tried beyond the budget (ones that did not help go back to int8)
 MIN_OPSET = 13
@@ -232,6 +234,41 @@ def rank_nodes(base: onnx.ModelProto, ev: Evaluator, candidates: list[str], kept
     return sorted(out, key=lambda r: -r["score"])
 
 
+def rerank(base: onnx.ModelProto, ev: Evaluator, ranking: list[dict], near: set[str], kept: list[str],
+           shares: dict[str, float], progress: Callable[[str], None],
+           undo: dict[str, tuple[str, np.ndarray]] | None = None) -> list[dict]:
+    """The ranking after a node was kept in float. Gains change most for the leaders and for the kept
+    node's neighbours (the second pass of a separable filter looks harmless until the first is float),
+    so those are measured again and go first; the rest keep their order behind them."""
+    fresh = [r["node"] for i, r in enumerate(ranking) if i < RERANK_LEADERS or r["node"] in near]
+    stale = [r for r in ranking if r["node"] not in fresh]
+    return rank_nodes(base, ev, fresh, kept, shares, progress, undo) + stale
+
+
+def neighbours(model: onnx.ModelProto, node: str) -> set[str]:
+    """Weighted nodes that feed `node` or read its output with only unweighted ops in between."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    start = next(n for n in model.graph.node if n.name == node)
+    found: set[str] = set()
+    for step in (lambda n: [c for o in n.output for c in consumers.get(o, [])],
+                 lambda n: [producer[t] for t in n.input if t in producer]):
+        todo, seen = step(start), set()
+        while todo:
+            n = todo.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.op_type in WEIGHTED_OPS:
+                found.add(n.name)
+            else:
+                todo.extend(step(n))
+    return found
+
+
 def computed_weights(model: onnx.ModelProto) -> list[str]:
     """Weighted nodes whose weight is computed in the graph rather than stored: ORT can only quantize
     those per tensor, which TensorRT rejects, so they stay in float (an export without constant
@@ -278,9 +315,6 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
         progress(f"int8 misses the target ({_describe(q)}); ranking {len(candidates)} nodes (leave-one-out)")
         quantized = onnx.load(str(path))
         ranking = first = rank_nodes(quantized, ev, candidates, kept, shares, progress, undo)
-        # Nodes interact (the two passes of a separable filter can each look harmless alone), so the
-        # ranking is redone after every node kept in float, while the evaluation budget lasts.
-        reranks = max(0, RANK_EVALUATIONS // max(1, len(candidates)) - 1)
         best = path.read_bytes()
         tried: set[str] = set()
         while len(kept) < budget and len(tried) < budget + MAX_REJECTED:
@@ -298,12 +332,10 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
             if better:
                 kept.append(node)
                 q, best = trial, path.read_bytes()
-                if _meets(q, target_psnr, max_drop):
+                if _meets(q, target_psnr, max_drop) or len(kept) == budget:
                     break
-                if reranks > 0 and len(kept) < budget:
-                    reranks -= 1
-                    rest = [c for c in candidates if c not in kept and c not in tried]
-                    ranking = rank_nodes(quantized, ev, rest, kept, shares, progress, undo)
+                ranking = rerank(quantized, ev, [r for r in todo if r["node"] != node],
+                                 neighbours(fp32_proto, node), kept, shares, progress, undo)
         path.write_bytes(best)
     return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
             "quantizable_nodes": len(candidates), "float_computed_weights": fixed, "bias_correction": correction,

@@ -16,7 +16,7 @@ from calibration import CalibrationSet
 from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y
 
-RANK_CROPS = 16  # calibration crops the node ranking is measured on (it runs once per candidate node)
+RANK_CROPS = 8  # calibration crops the node ranking is measured on (it runs once per candidate node)
 
 
 def session(model: Path | str | bytes, threads: int = 1) -> ort.InferenceSession:
@@ -54,7 +54,9 @@ class Evaluator:
         if static_batch:
             self.rank_inputs = [calib.batch(i) for i in range(min(len(calib), -(-RANK_CROPS // calib.batch_size)))]
         else:
-            crops = calib.crops[:RANK_CROPS]
+            # Spread over the whole set: consecutive crops come from the same photo.
+            pick = np.linspace(0, len(calib.crops) - 1, min(RANK_CROPS, len(calib.crops))).round().astype(int)
+            crops = calib.crops[np.unique(pick)]
             self.rank_inputs = [crops[i:i + 8].copy() for i in range(0, len(crops), 8)]
         self.rank_ref = [run(sess, b) for b in self.rank_inputs]
         self.has_gt = all(h.hr is not None for h in calib.holdout)

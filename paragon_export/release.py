@@ -158,7 +158,10 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
         def do_int8():
             from .int8 import quantize_int8
 
-            art = quantize_int8(fp32, root, calib_dir=calib, force=True, progress=lambda m: echo(f"    {m}"))
+            # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
+            # ships only the TensorRT recipe, and the comparison costs a second calibration.
+            art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True,
+                                progress=lambda m: echo(f"    {m}"))
             q = art.meta["quality"]
             report_path = Path(art.meta["output"]["report"])
             return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),

@@ -19,7 +19,7 @@ from calibration.ranges import calibration_ranges
 from conftest import make_model
 from paragon_export.cli import main
 from paragon_export.errors import ParagonError
-from paragon_export.int8 import TRT_OPS, keep_float, quantize_int8, quantize_symmetric
+from paragon_export.int8 import RERANK_LEADERS, TRT_OPS, keep_float, neighbours, quantize_int8, quantize_symmetric, rerank
 from paragon_export.int8_eval import run, session
 from paragon_export.metrics import psnr
 
@@ -279,6 +279,35 @@ def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, t
     assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]
     with pytest.raises(ParagonError, match="scale"):
         quantize_int8(nano_fused_ckpt, tmp_path / "o2", calib=calib, cache_dir=cache_dir, scale=3)
+
+
+def test_neighbours_cross_unweighted_ops_only(fp32):
+    model = onnx.load(str(fp32))
+    # the two passes of the separable Magic filter, and the ConvTranspose that feeds them
+    assert neighbours(model, "/magic_upsampler/Conv") == {"/magic_upsampler/ConvTranspose", "/magic_upsampler/Conv_1"}
+    # through the LeakyRelu back to the depthwise conv, never past it to project_in
+    near = neighbours(model, SENSITIVE)
+    assert "/body/body.0/blocks/blocks.1/transformer/dwconv/Conv" in near
+    assert "/body/body.0/blocks/blocks.1/transformer/project_in/Conv" not in near
+
+
+def test_rerank_measures_only_leaders_and_neighbours(fp32):
+    class Counting:  # stands in for Evaluator: counts model evaluations, scores by graph size
+        calls = 0
+
+        def rank_score(self, blob):
+            Counting.calls += 1
+            return float(len(blob))
+
+    model = onnx.load(str(fp32))
+    names = [n.name for n in model.graph.node if n.op_type in TRT_OPS]
+    ranking = [{"node": n} for n in names]
+    near = {names[-1]}
+    out = rerank(model, Counting(), ranking, near, [], {}, lambda _m: None)
+    assert sorted(r["node"] for r in out) == sorted(names)
+    fresh = RERANK_LEADERS + 1
+    assert Counting.calls == fresh + 1  # each re-measured node, plus the base model once
+    assert [r["node"] for r in out[fresh:]] == names[RERANK_LEADERS:-1]  # the rest keep their order
 
 
 def test_mac_shares_weigh_hr_convs(fp32):
