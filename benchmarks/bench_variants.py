@@ -1,0 +1,82 @@
+"""Bench table per variant: PyTorch eager (unfused checkpoint) vs ONNX Runtime fp32 / fp16 / int8,
+all through `paragon_export.bench` in one run per variant (same threads, same input, round-robin).
+
+nano is the embedded trained default, released through `paragon_export.release` (its int8 is the
+shipped one: mixed precision searched against the 0.10 dB target). Other variants have no trained
+checkpoint: they get the stand-in weights of `onnx_export.py` (seeded, fitted a few steps so outputs
+are image-like), ONNX from `export_onnx` (FP16 gate at 0 dB when the stand-in misses it, recorded)
+and int8 from `quantize_int8` with no accuracy target, so every conv with a stored weight is int8:
+a mixed-precision search on untrained weights would measure nothing.
+
+    .venv/bin/python benchmarks/bench_variants.py --variants paragonsr2_nano,paragonsr2_s --json out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from onnx_export import fitted_model
+from paragon_export.bench import bench, format_table
+from paragon_export.checkpoint import save_model
+from paragon_export.defaults import default_checkpoint
+from paragon_export.errors import ParagonError
+from paragon_export.export_onnx import export_onnx
+from paragon_export.images import parse_sizes
+from paragon_export.int8 import quantize_int8
+from paragon_export.release import release
+
+
+def artifacts(variant: str, work: Path, fit_steps: int) -> tuple[list[Path], dict]:
+    if variant == "paragonsr2_nano":
+        t = time.perf_counter()
+        release(None, work / "release", engine=False, echo=lambda _m: None)
+        names = sorted((work / "release").glob("*.onnx"))
+        pick = {k: next(p for p in names if f"_{k}_" in p.name) for k in ("fp32", "fp16", "int8")}
+        return [default_checkpoint(), pick["fp32"], pick["fp16"], pick["int8"]], {
+            "weights": "embedded trained default", "int8": "release (mixed precision, 0.10 dB target)",
+            "release_seconds": round(time.perf_counter() - t, 1)}
+    model, fit_y = fitted_model(variant, 2, "mks2021", fit_steps)
+    ckpt = save_model(model, work / f"{variant}.safetensors", variant=variant, force=True).path
+    info = {"weights": f"stand-in, fitted {fit_steps} steps (held-out Y-PSNR {fit_y:.2f} dB)"}
+    try:
+        arts = export_onnx(ckpt, work / "onnx", fp16=True, force=True)
+    except ParagonError as e:
+        info["fp16_gate"] = str(e)
+        arts = export_onnx(ckpt, work / "onnx", fp16=True, fp16_target_psnr=0.0, force=True)
+    q = quantize_int8(arts["fp32"].path, work / "int8", max_drop=None, target_psnr=None, peer=False, force=True)
+    info["int8"] = f"all {q.meta['mixed_precision']['quantizable_nodes']} quantizable convs int8 (no target)"
+    return [ckpt, arts["fp32"].path, arts["fp16"].path, q.path], info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default="paragonsr2_nano,paragonsr2_s")
+    ap.add_argument("--sizes", default="256x256")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--fit-steps", type=int, default=150)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = []
+    for variant in a.variants.split(","):
+        with tempfile.TemporaryDirectory() as d:
+            paths, info = artifacts(variant, Path(d), a.fit_steps)
+            report = bench(paths, sizes=parse_sizes(a.sizes), threads=a.threads, runs=a.runs)
+        print(f"\n## {variant}: {json.dumps(info)}\n{format_table(report)}", flush=True)
+        out.append({"variant": variant, **info, "bench": report})
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
