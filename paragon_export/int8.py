@@ -47,7 +47,7 @@ from .onnx_graph import set_metadata
 DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
 DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
-RERANK_LEADERS = 5  # candidates from the top of the last ranking re-measured after each node kept
+RERANK_LEADERS = 8  # candidates from the top of the last ranking re-measured after each node kept
 COST_FLOOR = 0.02  # added to every node's MAC share in the ranking
 MAX_REJECTED = 8  # nodes tried beyond the budget (ones that did not help go back to int8)
 MIN_OPSET = 13
