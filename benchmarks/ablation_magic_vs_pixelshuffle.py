@@ -27,7 +27,7 @@ from paragon_export.bench import bench, format_table
 from paragon_export.checkpoint import load_model, param_count, save_model
 from paragon_export.errors import ParagonError
 from paragon_export.seeded import seeded_model
-from paragon_export.images import bicubic_downscale, load_image, parse_sizes, sample_photo_paths
+from paragon_export.images import bicubic_downscale, bicubic_upscale, load_image, parse_sizes, sample_photo_paths
 from paragon_export.metrics import psnr_y, ssim_y
 from paragon_export.upscale import tile_starts, upscale_array
 
@@ -72,13 +72,17 @@ def seam_errors(model: torch.nn.Module, scale: int, tile: int, overlap: int) -> 
                 mean_signed_at_borders=float(signed.mean()), max_abs_elsewhere=float(err[~near].max()))
 
 
-def quality(path: Path) -> dict:
-    loaded = load_model(path)
-    s, rows = loaded.scale, []
+def quality(path: Path | None, scale: int = 0) -> dict:
+    """Held-out Y-PSNR/SSIM of a checkpoint, or of bicubic upscaling when `path` is None."""
+    loaded = load_model(path) if path is not None else None
+    s, rows = loaded.scale if loaded else scale, []
     for p in sample_photo_paths("eval"):
         hr, lr = bicubic_downscale(load_image(p), s)
-        with torch.inference_mode():
-            sr = loaded.model(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy().transpose(1, 2, 0)
+        if loaded is None:
+            sr = bicubic_upscale(lr, s)
+        else:
+            with torch.inference_mode():
+                sr = loaded.model(torch.from_numpy(lr.transpose(2, 0, 1)[None].copy()))[0].numpy().transpose(1, 2, 0)
         rows.append((p.stem, psnr_y(np.clip(sr, 0, 1), hr, s), ssim_y(np.clip(sr, 0, 1), hr, s)))
     return dict(images={n: dict(psnr_y=a, ssim_y=b) for n, a, b in rows},
                 mean_psnr_y=float(np.mean([r[1] for r in rows])), mean_ssim_y=float(np.mean([r[2] for r in rows])))
@@ -114,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(variant: str, scale: int, sizes, threads: int, runs: int, trained: dict[str, Path]) -> dict:
-    out: dict = dict(variant=variant, scale=scale, weights="seeded random (no trained checkpoints exist yet)",
-                     heads={})
+    weights = "seeded random for ops, seams and speed" + (
+        f"; trained checkpoints for quality ({', '.join(trained)})" if trained else " (no trained checkpoints given)")
+    out: dict = dict(variant=variant, scale=scale, weights=weights, heads={})
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         artifacts = []
@@ -149,7 +154,10 @@ def run(variant: str, scale: int, sizes, threads: int, runs: int, trained: dict[
         print(format_table(report))
     if trained:
         out["quality"] = {ups: quality(p) for ups, p in trained.items()}
+        out["quality_bicubic"] = quality(None, scale)
         print("\nQuality on held-out photos (Y-PSNR / Y-SSIM, border = scale):")
+        print(f"  {'bicubic':12s} {out['quality_bicubic']['mean_psnr_y']:.2f} dB / "
+              f"{out['quality_bicubic']['mean_ssim_y']:.4f}")
         for ups, q in out["quality"].items():
             print(f"  {ups:12s} {q['mean_psnr_y']:.2f} dB / {q['mean_ssim_y']:.4f}")
     else:
