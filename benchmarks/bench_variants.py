@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from onnx_export import fitted_model
+from onnx_export import export_gated, fitted_model
 from paragon_export.bench import bench, format_table
 from paragon_export.checkpoint import save_model
 from paragon_export.defaults import default_checkpoint
-from paragon_export.errors import ParagonError
-from paragon_export.export_onnx import export_onnx
 from paragon_export.images import parse_sizes
 from paragon_export.int8 import quantize_int8
 from paragon_export.release import release
@@ -36,20 +34,15 @@ from paragon_export.release import release
 def artifacts(variant: str, work: Path, fit_steps: int) -> tuple[list[Path], dict]:
     if variant == "paragonsr2_nano":
         t = time.perf_counter()
-        release(None, work / "release", engine=False, echo=lambda _m: None)
-        names = sorted((work / "release").glob("*.onnx"))
-        pick = {k: next(p for p in names if f"_{k}_" in p.name) for k in ("fp32", "fp16", "int8")}
-        return [default_checkpoint(), pick["fp32"], pick["fp16"], pick["int8"]], {
+        manifest = release(None, work / "release", engine=False, echo=lambda _m: None)
+        made = {a["kind"]: work / "release" / a["path"] for rec in manifest["steps"].values() for a in rec["artifacts"]}
+        return [default_checkpoint(), made["onnx-fp32"], made["onnx-fp16"], made["onnx-int8"]], {
             "weights": "embedded trained default", "int8": "release (mixed precision, 0.10 dB target)",
             "release_seconds": round(time.perf_counter() - t, 1)}
     model, fit_y = fitted_model(variant, 2, "mks2021", fit_steps)
     ckpt = save_model(model, work / f"{variant}.safetensors", variant=variant, force=True).path
     info = {"weights": f"stand-in, fitted {fit_steps} steps (held-out Y-PSNR {fit_y:.2f} dB)"}
-    try:
-        arts = export_onnx(ckpt, work / "onnx", fp16=True, force=True)
-    except ParagonError as e:
-        info["fp16_gate"] = str(e)
-        arts = export_onnx(ckpt, work / "onnx", fp16=True, fp16_target_psnr=0.0, force=True)
+    arts, info["fp16_gate"] = export_gated(ckpt, work / "onnx")
     q = quantize_int8(arts["fp32"].path, work / "int8", max_drop=None, target_psnr=None, peer=False, force=True)
     info["int8"] = f"all {q.meta['mixed_precision']['quantizable_nodes']} quantizable convs int8 (no target)"
     return [ckpt, arts["fp32"].path, arts["fp16"].path, q.path], info
