@@ -104,7 +104,7 @@ def precision_of(path: Path, kind: str, runner: ModelRunner) -> str:
         declared = runner.metadata.get("precision")
         return declared or onnx_graph_precision(path)
     try:
-        from engines.manifest import entry_for_file
+        from paragon_export.engines.manifest import entry_for_file
 
         found = entry_for_file(path.parent, path.name)
     except (ImportError, ParagonError, OSError, ValueError):

@@ -12,8 +12,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from arch import ParagonSR2, detect_variant
-from arch.paragonsr2 import VARIANTS
+from paragon_export.arch import ParagonSR2, detect_variant
+from paragon_export.arch.paragonsr2 import VARIANTS
 
 from . import __version__
 from .artifact import Artifact, atomic_output, sha256_file

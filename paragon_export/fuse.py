@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arch import calibrate_kernels
+from paragon_export.arch import calibrate_kernels
 
 from .artifact import Artifact, check_output
 from .checkpoint import LoadedModel, load_model, param_count, save_model

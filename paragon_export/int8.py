@@ -34,8 +34,8 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
-from calibration.ranges import USER_METHODS, Ranges, calibration_ranges
+from paragon_export.calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
+from paragon_export.calibration.ranges import USER_METHODS, Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError

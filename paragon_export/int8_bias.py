@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from calibration import CalibrationSet
+from paragon_export.calibration import CalibrationSet
 
 from .int8_check import WEIGHTED_OPS
 

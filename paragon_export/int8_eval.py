@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from calibration import CalibrationSet
+from paragon_export.calibration import CalibrationSet
 
 from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y

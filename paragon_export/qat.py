@@ -100,7 +100,7 @@ def calibration_image_paths(data_dir: Path | None, names: list[str]) -> list[Pat
 
 def train_patches(paths: list[Path], *, scale: int, patch: int, seed: int,
                   per_image: int = PATCHES_PER_IMAGE) -> TrainPatches:
-    from calibration.sources import Decoded, decode
+    from paragon_export.calibration.sources import Decoded, decode
 
     lrs, hrs = [], []
     hp = patch * scale
@@ -412,7 +412,7 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
 
     import onnx
 
-    from calibration import build_calibration_set
+    from paragon_export.calibration import build_calibration_set
 
     from .export_onnx import describe, fused_model
     from .int8_eval import Evaluator, latency

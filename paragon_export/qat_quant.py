@@ -46,7 +46,7 @@ def _register_magic(mtq) -> None:
         return
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from arch.magic import MagicUpsampler
+    from paragon_export.arch.magic import MagicUpsampler
 
     class QuantMagicUpsampler(MagicUpsampler):
         """MagicUpsampler with a quantizer on the input and the weight of each fixed-filter conv.

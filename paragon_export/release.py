@@ -44,7 +44,7 @@ def _folder_digest(folder: Path | None) -> str:
 def _tensorrt_ready() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
-    from engines.gpu import query_gpu
+    from paragon_export.engines.gpu import query_gpu
 
     try:
         query_gpu()
@@ -197,7 +197,7 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
 
     if want_engine:
         def do_engine():
-            from engines.build import build_engine
+            from paragon_export.engines.build import build_engine
 
             outs = []
             for p in artifacts[1:]:

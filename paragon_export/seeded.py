@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from arch import ParagonSR2, build
+from paragon_export.arch import ParagonSR2, build
 
 
 def seeded_model(variant: str = "paragonsr2_nano", scale: int = 2, upsampler: str = "mks2021",

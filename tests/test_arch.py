@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from arch import MUNet, ParagonSR2, VARIANTS, build, calibrate_kernels, detect_variant, magic_kernel_taps
-from arch.magic import MagicUpsampler
-from arch.paragonsr2 import LayerScale
+from paragon_export.arch import MUNet, ParagonSR2, VARIANTS, build, calibrate_kernels, detect_variant, magic_kernel_taps
+from paragon_export.arch.magic import MagicUpsampler
+from paragon_export.arch.paragonsr2 import LayerScale
 from conftest import COMPAT, make_model
 
 GOLDEN = sorted(COMPAT.glob("*.safetensors"))

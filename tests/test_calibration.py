@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration import build_calibration_set
+from paragon_export.calibration import build_calibration_set
 from paragon_export.errors import ParagonError
 from paragon_export.images import load_image, sample_photo_paths
 

@@ -19,13 +19,13 @@ import onnx
 import pytest
 import torch
 
-from engines import (BuildOptions, EngineMismatch, GpuInfo, Profile, Target, build_engine, choose_profile,
+from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Profile, Target, build_engine, choose_profile,
                      engine_filename, incompatibility, inspect_onnx, load_engine, make_key, parse_profile,
                      preset_profile, read_manifest, rebuild_engine, trtexec_command, validate_profile)
-from engines.check import compare, find_reference, run_check
-from engines.gpu import parse_nvidia_smi, query_gpu
-from engines.manifest import entry_for_file, put_entry, remove_entry
-from engines.onnx_info import detect_precision
+from paragon_export.engines.check import compare, find_reference, run_check
+from paragon_export.engines.gpu import parse_nvidia_smi, query_gpu
+from paragon_export.engines.manifest import entry_for_file, put_entry, remove_entry
+from paragon_export.engines.onnx_info import detect_precision
 from paragon_export.errors import ParagonError
 
 from conftest import make_model
@@ -628,7 +628,7 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
     ("11.0.0", "fp32", [], [("clear_flag", "TF32")]),
 ])
 def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precision, set_flags, cleared):
-    from engines.builder import compile_engine
+    from paragon_export.engines.builder import compile_engine
 
     trt = _fake_trt(version)
     model = inspect_onnx(onnx_dir / f"nano_x2_{precision}.onnx")
@@ -647,7 +647,7 @@ def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precis
 
 
 def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
-    from engines.builder import compile_engine
+    from paragon_export.engines.builder import compile_engine
 
     model = inspect_onnx(onnx_dir / "nano_x2_fp32.onnx")
     cache, fallback = tmp_path / "t.cache", tmp_path / "f.cache"
@@ -670,7 +670,7 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
 
 
 def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
-    from engines import verify_engine
+    from paragon_export.engines import verify_engine
 
     art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path)
     here = Target(H200, "10.3.0", trt=_fake_trt("10.3.0"))

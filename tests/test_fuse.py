@@ -5,8 +5,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from arch import build
-from arch.paragonsr2 import LayerScale
+from paragon_export.arch import build
+from paragon_export.arch.paragonsr2 import LayerScale
 from paragon_export.checkpoint import load_model, save_model
 from paragon_export.cli import main
 from conftest import COMPAT

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from calibration import build_calibration_set
-from calibration.entropy import entropy_threshold
-from calibration.ranges import calibration_ranges
+from paragon_export.calibration import build_calibration_set
+from paragon_export.calibration.entropy import entropy_threshold
+from paragon_export.calibration.ranges import calibration_ranges
 from conftest import make_model
 from paragon_export.cli import main
 from paragon_export.errors import ParagonError

@@ -33,7 +33,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(photos):
-    from calibration import build_calibration_set
+    from paragon_export.calibration import build_calibration_set
 
     return build_calibration_set(photos, scale=2, **CALIB)
 

@@ -14,18 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arch import build
+from paragon_export.arch import build
 from paragon_export.checkpoint import load_model
 from paragon_export.errors import ParagonError
 from paragon_export.images import bicubic_downscale, load_image, sample_photo_paths, save_image
-from trainer.colour import hsluv_loss, rgb_to_hsluv
-from trainer.config import load_config
-from trainer.data import PatchBatches
-from trainer.ema import EMA
-from trainer.losses import focal_frequency_loss, l1_loss, msssim_loss
-from trainer.loop import train
-from trainer.perceptual import DISTS, VGG16_CFG, VGG19_CFG, VGGPerceptual, vgg_features
-from trainer.r3gan import discriminator_loss, generator_adv_loss
+from paragon_export.trainer.colour import hsluv_loss, rgb_to_hsluv
+from paragon_export.trainer.config import load_config
+from paragon_export.trainer.data import PatchBatches
+from paragon_export.trainer.ema import EMA
+from paragon_export.trainer.losses import focal_frequency_loss, l1_loss, msssim_loss
+from paragon_export.trainer.loop import train
+from paragon_export.trainer.perceptual import DISTS, VGG16_CFG, VGG19_CFG, VGGPerceptual, vgg_features
+from paragon_export.trainer.r3gan import discriminator_loss, generator_adv_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_perceptual_and_dists_from_local_weights(tmp_path):
 
 
 def test_r3gan_losses_finite_with_gradients():
-    from arch.munet import MUNet
+    from paragon_export.arch.munet import MUNet
 
     torch.manual_seed(0)
     disc = MUNet(base_channels=8)
@@ -229,7 +229,7 @@ def test_ddp_two_processes_agree(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "trainer", "-o", f"out_dir={out}", "-o", "threads=1", "-o", "data.lr_crop=16",
+           "-m", "paragon_export.trainer", "-o", f"out_dir={out}", "-o", "threads=1", "-o", "data.lr_crop=16",
            "-o", "data.batch_size=2", "-o", "train.steps=4", "-o", "train.static_from=0.5",
            "-o", "checkpoint.every=2", "-o", "val.every=0", "-o", "log.progress=false",
            "-o", "loss.gan=0.01", "-o", "discriminator.base_channels=8"]
@@ -243,7 +243,7 @@ def test_ddp_two_processes_agree(tmp_path):
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     from click.testing import CliRunner
 
-    from trainer.cli import main
+    from paragon_export.trainer.cli import main
 
     res = CliRunner().invoke(main, ["-o", "train.stpes=5"])
     assert res.exit_code == 1 and "Error: unknown config key 'train.stpes'" in res.output
@@ -253,7 +253,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 def test_embedded_default_is_trained_and_fuses_without_gap():
     from paragon_export.defaults import default_checkpoint
-    from trainer.validate import evaluate, val_pairs
+    from paragon_export.trainer.validate import evaluate, val_pairs
 
     loaded = load_model(default_checkpoint())
     assert (loaded.variant, loaded.scale, loaded.upsampler, loaded.fused) == ("paragonsr2_nano", 2, "mks2021", False)
@@ -271,7 +271,7 @@ def test_sigkill_loses_at_most_one_interval_and_resumes(tmp_path):
     args = ["-o", f"out_dir={out}", "-o", "threads=1", "-o", "data.lr_crop=16", "-o", "data.batch_size=2",
             "-o", "train.steps=400", "-o", "checkpoint.every=5", "-o", "val.every=0", "-o", "log.every=1",
             "-o", "log.progress=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "paragon_export.trainer", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 90

@@ -137,7 +137,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
 
 
 def _validate(cfg: dict) -> None:
-    from arch import UPSAMPLERS, VARIANTS
+    from paragon_export.arch import UPSAMPLERS, VARIANTS
 
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     if m["variant"] not in VARIANTS:

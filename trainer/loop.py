@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arch import build
-from arch.paragonsr2 import ParagonSR2
+from paragon_export.arch import build
+from paragon_export.arch.paragonsr2 import ParagonSR2
 from paragon_export.checkpoint import save_model
 from paragon_export.errors import ParagonError
 
@@ -144,7 +144,7 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
         s, total=steps, warmup=tc["warmup_steps"], min_ratio=tc["min_lr_ratio"]))
     disc = opt_d = None
     if float(lc["gan"]) > 0:
-        from arch.munet import MUNet
+        from paragon_export.arch.munet import MUNet
 
         dc = cfg["discriminator"]
         disc = MUNet(in_chans=3, base_channels=dc["base_channels"]).to(device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arch import ParagonSR2
+from paragon_export.arch import ParagonSR2
 from paragon_export.images import (bicubic_downscale, bicubic_upscale, list_images, load_image,
                                    sample_photo_paths, to_image, to_tensor)
 from paragon_export.metrics import psnr_y, ssim_y

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import click
 
-from engines.build import build_engine, rebuild_engine, verify_engine
-from engines.identity import HARDWARE_COMPAT, BuildOptions
-from engines.profile import PRESETS
+from paragon_export.engines.build import build_engine, rebuild_engine, verify_engine
+from paragon_export.engines.identity import HARDWARE_COMPAT, BuildOptions
+from paragon_export.engines.profile import PRESETS
 
 from ..errors import ParagonError
 
@@ -24,7 +24,7 @@ def _print_result(art, report: dict) -> None:
     click.echo("equivalent trtexec command:")
     click.echo(f"  {report['trtexec']}")
     if report.get("check"):
-        from engines.check import format_report
+        from paragon_export.engines.check import format_report
         click.echo(format_report(report["check"]))
 
 
@@ -67,7 +67,7 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
         click.echo(f"{model.name} fits this GPU and TensorRT ({entry['key']['gpu']}, TensorRT "
                    f"{entry['key']['trt_version']}) and loads")
         if report is not None:
-            from engines.check import format_report
+            from paragon_export.engines.check import format_report
             click.echo(format_report(report))
             if not report["passed"]:
                 raise ParagonError(f"{model.name} fails its check")

@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 
-from engines import (BuildOptions, EngineMismatch, GpuInfo, Target, build_engine,  # noqa: E402
+from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Target, build_engine,  # noqa: E402
                      current_target, load_engine)
 from paragon_export.errors import ParagonError  # noqa: E402
 
