@@ -41,7 +41,7 @@ from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers
-from .int8_eval import Evaluator, latency, run, session
+from .int8_eval import Evaluator, latency, native_vs_reference, run, session
 from .onnx_graph import set_metadata
 
 DEFAULT_METHOD = "percentile"
@@ -430,6 +430,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
             raise ParagonError(f"the INT8 model is not TensorRT-compatible: {'; '.join(blockers)}")
         (tmp / "int8.onnx").write_bytes(int8_bytes)
         models = {"fp32": fp32, "int8": tmp / "int8.onnx"}
+        native = native_vs_reference(tmp / "int8.onnx", [h.lr for h in calib.holdout], threads)
 
         peer_report = None
         if peer:
@@ -457,6 +458,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
             "mixed_precision": mp,
             "quality": {"fp32": ev.fp32, "int8": int8_quality},
             "latency": lat,
+            "native_kernels": native,
             "peer": peer_report,
         }
         with atomic_output(model_path, force=force) as t:

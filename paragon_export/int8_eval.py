@@ -9,24 +9,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-
 from paragon_export.calibration import CalibrationSet
 
+from .cpu import isa
 from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y
+from .onnx_graph import ort_session
 
 RANK_CROPS = 8  # calibration crops the node ranking is measured on (it runs once per candidate node)
 
 
-def session(model: Path | str | bytes, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    src = model if isinstance(model, bytes) else str(model)
+def session(model: Path | str | bytes, threads: int = 1, *, native_int8: bool = False):
+    """An ORT CPU session with Q/DQ reference semantics (`onnx_graph.ort_session`); load failures
+    become one ParagonError line."""
     try:
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        return ort_session(model, threads=threads, native_int8=native_int8)
     except Exception as e:  # ORT raises its own exception types for every load failure
         raise ParagonError(f"ONNX Runtime cannot load {'model' if isinstance(model, bytes) else model}: "
                            f"{str(e).splitlines()[0]}") from None
@@ -91,10 +88,36 @@ class Evaluator:
         return float("inf") if m == 0 else 10.0 * np.log10(1.0 / m)
 
 
+def native_vs_reference(model: Path | str | bytes, lrs: list[np.ndarray], threads: int = 1) -> dict:
+    """What ONNX Runtime's native integer kernels on this CPU make of `model`: worst PSNR and max abs
+    of their output against the Q/DQ reference semantics, on the given LR images, with the ISA."""
+    import onnxruntime
+
+    ref, nat = session(model, threads), session(model, threads, native_int8=True)
+    psnrs, worst = [], 0.0
+    for lr in lrs:
+        a, b = np.clip(run(ref, lr), 0, 1), np.clip(run(nat, lr), 0, 1)
+        psnrs.append(psnr(b, a))
+        worst = max(worst, float(np.abs(a - b).max()))
+    low = min(psnrs)
+    return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "isa": isa(),
+            "psnr_vs_reference": None if low == float("inf") else low,  # None: bit-identical
+            "max_abs_vs_reference": worst, "images": len(lrs)}
+
+
+def format_native(native: dict) -> str:
+    p = native["psnr_vs_reference"]
+    return (f"native int8 kernels ({native['runtime']}, {native['isa']}): "
+            f"{'identical' if p is None else f'PSNR {p:.2f} dB'}, "
+            f"max abs {native['max_abs_vs_reference']:.3g} vs the Q/DQ reference semantics "
+            f"(worst of {native['images']} held-out images; every other figure uses the reference)")
+
+
 def latency(models: dict[str, Path | str], lr: np.ndarray, *, threads: int = 1, warmup: int = 2,
             repeats: int = 9) -> dict:
     """Median ms per model, runs interleaved so load changes on a shared machine hit all alike."""
-    sessions = {k: session(v, threads) for k, v in models.items()}
+    # Native integer kernels: latency is what this CPU's runtime really does.
+    sessions = {k: session(v, threads, native_int8=True) for k, v in models.items()}
     x = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for i in range(warmup + repeats):
@@ -128,6 +151,8 @@ def format_table(report: dict) -> str:
     n = len(report["calibration"]["holdout_images"])
     lines.append(f"held-out: {n} images ({', '.join(report['calibration']['holdout_images'])}), "
                  f"latency: median of {lat['repeats']} at {lat['input'][2]}x{lat['input'][3]}, {lat['threads']} thread(s)")
+    if report.get("native_kernels"):
+        lines.append(format_native(report["native_kernels"]))
     if peer:
         lines.append(f"peer recipe is not TensorRT-compatible: {'; '.join(peer['trt_blockers'])}")
     goal = " and ".join(s for s in (f"PSNR vs fp32 >= {mp['target_psnr']} dB" if mp["target_psnr"] is not None else "",

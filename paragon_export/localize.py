@@ -20,7 +20,7 @@ import torch
 from polygraphy import constants
 from polygraphy.backend.onnx import ModifyOutputs
 
-from .runners import onnx_runner_from_bytes
+from .runners import onnx_runner
 
 # Relative RMS error a tensor must exceed to count as a jump: well above the arithmetic noise of
 # each precision, so rounding noise is not blamed on a layer.
@@ -67,7 +67,7 @@ def _weight_names(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
 
 def _run_marked(model: onnx.ModelProto, feed: dict, name: str) -> dict[str, np.ndarray]:
     marked = ModifyOutputs(model, outputs=constants.MARK_ALL, copy=True)()
-    with onnx_runner_from_bytes(marked.SerializeToString(), name=name) as runner:
+    with onnx_runner(marked.SerializeToString(), name=name) as runner:
         outs = runner.infer(feed, check_inputs=False)
         return {k: np.array(v) for k, v in outs.items()}
 

@@ -129,19 +129,29 @@ def read_metadata(model: onnx.ModelProto | Path | str) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def ort_session(model: onnx.ModelProto | Path | str, *, threads: int | None = None, level=None):
+def ort_session(model: onnx.ModelProto | Path | bytes | str, *, threads: int | None = None, level=None,
+                native_int8: bool = False):
     """A CPU ORT session; `threads` fixes the intra-op thread count (timings need it fixed),
-    `level` the graph optimization level (default: ORT's, all)."""
+    `level` the graph optimization level (default: ORT's, all).
+
+    Q/DQ graphs run with their reference ONNX semantics (dequantize, float op, quantize) unless
+    `native_int8`: ORT's fused integer kernels give CPU-dependent numbers (u8s8 saturation without
+    VNNI), so every check of an int8 artifact uses the reference and native runs are reported apart."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not native_int8:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if level is not None:
         so.graph_optimization_level = level
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if isinstance(model, onnx.ModelProto):
+        src = model.SerializeToString()
+    else:
+        src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 

@@ -31,6 +31,7 @@ from .manifest import tool_versions
 from .metrics import psnr, psnr_y, ssim_y
 from .onnx_graph import graph_precision, normalise_precision
 from .parity_report import write_outputs
+from .cpu import isa
 from .runners import INPUT_NAME, TorchCpuRunner, onnx_runner, tensorrt_unavailable, trt_runner
 
 SCHEMA_VERSION = 1
@@ -63,7 +64,7 @@ class Entry:
     name: str
     role: str  # reference | derived | artifact
     kind: str  # torch | checkpoint | onnx | engine
-    runner: str  # torch-cpu | onnxrt-cpu | tensorrt
+    runner: str  # torch-cpu | onnxrt-cpu | onnxrt-cpu-native | tensorrt
     precision: str
     precision_source: str
     gated: bool = True
@@ -156,6 +157,8 @@ def _artifact_entry(path: Path, ref_scale: int, taken: set) -> Entry:
             e.error = f"not a readable ONNX file: {_first_line(ex)}"
             return e
         e.precision, e.precision_source = onnx_precision(model)
+        if e.precision == "int8":
+            e.note = "Q/DQ reference semantics (the same on every CPU)"
         e.make_runner = lambda p=path, n=name: onnx_runner(p, name=n)
         return e
     prec, source = _engine_precision(path)
@@ -163,6 +166,16 @@ def _artifact_entry(path: Path, ref_scale: int, taken: set) -> Entry:
     e.skip = tensorrt_unavailable()
     e.make_runner = lambda p=path, n=name: trt_runner(p, name=n)
     return e
+
+
+def _native_int8_entry(art: Entry, taken: set) -> Entry:
+    """The same int8 file through ONNX Runtime's fused integer kernels: what this CPU's runtime does,
+    reported (not gated), because those numbers depend on the ISA."""
+    name = _unique(f"{art.name} [native {isa()}]", taken)
+    return Entry(name, "derived", "onnx", "onnxrt-cpu-native", "int8", art.precision_source, gated=False,
+                 path=art.path, sha256=art.sha256,
+                 make_runner=lambda p=art.path, n=name: onnx_runner(p, name=n, native_int8=True),
+                 note=f"ONNX Runtime's native integer kernels on this CPU ({isa()}); differs between ISAs")
 
 
 def _reference_entries(ref: Path, taken: set, scale: int | None = None):
@@ -306,7 +319,10 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     taken: set = set()
     loaded, fused, entries = _reference_entries(ref, taken, scale)
     scale = loaded.scale
-    entries += [_artifact_entry(p, scale, taken) for p in paths]
+    for p in paths:
+        entries.append(_artifact_entry(p, scale, taken))
+        if entries[-1].kind == "onnx" and entries[-1].precision == "int8" and not entries[-1].error:
+            entries.append(_native_int8_entry(entries[-1], taken))
     for e in entries:
         e.limits = thresholds[e.precision] if e.gated else None
 

@@ -415,7 +415,7 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
     from paragon_export.calibration import build_calibration_set
 
     from .export_onnx import describe, fused_model
-    from .int8_eval import Evaluator, latency
+    from .int8_eval import Evaluator, latency, native_vs_reference
     from .onnx_graph import set_metadata
 
     say = say or (lambda _m: None)
@@ -534,7 +534,8 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                          "loss": "L1 to the fp32 teacher" + (f" + {settings.gt_weight} x L1 to HR" if settings.gt_weight else ""),
                          "train_patches": int(len(patches.lr)), "history": run.history},
             "verification": {**verification, "min_psnr_limit": VERIFY_MIN_PSNR, "reference": "torch fake-quant student",
-                             "runtime": "onnxruntime CPU, default optimisations"},
+                             "runtime": "onnxruntime CPU, Q/DQ reference semantics"},
+            "native_kernels": native_vs_reference(qat_path, [h.lr for h in cal.holdout], threads),
             "quality": quality,
             "ptq": ptq,
             "latency": lat,
@@ -592,5 +593,9 @@ def format_table(report: dict) -> str:
     v = report["verification"]
     sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB" for g, r in v["groups"].items()
                       if "max_abs" in r)
-    lines.append(f"ORT vs torch fake quant: {sizes}")
+    lines.append(f"ORT (Q/DQ reference semantics) vs torch fake quant: {sizes}")
+    if report.get("native_kernels"):
+        from .int8_eval import format_native
+
+        lines.append(format_native(report["native_kernels"]))
     return "\n".join(lines)

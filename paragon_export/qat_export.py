@@ -90,7 +90,7 @@ def export_qdq(student: torch.nn.Module, *, opset: int = 17):
 
 
 def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
-    """ORT CPU (default optimisations) vs the torch fake-quant student on real photos: per size
+    """ORT CPU (Q/DQ reference semantics, the same on every CPU) vs the torch fake-quant student on real photos: per size
     max abs, mean abs and PSNR (`export_onnx.compare`)."""
     from .export_onnx import compare, run_onnx, run_torch, verification_inputs
     from .onnx_graph import ort_session

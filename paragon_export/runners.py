@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.backend.pyt import PytRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
@@ -59,12 +59,22 @@ class TorchCpuRunner(PytRunner):
         return OrderedDict([(OUTPUT_NAME, y.float().numpy())])
 
 
-def onnx_runner(path: Path | str, *, name: str) -> OnnxrtRunner:
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+def onnx_runner(model: Path | str | bytes, *, name: str, threads: int | None = None,
+                native_int8: bool = False) -> OnnxrtRunner:
+    """ORT CPU; Q/DQ graphs run their reference semantics unless `native_int8` (`onnx_graph.ort_session`).
+    A file ORT cannot load fails at activation with one ParagonError line."""
+    from .onnx_graph import ort_session
 
+    src = model if isinstance(model, bytes) else str(model)
+    what = "the model" if isinstance(model, bytes) else str(model)
 
-def onnx_runner_from_bytes(model_bytes: bytes, *, name: str) -> OnnxrtRunner:
-    return OnnxrtRunner(SessionFromOnnx(model_bytes, providers=["cpu"]), name=name)
+    def session():
+        try:
+            return ort_session(src, threads=threads, native_int8=native_int8)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise ParagonError(f"{what}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+
+    return OnnxrtRunner(session, name=name)
 
 
 def _cuda_device_count() -> int:

@@ -157,26 +157,8 @@ def open_model(path: Path | str, *, threads: int | None = None, scale: int | Non
         return ModelRunner(runners.TorchCpuRunner(loaded.model, name=path.name), kind, path,
                            metadata={k: str(v) for k, v in loaded.meta.items()}, scale=loaded.scale)
     if kind == "onnxruntime":
-        return ModelRunner(_onnx_runner(path, threads), kind, path, expected_scale=scale)
+        return ModelRunner(runners.onnx_runner(path, name=path.name, threads=threads, native_int8=True), kind, path, expected_scale=scale)
     return ModelRunner(runners.trt_runner(path, name=path.name), kind, path, expected_scale=scale)
-
-
-def _onnx_runner(path: Path, threads: int | None):
-    import onnxruntime as ort
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
-    def session():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:  # fixed for timings; otherwise ORT picks one thread per core
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        try:
-            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise ParagonError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
-
-    return OnnxrtRunner(session, name=path.name)
 
 
 # ----------------------------------------------------------------------------------------------
