@@ -39,7 +39,6 @@ def export_onnx(model: torch.nn.Module, path: Path, *, variant: str, scale: int,
     """The shipped export (simplified, verified fp32 ONNX with dynamic H/W); returns its op counts."""
     from paragon_export import export_onnx as exporter
 
-    exporter.VERIFY_THREADS = threads
     art = exporter.export_model(model, path, meta=dict(scale=str(scale), variant=variant, upsampler=upsampler,
                                                        precision="fp32"), force=True)
     return dict(sorted(art.meta["nodes_after"].items()))

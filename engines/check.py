@@ -12,29 +12,19 @@ import numpy as np
 
 from paragon_export.errors import ParagonError
 from paragon_export.images import lr_hr_crops, sample_photo_paths
-from paragon_export.metrics import psnr
+from paragon_export import verify
+from paragon_export.verify import LIMITS, VERIFY_SIZES
 
 from .onnx_info import OnnxInfo, inspect_onnx
 from .profile import Profile
 
-# The parity command's limits (engine vs the fp32 ONNX, outputs in [0, 1]); this copy is used only when
-# paragon_export.parity is not installed alongside. fp32 engines are built with TF32 off to meet them.
-_FALLBACK_THRESHOLDS = {
-    "fp32": {"max_abs": 1e-4, "min_psnr": 80.0},
-    "fp16": {"max_abs": 1e-2, "min_psnr": 50.0},
-    "int8": {"max_abs": 0.25, "min_psnr": 32.0},
-}
-CHECK_SIZES = ((64, 64), (45, 77))  # LR (H, W); the second is not a multiple of 8
 _MATCH_KEYS = ("variant", "scale", "upsampler")
 
 
 def thresholds(precision: str) -> dict:
-    """Same limits as `paragon-export parity` (its THRESHOLDS table), so a checked engine passes parity."""
-    try:
-        from paragon_export.parity import THRESHOLDS
-    except ImportError:
-        return dict(_FALLBACK_THRESHOLDS[precision])
-    lim = THRESHOLDS[precision]
+    """The limits `paragon-export parity` applies (verify.LIMITS), so a checked engine passes parity.
+    fp32 engines are built with TF32 off to meet them."""
+    lim = LIMITS[precision]
     return {"max_abs": lim.max_abs, "min_psnr": lim.min_psnr}
 
 
@@ -65,33 +55,20 @@ def find_reference(model: OnnxInfo, reference: Path | str | None = None) -> Onnx
 
 
 def compare(out: np.ndarray, ref: np.ndarray, precision: str) -> dict:
-    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    if out.shape != ref.shape:
-        return {"max_abs": None, "mean_abs": None, "psnr": None, "finite": True, "passed": False,
-                "why": f"output shape {out.shape} != reference {ref.shape}"}
-    finite = bool(np.isfinite(out).all())
-    diff = np.abs(out.astype(np.float64) - ref)
-    row = {"max_abs": float(diff.max()) if finite else float("inf"), "mean_abs": float(diff.mean()) if finite
-           else float("inf"), "psnr": psnr(out, ref) if finite else float("-inf"), "finite": finite}
-    t = thresholds(precision)
-    fails = []
-    if not finite:
-        fails.append("NaN/Inf in the output")
-    else:
-        if row["psnr"] < t["min_psnr"]:
-            fails.append(f"PSNR {row['psnr']:.2f} dB < {t['min_psnr']} dB")
-        if t.get("max_abs") is not None and row["max_abs"] > t["max_abs"]:
-            fails.append(f"max abs {row['max_abs']:.2e} > {t['max_abs']:g}")
-    row["passed"] = not fails
-    row["why"] = "; ".join(fails)
-    return row
+    """One engine output against the fp32 ONNX's, as a JSON-ready row with the verdict."""
+    c = verify.compare(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    fails = c.failures(LIMITS[precision])
+    if c.shape_mismatch:
+        return {"max_abs": None, "mean_abs": None, "psnr": None, "finite": True, "passed": False, "why": fails[0]}
+    return {"max_abs": c.max_abs, "mean_abs": c.mean_abs, "psnr": c.psnr, "finite": not c.nonfinite,
+            "passed": not fails, "why": "; ".join(fails)}
 
 
 def _clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, v))
 
 
-def check_inputs(profile: Profile, scale: int, *, sizes=CHECK_SIZES) -> list[tuple[str, np.ndarray]]:
+def check_inputs(profile: Profile, scale: int, *, sizes=VERIFY_SIZES) -> list[tuple[str, np.ndarray]]:
     """Real LR photo crops (bicubic from the held-out photos) at sizes inside the profile, as NCHW batches."""
     lo, hi = profile.min, profile.max
     wanted = []

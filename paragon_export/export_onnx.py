@@ -32,7 +32,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -41,22 +40,16 @@ from .artifact import Artifact, atomic_output, check_output
 from .checkpoint import LoadedModel, load_model
 from .errors import ParagonError
 from .fuse import EXACT_ATOL, verify_fusion
-from .images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
-from .metrics import psnr
-from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, ort_session, run_session,
+from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, ort_session,
                          set_metadata, simplify)
+from .verify import LIMITS, VERIFY_SIZES, VERIFY_THREADS, describe, verify_against
 
 OPSETS = range(13, 21)
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
-FP32_ATOL = 1e-4
-VERIFY_SIZES = ((64, 64), (45, 77))  # LR (h, w); the second is non-square and not a multiple of 8
-VERIFY_BATCH = 2
+FP32_ATOL = LIMITS["fp32"].max_abs
 # Traced at a size no verification uses, so a shape baked in at trace time cannot pass.
 TRACE_SHAPE = (2, 3, 40, 56)
-# ORT intra-op threads for verification sessions (None: ORT's default, all cores). On a crowded
-# machine 1 is much faster than spinning thread pools; tests set it.
-VERIFY_THREADS: int | None = None
 
 
 def onnx_filename(variant: str, scale: int, precision: str, opset: int) -> str:
@@ -162,106 +155,10 @@ def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, s
 
 # ---------------------------------------------------------------- verification
 
-def verification_inputs(scale: int, sizes, *, paths=None, batch: int = VERIFY_BATCH) -> list[tuple[str, str, np.ndarray]]:
-    """[(group, name, NCHW float32 LR)] from real photos: every photo at every size, plus one batch
-    of `batch` photos at the first size. Photos too small for a size are bicubic-downscaled whole
-    and reflect-padded, so any size (e.g. a static 720x1280 export) is verifiable."""
-    paths = list(paths or sample_photo_paths("eval"))
-    out = []
-    for h, w in sizes:
-        group = f"{h}x{w}"
-        try:
-            crops = [(name, lr) for name, lr, _ in lr_hr_crops(paths, scale, (h, w))]
-        except ParagonError:
-            crops = []
-            for p in paths:
-                _, lr = bicubic_downscale(load_image(p), scale)
-                ph, pw = max(0, h - lr.shape[0]), max(0, w - lr.shape[1])
-                lr = np.pad(lr, ((0, ph), (0, pw), (0, 0)), mode="symmetric")[:h, :w]
-                crops.append((p.stem, lr))
-        for name, lr in crops:
-            out.append((group, name, lr.transpose(2, 0, 1)[None].copy()))
-        if (h, w) == tuple(sizes[0]) and batch > 1:
-            stack = np.concatenate([lr.transpose(2, 0, 1)[None] for _, lr in crops[:batch]])
-            if stack.shape[0] == batch:
-                out.append((f"batch{batch}@{group}", "+".join(n for n, _ in crops[:batch]), stack))
-    return out
-
-
-@torch.no_grad()
-def run_torch(model: torch.nn.Module, x: np.ndarray, dtype=torch.float32) -> np.ndarray:
-    return model(torch.from_numpy(x).to(dtype)).float().numpy()
-
-
-def compare(outputs: dict, references: dict) -> dict:
-    """Per-group worst figures of outputs vs references (both {(group, name): NCHW array}).
-
-    Returns {"groups": {group: {max_abs, mean_abs, psnr, images} or {shape_mismatch}},
-    "max_abs", "min_psnr"}; a shape mismatch makes max_abs NaN (never within a tolerance)."""
-    groups: dict = {}
-    for key, ref in references.items():
-        out = outputs[key]
-        g = groups.setdefault(key[0], {"max_abs": 0.0, "mean_abs": 0.0, "psnr": float("inf"), "images": 0})
-        if out.shape != ref.shape:
-            groups[key[0]] = {"shape_mismatch": f"{tuple(out.shape)} vs {tuple(ref.shape)}"}
-            continue
-        if "shape_mismatch" in g:
-            continue
-        if not np.isfinite(out).all():
-            g.update(max_abs=float("inf"), mean_abs=float("inf"), psnr=float("-inf"), nonfinite=True)
-            g["images"] += out.shape[0]
-            continue
-        d = np.abs(out.astype(np.float64) - ref)
-        g["max_abs"] = max(g["max_abs"], float(d.max()))
-        g["mean_abs"] = max(g["mean_abs"], float(d.mean()))
-        g["psnr"] = min(g["psnr"], psnr(out, ref))
-        g["images"] += out.shape[0]
-    return _aggregate({"groups": groups})
-
-
-def _aggregate(report: dict) -> dict:
-    vals = list(report["groups"].values())
-    broken = any("max_abs" not in v for v in vals) or not vals
-    report["max_abs"] = float("nan") if broken else max(v["max_abs"] for v in vals)
-    report["min_psnr"] = float("nan") if broken else min(v["psnr"] for v in vals)
-    return report
-
-
-def describe(report: dict, metric: str = "max_abs") -> str:
-    """'64x64: 1.2e-06, 45x77: 9.5e-07, batch2@64x64: 1.2e-06' (or the shape mismatch / error)."""
-    parts = []
-    for g, v in report["groups"].items():
-        if "error" in v:
-            parts.append(f"{g}: {v['error']}")
-        elif "shape_mismatch" in v:
-            ours, ref = v["shape_mismatch"].split(" vs ")
-            parts.append(f"{g}: output shape {ours}, reference {ref}")
-        else:
-            parts.append(f"{g}: {v[metric]:.3g}" + (" dB" if metric == "psnr" else ""))
-    return ", ".join(parts)
-
-
-def run_onnx(sess, inputs) -> tuple[dict, dict]:
-    """ORT outputs per (group, name); groups whose run fails are returned as errors, not raised."""
-    outputs, errors = {}, {}
-    for group, name, x in inputs:
-        try:
-            outputs[(group, name)] = run_session(sess, x)
-        except Exception as e:  # a baked shape or bad graph: report it as a verification figure
-            errors.setdefault(group, f"ORT failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    return outputs, errors
-
-
 def verify_onnx(model: onnx.ModelProto | Path | str, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES,
                 *, atol: float = FP32_ATOL, paths=None) -> dict:
     """ORT CPU vs the fp32 PyTorch reference on real photos. Returns the report with "ok"."""
-    inputs = verification_inputs(scale, sizes, paths=paths)
-    refs = {(g, n): run_torch(reference, x) for g, n, x in inputs}
-    outputs, errors = run_onnx(ort_session(model, threads=VERIFY_THREADS), inputs)
-    report = compare(outputs, {k: v for k, v in refs.items() if k[0] not in errors})
-    for g, msg in errors.items():
-        report["groups"][g] = {"error": msg}
-    _aggregate(report)
+    report = verify_against(ort_session(model, threads=VERIFY_THREADS), reference, scale, sizes, paths=paths)
     report["atol"] = atol
     report["ok"] = bool(report["max_abs"] <= atol)
     return report

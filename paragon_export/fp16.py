@@ -40,6 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ParagonError
 from .images import sample_photo_paths
 from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
+from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_onnx, run_torch,
+                     verification_inputs)
 
 FP16_MAX = 65504.0
 # 16x headroom below the fp16 maximum for images brighter or busier than the calibration set.
@@ -54,17 +56,9 @@ CALIB_LR_SIZE = (64, 64)
 CALIB_IMAGES = 8
 
 
-def _threads() -> int | None:
-    from . import export_onnx
-
-    return export_onnx.VERIFY_THREADS
-
-
 def calibration_inputs(scale: int, paths=None, size=CALIB_LR_SIZE) -> list[np.ndarray]:
     """NCHW LR crops of real photos (by default the bundled training photos, not the held-out ones
     verification uses); photos smaller than `size` are padded as in verification."""
-    from .export_onnx import verification_inputs
-
     paths = list(paths or sample_photo_paths("train"))[:CALIB_IMAGES]
     return [x for _, _, x in verification_inputs(scale, [tuple(size)], paths=paths, batch=1)]
 
@@ -176,7 +170,7 @@ def _probe(model: onnx.ModelProto, names: list[str]):
         if n in produced:
             p.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
     # No graph rewrites: the emulation's fp16 round trips must stay exactly where they are.
-    sess = ort_session(p, threads=_threads(), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = ort_session(p, threads=VERIFY_THREADS, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return sess, [o.name for o in sess.get_outputs()]
 
 
@@ -305,8 +299,6 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
                keep_io_types: bool = True, static_shape=None, verify_sizes=None, calib_paths=None,
                target_psnr: float | None = None) -> tuple[dict, dict]:
     """Convert the verified fp32 graph, verify it, write it to `tmp`. Returns (metadata, info)."""
-    from .export_onnx import VERIFY_SIZES, compare, describe, run_onnx, run_torch, verification_inputs
-
     target_psnr = FP16_TARGET_PSNR if target_psnr is None else target_psnr
     meta = {p.key: p.value for p in graph32.metadata_props}
     scale = int(meta["scale"])
@@ -321,20 +313,20 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
 
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes or VERIFY_SIZES)
     inputs = verification_inputs(scale, sizes)
-    out16, err16 = run_onnx(ort_session(tmp, threads=_threads()), inputs)
+    out16, err16 = run_onnx(ort_session(tmp, threads=VERIFY_THREADS), inputs)
     if err16:
         raise ParagonError(f"FP16 ONNX does not run on ORT CPU: {next(iter(err16.values()))}; nothing written")
-    out32, _ = run_onnx(ort_session(fp32_path, threads=_threads()), inputs)
+    out32, _ = run_onnx(ort_session(fp32_path, threads=VERIFY_THREADS), inputs)
     sess_emu, names_emu = _probe(emulate_fp16(graph, kept), [])
     emulated = {(g, n): _run_probe(sess_emu, names_emu, x)[OUTPUT_NAME] for g, n, x in inputs}
-    report: dict = {"vs_fp32_onnx": compare(out16, out32), "emulated_vs_fp32": compare(emulated, out32),
+    report: dict = {"vs_fp32_onnx": compare_groups(out16, out32), "emulated_vs_fp32": compare_groups(emulated, out32),
                     "target_psnr": target_psnr, "torch_half_note": None}
     try:
         half_model = torch_half_model(reference)
         half = {(g, n): run_torch(half_model, x, torch.float16) for g, n, x in inputs}
         torch32 = {(g, n): run_torch(reference, x) for g, n, x in inputs}
-        report["vs_torch_half"] = compare(out16, half)
-        report["torch_half_vs_fp32"] = compare(half, torch32)
+        report["vs_torch_half"] = compare_groups(out16, half)
+        report["torch_half_vs_fp32"] = compare_groups(half, torch32)
         if kept:
             report["torch_half_note"] = f"torch half runs every node in fp16; this file keeps {len(kept)} in fp32"
     except RuntimeError as e:  # an op without a CPU half kernel in this torch build

@@ -14,9 +14,9 @@ from .checkpoint import LoadedModel, load_model, param_count, save_model
 from .errors import ParagonError
 from .images import list_images, load_image, lr_hr_crops, sample_photo_paths, bicubic_downscale, to_image, to_tensor
 from .metrics import psnr, psnr_y
+from .verify import VERIFY_SIZES
 
 EXACT_ATOL = 1e-5
-VERIFY_SIZES = ((64, 64), (45, 77))  # LR; the second is non-square and not a multiple of 8
 CALIB_LR_SIZE = 96
 
 

@@ -29,7 +29,7 @@ def session(model: Path | str | bytes, threads: int = 1, *, native_int8: bool = 
                            f"{str(e).splitlines()[0]}") from None
 
 
-def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+def run(sess, x: np.ndarray) -> np.ndarray:
     """NCHW batch (or one HWC image) in, float32 NCHW out."""
     if x.ndim == 3:
         x = x.transpose(2, 0, 1)[None]

@@ -28,33 +28,17 @@ from .errors import ParagonError
 from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
 from .localize import localize as localize_onnx
 from .manifest import tool_versions
-from .metrics import psnr, psnr_y, ssim_y
+from .metrics import psnr_y, ssim_y
 from .onnx_graph import graph_precision, normalise_precision
 from .parity_report import write_outputs
 from .cpu import isa
 from .runners import INPUT_NAME, TorchCpuRunner, onnx_runner, tensorrt_unavailable, trt_runner
+from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 SCHEMA_VERSION = 1
-DEFAULT_SIZES = "64x64,75x131"  # LR; the second is non-square and not a multiple of 8 (SPEC §6)
+DEFAULT_SIZES = ",".join(f"{h}x{w}" for h, w in VERIFY_SIZES)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_abs: float  # worst |artifact - reference| over every pixel of every image and size
-    min_psnr: float  # worst PSNR (dB, [0, 1] range) of artifact vs reference over images and sizes
-
-
-# What each precision may lose against the fp32 reference (outputs are images in [0, 1]).
-# fp32: only reordering of float sums (ORT vs torch: ~1e-6). fp16: 11-bit mantissa arithmetic
-# (torch .half() on a nano: max ~1e-3, ~70 dB). int8: symmetric Q/DQ (~40 dB on a nano; below
-# ~32 dB banding and colour shifts become visible).
-THRESHOLDS = {
-    "fp32": Limits(max_abs=1e-4, min_psnr=80.0),
-    "fp16": Limits(max_abs=1e-2, min_psnr=50.0),
-    "int8": Limits(max_abs=0.25, min_psnr=32.0),
-}
 
 
 @dataclass
@@ -208,18 +192,16 @@ def _reference_entries(ref: Path, taken: set, scale: int | None = None):
 
 
 def _case_metrics(out: np.ndarray, ref: np.ndarray, hr: np.ndarray, scale: int) -> dict:
-    out = np.asarray(out, np.float32)
+    c = compare(np.asarray(out, np.float32), ref)
     m = {"max_abs": None, "mean_abs": None, "psnr": None, "y_psnr": None, "ssim": None,
-         "nonfinite": int(out.size - np.isfinite(out).sum()), "error": None}
-    if out.shape != ref.shape:
-        m["error"] = f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+         "nonfinite": c.nonfinite, "error": None}
+    if c.shape_mismatch:
+        m["error"] = f"output shape {c.shape_mismatch.replace(' vs ', ' != reference ')}"
         return m
-    if m["nonfinite"]:
+    if c.nonfinite:
         return m
-    d = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-    p = psnr(out, ref)
     img = np.clip(to_image(out), 0.0, 1.0)
-    m.update(max_abs=float(d.max()), mean_abs=float(d.mean()), psnr=None if np.isinf(p) else float(p),
+    m.update(max_abs=c.max_abs, mean_abs=c.mean_abs, psnr=None if np.isinf(c.psnr) else c.psnr,
              y_psnr=psnr_y(img, hr, scale), ssim=ssim_y(img, hr, scale))
     return m
 
@@ -314,7 +296,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     paths = [p for p in paths if not (p.exists() and ref.exists() and p.resolve() == ref.resolve())]
     size_list = parse_sizes(sizes) if isinstance(sizes, str) else [tuple(s) for s in sizes]
     thresholds = {k: Limits(atol if atol is not None else v.max_abs, min_psnr if min_psnr is not None else v.min_psnr)
-                  for k, v in THRESHOLDS.items()}
+                  for k, v in LIMITS.items()}
 
     taken: set = set()
     loaded, fused, entries = _reference_entries(ref, taken, scale)

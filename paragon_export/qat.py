@@ -51,6 +51,7 @@ from .errors import ParagonError
 from .images import bicubic_downscale, list_images, sample_photo_paths
 from .metrics import psnr, psnr_y, ssim_y
 from .qat_export import export_qdq, verify_qdq
+from .verify import VERIFY_SIZES, describe
 
 DEFAULT_STEPS = 600
 DEFAULT_LR = 2e-4
@@ -309,7 +310,6 @@ def read_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------- the command
 
-VERIFY_SIZES = ((64, 64), (45, 77))  # LR (h, w); the second is non-square and not a multiple of 8
 VERIFY_MIN_PSNR = 40.0  # ORT's int8 kernels vs torch fake quant differ by rounding flips only
 
 
@@ -414,7 +414,7 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
 
     from paragon_export.calibration import build_calibration_set
 
-    from .export_onnx import describe, fused_model
+    from .export_onnx import fused_model
     from .int8_eval import Evaluator, latency, native_vs_reference
     from .onnx_graph import set_metadata
 

@@ -90,16 +90,9 @@ def export_qdq(student: torch.nn.Module, *, opset: int = 17):
 
 
 def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
-    """ORT CPU (Q/DQ reference semantics, the same on every CPU) vs the torch fake-quant student on real photos: per size
-    max abs, mean abs and PSNR (`export_onnx.compare`)."""
-    from .export_onnx import compare, run_onnx, run_torch, verification_inputs
+    """ORT CPU (Q/DQ reference semantics, the same on every CPU) vs the torch fake-quant student on
+    real photos: per size max abs, mean abs and PSNR (`verify.compare_groups`)."""
     from .onnx_graph import ort_session
+    from .verify import VERIFY_THREADS, verify_against
 
-    inputs = verification_inputs(scale, sizes, paths=paths)
-    refs = {(g, n): run_torch(student, x) for g, n, x in inputs}
-    outputs, errors = run_onnx(ort_session(model), inputs)
-    report = compare(outputs, {k: v for k, v in refs.items() if k[0] not in errors})
-    for g, msg in errors.items():
-        report["groups"][g] = {"error": msg}
-        report["max_abs"], report["min_psnr"] = float("nan"), float("nan")
-    return report
+    return verify_against(ort_session(model, threads=VERIFY_THREADS), student, scale, sizes, paths=paths)

@@ -429,7 +429,7 @@ def test_compare_flags_nan_and_shape():
     ref = np.zeros((1, 3, 8, 8), np.float32)
     out = ref.copy()
     out[0, 0, 0, 0] = np.nan
-    assert compare(out, ref, "fp16")["why"] == "NaN/Inf in the output"
+    assert "NaN/Inf" in compare(out, ref, "fp16")["why"]
     assert "shape" in compare(ref[:, :, :4], ref, "fp32")["why"]
     assert compare(ref + 1e-5, ref, "fp32")["passed"]
 

@@ -1,6 +1,5 @@
 import pickle
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file

@@ -31,12 +31,6 @@ PLAIN_OPS = {"Conv", "ConvTranspose", "Pad", "Add", "Split", "Concat", "LeakyRel
 MAGIC_OPS = {"Pad", "Conv", "ConvTranspose"}
 
 
-@pytest.fixture(autouse=True)
-def _one_ort_thread(monkeypatch):
-    # Shared 2-core machine: spinning ORT thread pools (torch is on one thread via conftest).
-    monkeypatch.setattr(eo, "VERIFY_THREADS", 1)
-
-
 def _photo(scale: int, size=(19, 23)) -> np.ndarray:
     _, lr, _ = lr_hr_crops(sample_photo_paths("eval"), scale, size)[1]
     return lr.transpose(2, 0, 1)[None].copy()

@@ -137,7 +137,7 @@ def test_resume_matches_an_uninterrupted_run(calib, patches, tmp_path):
 
 
 def test_qdq_export_symmetric_per_channel_and_ort_agrees(calib):
-    from paragon_export.export_onnx import run_torch, verification_inputs
+    from paragon_export.verify import run_torch, verification_inputs
     from paragon_export.onnx_graph import io_dims, ort_session, run_session
     from paragon_export.qat import Settings
     from paragon_export.qat_export import export_qdq, verify_qdq

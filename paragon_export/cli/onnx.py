@@ -28,7 +28,8 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
             force):
     """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""
     from ..errors import ParagonError
-    from ..export_onnx import describe, export_onnx
+    from ..export_onnx import export_onnx
+    from ..verify import describe
 
     shape = None
     if static_shape:

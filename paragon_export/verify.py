@@ -1,0 +1,167 @@
+"""The one place that says how an artifact is checked: the verification inputs (real photos at two
+LR sizes), the compare function with its typed result, and the limits table every step and
+`parity` apply. Imports only the core (errors, images, metrics); exporters and runners import it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ParagonError
+from .images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
+from .metrics import psnr
+
+# LR (h, w): the second is non-square and not a multiple of 8, so sizes baked in at trace time or
+# rounding in the output-size arithmetic cannot pass (SPEC §6).
+VERIFY_SIZES = ((64, 64), (45, 77))
+VERIFY_BATCH = 2
+# Verification crops are small: one ORT thread beats spinning thread pools on a crowded machine.
+VERIFY_THREADS = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_abs: float
+    min_psnr: float
+
+
+# Output vs the fp32 reference, outputs in [0, 1]. fp16: 50 dB is an error RMS of 0.3 % of the range;
+# int8: what a calibrated symmetric Q/DQ model of this family reaches with margin.
+LIMITS = {
+    "fp32": Limits(max_abs=1e-4, min_psnr=80.0),
+    "fp16": Limits(max_abs=1e-2, min_psnr=50.0),
+    "int8": Limits(max_abs=0.25, min_psnr=32.0),
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One output against its reference. PSNR is +inf for identical outputs; a shape mismatch or
+    NaN/Inf makes max_abs/mean_abs inf and PSNR -inf, so no tolerance can pass it."""
+
+    max_abs: float
+    mean_abs: float
+    psnr: float
+    nonfinite: int = 0
+    shape_mismatch: str | None = None
+
+    def failures(self, limits: Limits) -> list[str]:
+        if self.shape_mismatch:
+            return [f"output shape {self.shape_mismatch}"]
+        out = [f"{self.nonfinite} NaN/Inf output values"] if self.nonfinite else []
+        if not self.nonfinite and self.max_abs > limits.max_abs:
+            out.append(f"max abs {self.max_abs:.3g} > {limits.max_abs:g}")
+        if not self.nonfinite and self.psnr < limits.min_psnr:
+            out.append(f"PSNR {self.psnr:.2f} dB < {limits.min_psnr:g} dB")
+        return out
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> Comparison:
+    out, ref = np.asarray(out), np.asarray(ref)
+    if out.shape != ref.shape:
+        return Comparison(math.inf, math.inf, -math.inf, shape_mismatch=f"{tuple(out.shape)} vs {tuple(ref.shape)}")
+    bad = int(out.size - np.isfinite(out).sum())
+    if bad:
+        return Comparison(math.inf, math.inf, -math.inf, nonfinite=bad)
+    d = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    return Comparison(float(d.max()), float(d.mean()), psnr(out, ref))
+
+
+def verification_inputs(scale: int, sizes=VERIFY_SIZES, *, paths=None,
+                        batch: int = VERIFY_BATCH) -> list[tuple[str, str, np.ndarray]]:
+    """[(group, name, NCHW float32 LR)] from real photos: every photo at every size, plus one batch
+    of `batch` photos at the first size. Photos too small for a size are bicubic-downscaled whole
+    and reflect-padded, so any size (e.g. a static 720x1280 export) is verifiable."""
+    paths = list(paths or sample_photo_paths("eval"))
+    out = []
+    for h, w in sizes:
+        group = f"{h}x{w}"
+        try:
+            crops = [(name, lr) for name, lr, _ in lr_hr_crops(paths, scale, (h, w))]
+        except ParagonError:
+            crops = []
+            for p in paths:
+                _, lr = bicubic_downscale(load_image(p), scale)
+                ph, pw = max(0, h - lr.shape[0]), max(0, w - lr.shape[1])
+                lr = np.pad(lr, ((0, ph), (0, pw), (0, 0)), mode="symmetric")[:h, :w]
+                crops.append((p.stem, lr))
+        for name, lr in crops:
+            out.append((group, name, lr.transpose(2, 0, 1)[None].copy()))
+        if (h, w) == tuple(sizes[0]) and batch > 1:
+            stack = np.concatenate([lr.transpose(2, 0, 1)[None] for _, lr in crops[:batch]])
+            if stack.shape[0] == batch:
+                out.append((f"batch{batch}@{group}", "+".join(n for n, _ in crops[:batch]), stack))
+    return out
+
+
+@torch.no_grad()
+def run_torch(model: torch.nn.Module, x: np.ndarray, dtype=torch.float32) -> np.ndarray:
+    return model(torch.from_numpy(x).to(dtype)).float().numpy()
+
+
+def run_onnx(sess, inputs) -> tuple[dict, dict]:
+    """ORT outputs per (group, name); groups whose run fails are returned as errors, not raised."""
+    from .onnx_graph import run_session
+
+    outputs, errors = {}, {}
+    for group, name, x in inputs:
+        try:
+            outputs[(group, name)] = run_session(sess, x)
+        except Exception as e:  # a baked shape or bad graph: report it as a verification figure
+            errors.setdefault(group, f"ORT failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    return outputs, errors
+
+
+def compare_groups(outputs: dict, references: dict, errors: dict | None = None) -> dict:
+    """Per-group worst figures of outputs vs references (both {(group, name): NCHW array}), as the
+    JSON-ready report the steps store: {"groups": {group: {max_abs, mean_abs, psnr, images} |
+    {shape_mismatch} | {error}}, "max_abs", "min_psnr"}; a broken group makes both NaN."""
+    groups: dict = {}
+    for key, ref in references.items():
+        if errors and key[0] in errors:
+            continue
+        c = compare(outputs[key], ref)
+        g = groups.setdefault(key[0], {"max_abs": 0.0, "mean_abs": 0.0, "psnr": math.inf, "images": 0})
+        if c.shape_mismatch:
+            groups[key[0]] = {"shape_mismatch": c.shape_mismatch}
+            continue
+        if "shape_mismatch" in g:
+            continue
+        if c.nonfinite:
+            g["nonfinite"] = True
+        g["max_abs"], g["mean_abs"] = max(g["max_abs"], c.max_abs), max(g["mean_abs"], c.mean_abs)
+        g["psnr"] = min(g["psnr"], c.psnr)
+        g["images"] += ref.shape[0]
+    for g, msg in (errors or {}).items():
+        groups[g] = {"error": msg}
+    vals = list(groups.values())
+    broken = not vals or any("max_abs" not in v for v in vals)
+    return {"groups": groups, "max_abs": math.nan if broken else max(v["max_abs"] for v in vals),
+            "min_psnr": math.nan if broken else min(v["psnr"] for v in vals)}
+
+
+def describe(report: dict, metric: str = "max_abs") -> str:
+    """'64x64: 1.2e-06, 45x77: 9.5e-07, batch2@64x64: 1.2e-06' (or the shape mismatch / error)."""
+    parts = []
+    for g, v in report["groups"].items():
+        if "error" in v:
+            parts.append(f"{g}: {v['error']}")
+        elif "shape_mismatch" in v:
+            ours, ref = v["shape_mismatch"].split(" vs ")
+            parts.append(f"{g}: output shape {ours}, reference {ref}")
+        else:
+            parts.append(f"{g}: {v[metric]:.3g}" + (" dB" if metric == "psnr" else ""))
+    return ", ".join(parts)
+
+
+def verify_against(model_session, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES, *,
+                   paths=None, dtype=torch.float32) -> dict:
+    """Run `model_session` (an ORT session) and the torch `reference` on the verification inputs and
+    compare them group by group (`compare_groups`)."""
+    inputs = verification_inputs(scale, sizes, paths=paths)
+    refs = {(g, n): run_torch(reference, x, dtype) for g, n, x in inputs}
+    outputs, errors = run_onnx(model_session, inputs)
+    return compare_groups(outputs, refs, errors)
