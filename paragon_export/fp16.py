@@ -182,7 +182,7 @@ def _peak(v: np.ndarray) -> float:
     return float(np.abs(v).max()) if np.isfinite(v).all() else float("inf")
 
 
-def _overflow_blocks(graph: onnx.ModelProto, calib: list[np.ndarray]) -> tuple[dict, dict]:
+def overflow_blocks(graph: onnx.ModelProto, calib: list[np.ndarray]) -> tuple[dict, dict]:
     """Nodes to keep fp32 because their activations (outputs or inputs) or weights leave the safe
     fp16 range. Returns (kept {node: reason}, peak |activation| per tensor)."""
     sess, out_names = _probe(graph, _activation_names(graph))
@@ -232,7 +232,7 @@ def fp16_block_list(graph: onnx.ModelProto, calib: list[np.ndarray], *,
     """Decide which nodes stay fp32. Returns (kept {node name: reason}, figures)."""
     target_psnr = FP16_TARGET_PSNR if target_psnr is None else target_psnr
     name_nodes(graph)
-    kept, peak = _overflow_blocks(graph, calib)
+    kept, peak = overflow_blocks(graph, calib)
     figures: dict = {"activation_peak": max(peak.values(), default=0.0), "calibration_images": len(calib),
                      "error_blocking": None}
     producers = {o: n for n in graph.graph.node for o in n.output}

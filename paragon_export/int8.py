@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from .errors import ParagonError
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers
 from .int8_eval import Evaluator, latency, native_vs_reference, run, session
+from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, dtype_mac_shares, plan_remainder
 from .onnx_graph import set_metadata
 
 DEFAULT_METHOD = "percentile"
@@ -51,6 +53,7 @@ RERANK_LEADERS = 8  # candidates from the top of the last ranking re-measured af
 COST_FLOOR = 0.02  # added to every node's MAC share in the ranking
 MAX_REJECTED = 8  # nodes tried beyond the budget (ones that did not help go back to int8)
 MIN_OPSET = 13
+CALIB_PROBES = 8  # calibration batches the fp16 overflow guard measures activation peaks on
 TRT_OPS = list(WEIGHTED_OPS)
 TRT_EXTRA_OPTIONS = {
     "ActivationSymmetric": True,
@@ -279,10 +282,16 @@ def computed_weights(model: onnx.ModelProto) -> list[str]:
 
 def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, target_psnr: float | None,
                     max_drop: float | None, node_budget: int | None, bias_correction: bool,
-                    progress: Callable[[str], None]) -> dict:
+                    remainder: Remainder, progress: Callable[[str], None]) -> dict:
     """Quantize, measure on held-out, and keep the costliest nodes in float until the target holds.
-    `steps` lists every node tried, with the held-out figures and whether it stayed in float."""
+    `steps` lists every node tried, with the held-out figures and whether it stayed in float.
+    Held-out figures are of the model as shipped (float remainder in `remainder`'s dtype); the
+    ranking, only an order, runs on the fp32 remainder."""
     path = tmp / "step.onnx"
+
+    def measure(p: Path) -> dict:
+        return ev.quality(remainder.apply(onnx.load(str(p))).SerializeToString())
+
     fp32_proto = onnx.load(str(fp32))
     fixed = computed_weights(fp32_proto)
     shares = mac_shares(fp32_proto)
@@ -292,7 +301,7 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
     deltas: dict[str, np.ndarray] = {}
     correction = {"enabled": bias_correction}
     if bias_correction:
-        correction["without"] = _step([], ev.quality(path), None)
+        correction["without"] = _step([], measure(path), None)
         deltas = bias_deltas(plain, input_channel_means(fp32_proto, ev.calib, candidates))
         correction["nodes"] = len(deltas)
     undo = undo_map(fp32_proto, deltas)
@@ -306,7 +315,7 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
 
     quantize(fixed)
     budget = node_budget if node_budget is not None else math.ceil(DEFAULT_BUDGET_FRACTION * len(candidates))
-    q = ev.quality(path)
+    q = measure(path)
     kept: list[str] = []
     steps = [_step(kept, q, None)]
     first: list[dict] = []
@@ -324,7 +333,7 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
             node = todo[0]["node"]
             tried.add(node)
             quantize([*fixed, *kept, node])
-            trial = ev.quality(path)
+            trial = measure(path)
             # A node that does not raise the held-out PSNR goes back to int8 rather than costing speed.
             better = trial["mean"]["psnr_vs_fp32"] > q["mean"]["psnr_vs_fp32"]
             steps.append(_step([*kept, node], trial, node) | {"kept": better})
@@ -355,10 +364,12 @@ def _describe(q: dict) -> str:
 
 # ---------------------------------------------------------------- the step
 
-def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
+def output_paths(out_dir: Path, stem: str, opset: int | None = None) -> tuple[Path, Path]:
     """`{variant}_x{s}_fp32_op{N}` -> `{variant}_x{s}_int8_op{N}.onnx` (+ `_report.json`), the export's
-    naming; any other stem gets `_int8` appended."""
+    naming, with the written file's opset when it differs; any other stem gets `_int8` appended."""
     base = stem.replace("_fp32", "_int8") if "_fp32" in stem else f"{stem}_int8"
+    if opset is not None:
+        base = re.sub(r"_op\d+$", f"_op{opset}", base)
     return out_dir / f"{base}.onnx", out_dir / f"{base}_report.json"
 
 
@@ -369,7 +380,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
                   crops_per_image: int = 4, batch_size: int = 2, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
                   holdout: float = 0.25, seed: int = 0, cache_dir: Path | str | None = None, peer: bool = True,
                   threads: int = 1, bias_correction: bool = True, variant: str | None = None,
-                  scale: int | None = None, force: bool = False,
+                  scale: int | None = None, force: bool = False, remainder: str = "fp16",
                   progress: Callable[[str], None] | None = None) -> Artifact:
     """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<variant>_x<s>_int8_op<N>.onnx` + `..._report.json`.
 
@@ -388,7 +399,10 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         else:
             progress(f"exporting {src} to FP32 ONNX")
             fp32_src = _from_checkpoint(src, tmp, variant, scale)
-        model_path, report_path = output_paths(out_dir, fp32_src.stem)
+        if remainder not in REMAINDERS:
+            raise ParagonError(f"--remainder must be one of {', '.join(REMAINDERS)}, got {remainder!r}")
+        model_path, report_path = output_paths(out_dir, fp32_src.stem,
+                                               FP16_QDQ_OPSET if remainder == "fp16" else None)
         check_output(model_path, force=force)
         check_output(report_path, force=force)
         proto = _load_fp32(fp32_src)
@@ -414,14 +428,22 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         ranges = calibration_ranges(fp32, calib, method, cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
         progress(f"calibration ranges: cache {'hit (no inference run)' if ranges.hit else 'miss'} ({ranges.cache_path})")
         ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
+        prepared = onnx.load(str(fp32))
+        rest = plan_remainder(remainder, prepared, [calib.batch(i) for i in range(min(len(calib), CALIB_PROBES))])
         mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
-                             node_budget=node_budget, bias_correction=bias_correction, progress=progress)
+                             node_budget=node_budget, bias_correction=bias_correction, remainder=rest,
+                             progress=progress)
         int8_quality = mp.pop("quality")
-        int8_proto = onnx.load_from_string(mp.pop("model"))
+        int8_proto = rest.apply(onnx.load_from_string(mp.pop("model")))
+        mp["mac_share"] = dtype_mac_shares(int8_proto, mac_shares(prepared))
+        mp["remainder"] = rest.summary()
         # Downstream steps (engine, parity) read the precision from metadata and cross-check the graph.
         set_metadata(int8_proto, {"precision": "int8", "quantization": "qdq int8 symmetric, per-channel weights",
-                                  "calibration_method": method, "calibration_fingerprint": calib.fingerprint,
+                                  "remainder": remainder, "calibration_method": method,
+                                  "calibration_fingerprint": calib.fingerprint,
                                   "float_nodes": ",".join(mp["float_computed_weights"] + mp["kept_float"]),
+                                  "fp32_nodes": ",".join(sorted(rest.kept_fp32)),
+                                  "int8_mac_share": f"{mp['mac_share']['int8']:.4f}",
                                   "fp32_sha256": sha256_file(fp32)})
         int8_bytes = int8_proto.SerializeToString()
         checks = inspect_qdq(int8_proto)

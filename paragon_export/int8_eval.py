@@ -158,7 +158,12 @@ def format_table(report: dict) -> str:
     goal = " and ".join(s for s in (f"PSNR vs fp32 >= {mp['target_psnr']} dB" if mp["target_psnr"] is not None else "",
                                      f"Y-PSNR drop <= {mp['max_drop']} dB" if mp["max_drop"] is not None else "") if s)
     lines.append(f"mixed precision ({goal or 'no target'}; budget {mp['node_budget']} of {mp['quantizable_nodes']} nodes): "
-                 f"{'met' if mp['met'] else 'NOT met'}; float nodes hold {100 * mp['float_mac_share']:.1f}% of the MACs")
+                 f"{'met' if mp['met'] else 'NOT met'}")
+    if "mac_share" in mp:
+        sh, rest = mp["mac_share"], mp["remainder"]
+        lines.append(f"conv MACs: int8 {100 * sh['int8']:.1f}%, fp16 {100 * sh['fp16']:.1f}%, fp32 {100 * sh['fp32']:.1f}% "
+                     f"(remainder {rest['dtype']}"
+                     + (f"; kept fp32 by the overflow guard: {', '.join(rest['kept_fp32'])})" if rest["kept_fp32"] else ")"))
     bc = mp.get("bias_correction", {})
     if bc.get("enabled"):
         w = bc["without"]

@@ -166,7 +166,8 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
             report_path = Path(art.meta["output"]["report"])
             return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),
                      "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
-                              "kept_float": art.meta["mixed_precision"].get("kept_float")}},
+                              "kept_float": art.meta["mixed_precision"].get("kept_float"),
+                              "mac_share": art.meta["mixed_precision"].get("mac_share")}},
                     {"path": report_path, "kind": "int8-report", "parent": _rel(root, art.path)}]
 
         rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, do_int8)

@@ -120,11 +120,60 @@ def test_default_int8_is_symmetric_per_channel_qdq(default_run, fp32, calib):
         assert axis == want and scale.shape == (w.shape[want],), n.name  # per output channel
         assert producer[n.input[0]].op_type == "DequantizeLinear"  # activation quantized too
         if len(n.input) > 2:
-            assert _init(model, n.input[2]).data_type == onnx.TensorProto.FLOAT  # bias stays float
+            # bias stays float (fp16 remainder), never an int32 DequantizeLinear TensorRT cannot take
+            assert _init(model, n.input[2]).data_type == onnx.TensorProto.FLOAT16
     # The file runs and stays close to fp32 on a held-out photo.
     ref = run(session(fp32), calib.holdout[0].lr)
     out = run(session(default_run.path), calib.holdout[0].lr)
     assert psnr(np.clip(out, 0, 1), np.clip(ref, 0, 1)) > 30
+
+
+def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, calib, cache_dir, tmp_path):
+    model = onnx.load(str(default_run.path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
+    io = [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)]
+    assert io == [onnx.TensorProto.FLOAT] * 2
+    mp = default_run.meta["mixed_precision"]
+    sh = mp["mac_share"]
+    assert abs(sum(sh.values()) - 1) < 1e-6 and sh["fp32"] == 0 and sh["int8"] > 0
+    assert sh["fp16"] == pytest.approx(mp["float_mac_share"])  # the float nodes are the fp16 ones
+    assert mp["remainder"] == {"dtype": "fp16", "kept_fp32": {}}
+    # The same search with an fp32 remainder: same int8 set, no fp16 anywhere, and fp16 costs little.
+    art = quantize_int8(fp32, tmp_path, calib=calib, cache_dir=cache_dir, peer=False, remainder="fp32")
+    m32 = onnx.load(str(art.path))
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in m32.graph.initializer)
+    assert art.meta["mixed_precision"]["mac_share"]["fp16"] == 0
+    assert art.path.name.endswith("_op17.onnx") == (fp32.stem.endswith("_op17"))
+    x = calib.holdout[0].lr
+    a, b = run(session(default_run.path), x), run(session(art.path), x)
+    assert psnr(np.clip(a, 0, 1), np.clip(b, 0, 1)) > 40
+    with pytest.raises(ParagonError, match="remainder"):
+        quantize_int8(fp32, tmp_path / "bad", calib=calib, cache_dir=cache_dir, remainder="bf16")
+
+
+def test_overflowing_activations_stay_fp32_with_their_qdq():
+    from onnx import helper
+
+    from paragon_export.int8_remainder import Remainder
+
+    x = helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 1, 4, 4])
+    inits = [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["big", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dq"),
+             helper.make_node("Mul", ["input", "input"], ["big"], name="square"),
+             helper.make_node("Conv", ["dq", "w"], ["output"], name="conv")]
+    nodes = [nodes[2], nodes[0], nodes[1], nodes[3]]
+    g = helper.make_model(helper.make_graph(nodes, "t", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    rest = Remainder("fp16", {"square": "activation peak 1e5"}, {"big"})
+    out = rest.apply(g)
+    onnx.checker.check_model(out, full_check=True)
+    by = {n.name: n for n in out.graph.node}
+    inits16 = {i.name for i in out.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert "w" in inits16  # the conv runs fp16
+    # the Q node reading the out-of-range tensor keeps its fp32 scale, so nothing overflows before it
+    assert by["q"].input[1] == "s" and "s" not in inits16
 
 
 def test_report_figures(default_run):
@@ -273,7 +322,7 @@ def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
 
 def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, tmp_path):
     art = quantize_int8(nano_fused_ckpt, tmp_path / "o", calib=calib, cache_dir=cache_dir, peer=False)
-    assert art.path.name == "paragonsr2_nano_x2_int8_op17.onnx"
+    assert art.path.name == "paragonsr2_nano_x2_int8_op19.onnx"  # fp16 Q/DQ scales need opset 19
     meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
     assert meta["precision"] == "int8" and meta["variant"] == "paragonsr2_nano" and meta["scale"] == "2"
     assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]

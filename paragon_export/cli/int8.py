@@ -33,13 +33,16 @@ def _size(text: str) -> tuple[int, int]:
               "(default: $PARAGON_EXPORT_CACHE or ~/.cache/paragon-export/calibration).")
 @click.option("--no-bias-correction", is_flag=True,
               help="Keep the biases as trained (default: correct them for the int8 weights' mean error).")
+@click.option("--remainder", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="dtype of the nodes left unquantized (fp16: what a strongly typed TensorRT engine runs fast; "
+                   "nodes whose activations overflow fp16 stay fp32).")
 @click.option("--no-peer", is_flag=True, help="Skip the original deploy recipe's comparison row.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
-            eval_size, holdout, seed, cache_dir, no_bias_correction, no_peer, threads, variant, scale, force):
+            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, threads, variant, scale, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
@@ -49,7 +52,7 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
                         lr_size=_size(crop), crops_per_image=crops_per_image, batch_size=batch_size,
                         eval_size=_size(eval_size),
                         holdout=holdout, seed=seed, cache_dir=cache_dir, peer=not no_peer, threads=threads,
-                        bias_correction=not no_bias_correction,
+                        bias_correction=not no_bias_correction, remainder=remainder,
                         variant=variant, scale=scale, force=force, progress=lambda m: click.echo(m, err=True))
     click.echo(format_table(art.meta))
     mp = art.meta["mixed_precision"]
