@@ -7,6 +7,9 @@ the rest; residual adds and the output stay in float). Ranges come from `calibra
 (cached; entropy is the real KL search). Biases are corrected for the int8 weights' mean error
 (`int8_bias`).
 
+Convs TensorRT has no int8 kernel for (ModelOpt's small-channel rules, `int8_check.trt_int8_exclusions`)
+are never quantized. The rest of the float part runs fp16 by default (`int8_remainder`).
+
 Accuracy-driven mixed precision: the INT8 model is measured against FP32 on the held-out images; while
 it misses the target, nodes are kept in float one at a time, in order of PSNR bought back per share
 of the model's MACs (leave-one-out on calibration crops, so the held-out images only judge), up to a
@@ -41,7 +44,7 @@ from paragon_export.calibration.ranges import USER_METHODS, Ranges, calibration_
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
-from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers
+from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers, trt_int8_exclusions
 from .int8_eval import Evaluator, latency, native_vs_reference, run, session
 from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, dtype_mac_shares, plan_remainder
 from .onnx_graph import set_metadata
@@ -293,7 +296,9 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
         return ev.quality(remainder.apply(onnx.load(str(p))).SerializeToString())
 
     fp32_proto = onnx.load(str(fp32))
-    fixed = computed_weights(fp32_proto)
+    # Convs TensorRT has no int8 kernel for start (and stay) in float: int8 there buys no speed.
+    excluded = trt_int8_exclusions(fp32_proto)
+    fixed = [*computed_weights(fp32_proto), *(n for n in excluded if n not in computed_weights(fp32_proto))]
     shares = mac_shares(fp32_proto)
     quantize_symmetric(fp32, path, ranges, fixed)
     plain = onnx.load(str(path))
@@ -347,7 +352,8 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
                                  neighbours(fp32_proto, node), kept, shares, progress, undo)
         path.write_bytes(best)
     return {"target_psnr": target_psnr, "max_drop": max_drop, "node_budget": budget,
-            "quantizable_nodes": len(candidates), "float_computed_weights": fixed, "bias_correction": correction,
+            "quantizable_nodes": len(candidates), "float_fixed": fixed, "trt_excluded": excluded,
+            "bias_correction": correction,
             "met": _meets(q, target_psnr, max_drop), "kept_float": kept,
             "float_mac_share": sum(shares.get(n, 0.0) for n in [*fixed, *kept]),
             "steps": steps, "ranking": first[:max(budget, 10)], "seconds": round(time.perf_counter() - t0, 2),
@@ -441,7 +447,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         set_metadata(int8_proto, {"precision": "int8", "quantization": "qdq int8 symmetric, per-channel weights",
                                   "remainder": remainder, "calibration_method": method,
                                   "calibration_fingerprint": calib.fingerprint,
-                                  "float_nodes": ",".join(mp["float_computed_weights"] + mp["kept_float"]),
+                                  "float_nodes": ",".join(mp["float_fixed"] + mp["kept_float"]),
                                   "fp32_nodes": ",".join(sorted(rest.kept_fp32)),
                                   "int8_mac_share": f"{mp['mac_share']['int8']:.4f}",
                                   "fp32_sha256": sha256_file(fp32)})

@@ -130,3 +130,38 @@ def mac_shares(model: onnx.ModelProto, hw: tuple[int, int] = (64, 64)) -> dict[s
         macs[n.name] = float(np.prod(values)) * per_value if values and all(values) else 0.0
     total = sum(macs.values())
     return {k: v / total for k, v in macs.items()} if total else {}
+
+
+def trt_int8_exclusions(model: onnx.ModelProto) -> dict[str, str]:
+    """Convs TensorRT has no efficient int8 kernel for, each with the rule that excludes it. The rules
+    are NVIDIA ModelOpt's for int8 ONNX quantization (modelopt 0.47,
+    `modelopt/onnx/quantization/graph_utils.py::find_nodes_from_convs_to_exclude`): a Conv with fewer
+    than 16 input or output channels is int8 only as (a) a dense conv with 8-aligned input or output
+    channels, a square kernel, and either the graph input or >= 16 channels on one side, or (b) a
+    grouped conv with 8-aligned output channels and every kernel dim >= 3; a computed weight is never
+    quantized. ConvTranspose has no channel rule there. Such convs run fp16 instead: int8 buys
+    nothing and costs accuracy."""
+    g = model.graph
+    inits = {i.name: list(i.dims) for i in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    out = {}
+    for n in g.node:
+        if n.op_type != "Conv":
+            continue
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if w is None:
+            out[n.name] = "computed weight"
+            continue
+        oc, ic = w[0], w[1]
+        if oc >= 16 and ic >= 16:
+            continue
+        attrs = {a.name: (list(a.ints) if a.ints else a.i) for a in n.attribute}
+        group, kernel = attrs.get("group", 1) or 1, attrs.get("kernel_shape", w[2:])
+        dense_ok = (group == 1 and (oc % 8 == 0 or ic % 8 == 0) and len(set(kernel)) == 1
+                    and (n.input[0] in graph_inputs or oc >= 16 or ic >= 16))
+        grouped_ok = group > 1 and oc % 8 == 0 and all(k >= 3 for k in kernel)
+        if not (dense_ok or grouped_ok):
+            kind = "depthwise" if group > 1 else "dense"
+            out[n.name] = (f"{kind} {ic * group}->{oc} channels, kernel {'x'.join(map(str, kernel))}: "
+                           "no TensorRT int8 kernel (ModelOpt's small-channel rule)")
+    return out

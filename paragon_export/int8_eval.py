@@ -136,7 +136,7 @@ def format_table(report: dict) -> str:
     ms, ratio = lat["median_ms"], lat["ratio_vs_fp32"]
     rows = [("fp32", q["fp32"]["mean"], "fp32", {"q_nodes": 0, "dq_nodes": 0}, "-", "-"),
             (f"int8 symmetric ({report['recipe']['method']})", q["int8"]["mean"], "int8", report["checks"],
-             str(len(mp["kept_float"]) + len(mp["float_computed_weights"])), "yes")]
+             str(len(mp["kept_float"]) + len(mp["float_fixed"])), "yes")]
     peer = report.get("peer")
     if peer:
         rows.append(("peer: QUInt8 asym, ORT entropy", peer["quality"]["mean"], "peer", peer["checks"], "0", "NO"))

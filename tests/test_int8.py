@@ -106,7 +106,9 @@ def test_default_int8_is_symmetric_per_channel_qdq(default_run, fp32, calib):
         assert not numpy_helper.to_array(zp).any(), n.name
     producer = {o: n for n in model.graph.node for o in n.output}
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
-    kept = set(default_run.meta["mixed_precision"]["kept_float"])
+    mp = default_run.meta["mixed_precision"]
+    kept = set(mp["kept_float"]) | set(mp["float_fixed"])
+    assert set(mp["trt_excluded"]) <= set(mp["float_fixed"])
     for n in weighted:
         dq = producer.get(n.input[1])
         if n.name in kept:
@@ -149,6 +151,20 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
     assert psnr(np.clip(a, 0, 1), np.clip(b, 0, 1)) > 40
     with pytest.raises(ParagonError, match="remainder"):
         quantize_int8(fp32, tmp_path / "bad", calib=calib, cache_dir=cache_dir, remainder="bf16")
+
+
+def test_trt_exclusions_follow_modelopt_small_channel_rules(fp32):
+    from paragon_export.int8_check import trt_int8_exclusions
+
+    ex = trt_int8_exclusions(onnx.load(str(fp32)))
+    # nano: 24 features, 36 hidden, 3-channel band convs, 18-channel 3x3 depthwise (identity folded in)
+    assert "/body/body.0/blocks/blocks.0/context/dwconv_w/Conv" in ex  # depthwise 1x9: a kernel dim < 3
+    assert "/body/body.0/blocks/blocks.0/transformer/dwconv/Conv" in ex  # depthwise, 36 channels not 8-aligned
+    assert "/magic_upsampler/Conv" in ex  # depthwise 1x7
+    assert "/conv_in/Conv" not in ex  # 3->24 reads the graph input, 24 is 8-aligned, square kernel
+    assert "/conv_out/Conv" not in ex  # 24->3, 24 is 8-aligned and >= 16
+    assert "/upsampler/Conv" not in ex and "/magic_upsampler/ConvTranspose" not in ex
+    assert not any("project_in" in n or "project_out" in n for n in ex)
 
 
 def test_overflowing_activations_stay_fp32_with_their_qdq():
