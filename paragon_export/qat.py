@@ -17,19 +17,16 @@ and Adam's moment tensors; `qat_state.json` the step, the hyper-parameters, the 
 and the sha256 of the checkpoint, the calibration set and the tensor file. Both are rewritten
 atomically every `save_every` steps, at the end and on Ctrl-C. Nothing is pickled.
 
-Float layers: QAT keeps in float exactly the layers the PTQ baseline (the `int8` command, run first
-on the same FP32 graph and calibration set) keeps in float, matched by ONNX node name, so the two
-artifacts quantize the same layers in the same way (activation ranges: ModelOpt max calibration,
-then fixed; PTQ: the int8 command's method).
+Float layers: QAT quantizes every conv TensorRT has an int8 kernel for and leaves the rest
+(`int8_check.trt_int8_exclusions`: ModelOpt's small-channel rules) to the fp16 remainder, so it
+ships the full int8 share PTQ's accuracy search cannot afford; the fine-tuning recovers the
+accuracy instead. The exported Q/DQ graph gets the same fp16 remainder (with its overflow guard)
+as the int8 command's, and is verified as shipped. The PTQ baseline (the `int8` command on the
+same FP32 graph and calibration set) is reported beside it.
 
-Magic-Conv filters: float by default (`magic="float"`; `"int8"` quantizes them even where PTQ keeps
-them float). Measured on the embedded default (nano x2, bundled photos, 4 held-out photos, 600 steps,
-everything else equal): ModelOpt PTQ Y-PSNR 33.100 dB float vs 32.807 dB int8 (PSNR vs fp32 45.05 vs
-40.34 dB); after QAT 33.182 vs 33.163 dB (47.18 vs 45.38 dB); fp32 33.267 dB. The fixed filters sit
-on the path straight to the output at HR resolution, with three activation quantizations and taps
-that int8 cannot represent exactly (Sharp 2021's -1/144 next to 204/144), and only `upsampler`
-after them can learn to compensate. PTQ's own leave-one-out ranking puts all three among the five
-costliest nodes. Keeping them float costs an fp16 depthwise pass on TensorRT.
+Magic-Conv filters: `magic="int8"` (default) quantizes the resampling ConvTranspose; its depthwise
+1x7/7x1 sharpen convs have no TensorRT int8 kernel and stay fp16. `magic="float"` keeps all three
+fp16. Measured figures for both are in the README.
 """
 
 from __future__ import annotations
@@ -162,7 +159,7 @@ class Settings:
     batch: int = DEFAULT_BATCH
     patch: int = DEFAULT_PATCH
     gt_weight: float = 0.0
-    magic: str = "float"
+    magic: str = "int8"
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
@@ -369,17 +366,13 @@ def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, say) -> dict:
             "mixed_precision_met": r["mixed_precision"]["met"]}
 
 
-def _float_quantizers(fused, settings: Settings, ptq: dict | None) -> tuple[list[str], list[str]]:
-    """Quantizers to disable so QAT keeps in float exactly the layers PTQ kept in float (by ONNX node
-    name); `magic="int8"` overrides PTQ for the Magic filters. Returns (names, unmatched nodes)."""
+def _float_quantizers(fused, excluded: dict) -> tuple[list[str], list[str]]:
+    """Quantizers to disable: those of the convs TensorRT has no int8 kernel for (`excluded`, from
+    `int8_check.trt_int8_exclusions`, by ONNX node name); they run fp16 in the shipped file.
+    Returns (quantizer names, unmatched nodes)."""
     from .qat_quant import quantizers_for_nodes
 
-    if ptq is None:
-        return [], []
-    names, unmatched = quantizers_for_nodes(fused, ptq["kept_float"])
-    if settings.magic == "int8":
-        names = [n for n in names if not n.startswith("magic_upsampler.")]
-    return names, unmatched
+    return quantizers_for_nodes(fused, sorted(excluded))
 
 
 def qat(ckpt: Path | str, out_dir: Path | str, *, data_dir: Path | str | None = None, settings: Settings | None = None,
@@ -415,7 +408,10 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
     from paragon_export.calibration import build_calibration_set
 
     from .export_onnx import fused_model
+    from .int8 import CALIB_PROBES
+    from .int8_check import inspect_qdq, mac_shares, trt_int8_exclusions
     from .int8_eval import Evaluator, latency, native_vs_reference
+    from .int8_remainder import FP16_QDQ_OPSET, dtype_mac_shares, plan_remainder
     from .onnx_graph import set_metadata
 
     say = say or (lambda _m: None)
@@ -424,7 +420,8 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     loaded = load_model(ckpt)
-    onnx_path = out_dir / onnx_name(loaded.variant, loaded.scale, opset)
+    # The fp16 remainder's Q/DQ scales are fp16, which needs opset 19.
+    onnx_path = out_dir / onnx_name(loaded.variant, loaded.scale, max(opset, FP16_QDQ_OPSET))
     report_path = out_dir / REPORT_NAME
     for p in (onnx_path, report_path):
         check_output(p, force=force)
@@ -447,6 +444,9 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
         say("exporting the fused fp32 model to ONNX (reference)")
         fp32_path = _fp32_onnx(fused, loaded, tmp, opset)
         ev = Evaluator(fp32_path, cal, loaded.scale, threads)
+        fp32_graph = onnx.load(str(fp32_path))
+        excluded = trt_int8_exclusions(fp32_graph)
+        rest = plan_remainder("fp16", fp32_graph, [cal.batch(i) for i in range(min(len(cal), CALIB_PROBES))])
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             changed = [k for k, v in ident.items() if doc.get(k) != v]
@@ -465,9 +465,9 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
             say(f"resuming at step {run.step} of {settings.steps}")
         else:
             ptq = _ptq(fp32_path, cal, out_dir / "ptq", threads, force, say) if ptq_baseline else None
-            keep_float, unmatched = _float_quantizers(fused, settings, ptq)
-            say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops"
-                + (f"; float as in PTQ: {', '.join(ptq['kept_float'])}" if ptq and ptq["kept_float"] else ""))
+            keep_float, unmatched = _float_quantizers(fused, excluded)
+            say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops; "
+                f"{len(excluded)} convs without a TensorRT int8 kernel stay fp16")
             run = QATRun.create(fused, cal.forward_loop, settings, loaded.scale, keep_float)
             ptq_modelopt = with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32)
             run.history.append({"step": 0, "distill_l1": None, "heldout_y_psnr": ptq_modelopt["mean"]["y_psnr"]})
@@ -487,6 +487,7 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                 "io_dtype": "float32", "opset": str(opset), "source_sha256": loaded.sha256,
                 "calibration_fingerprint": cal.fingerprint, "qat_steps": str(run.step),
                 "magic_filters": settings.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
+        graph = rest.apply(graph)
         set_metadata(graph, meta)
         verification = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
         if not verification["min_psnr"] >= VERIFY_MIN_PSNR:
@@ -494,12 +495,9 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                                f"{describe(verification, 'psnr')}; limit {VERIFY_MIN_PSNR} dB); nothing written")
         qat_path = tmp / "qat.onnx"
         onnx.save(graph, str(qat_path))
-        checks = info.pop("checks")
-        if ptq is not None:
-            missing = sorted(set(ptq["kept_float"]) - set(checks["float_nodes"]) - (
-                {n for n in ptq["kept_float"] if "magic_upsampler" in n} if settings.magic == "int8" else set()))
-            if missing:
-                raise ParagonError(f"QAT quantized layers that PTQ kept in float: {', '.join(missing)}")
+        info.pop("checks")
+        checks = inspect_qdq(graph)
+        shares = dtype_mac_shares(graph, mac_shares(fp32_graph))
         quality = {"fp32": ev.fp32, "ptq_modelopt": ptq_modelopt,
                    "qat_torch": with_drop(torch_quality(run.student, cal.holdout, loaded.scale, ev.ref), ev.fp32),
                    "qat_int8": ev.quality(qat_path)}
@@ -521,8 +519,8 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
                        "activations": "int8 symmetric (zero point 0), per tensor",
                        "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
                        "bias": "float", "quantized_ops": ["Conv", "ConvTranspose"], "output_quantization": False,
-                       "magic_filters": settings.magic, "kept_float_as_ptq": ptq["kept_float"] if ptq else None,
-                       "float_quantizers": keep_float, "unmatched_float_nodes": unmatched, "trt_compatible": True},
+                       "magic_filters": settings.magic, "trt_excluded": excluded, "remainder": rest.summary(),
+                       "mac_share": shares, "float_quantizers": keep_float, "unmatched_float_nodes": unmatched, "trt_compatible": True},
             "checks": {k: v for k, v in checks.items() if k != "quantized_nodes"}
                       | {"quantized_nodes": len(checks["quantized_nodes"])},
             "export": info,
@@ -588,8 +586,10 @@ def format_table(report: dict) -> str:
         if "ptq_int8" in q:
             gains.append(f"QAT vs PTQ {q['qat_int8']['mean']['y_psnr'] - q['ptq_int8']['mean']['y_psnr']:+.3f} dB")
         lines.append("Y-PSNR: " + ", ".join(gains))
-    if chk["float_nodes"]:
-        lines.append(f"QAT float nodes: {', '.join(chk['float_nodes'])}")
+    sh = report["recipe"].get("mac_share")
+    if sh:
+        lines.append(f"QAT conv MACs: int8 {100 * sh['int8']:.1f}%, fp16 {100 * sh['fp16']:.1f}%, "
+                     f"fp32 {100 * sh['fp32']:.1f}% ({len(chk['float_nodes'])} convs without a TensorRT int8 kernel)")
     v = report["verification"]
     sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB" for g, r in v["groups"].items()
                       if "max_abs" in r)
