@@ -45,8 +45,9 @@ from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers, trt_int8_exclusions
-from .int8_eval import Evaluator, latency, native_vs_reference, run, session
-from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, dtype_mac_shares, plan_remainder
+from .int8_cache import load_search, search_cache_base, store_search
+from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference, run, session
+from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, Remainder, dtype_mac_shares, plan_remainder
 from .onnx_graph import set_metadata
 
 DEFAULT_METHOD = "percentile"
@@ -436,9 +437,19 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
         prepared = onnx.load(str(fp32))
         rest = plan_remainder(remainder, prepared, [calib.batch(i) for i in range(min(len(calib), CALIB_PROBES))])
-        mp = mixed_precision(fp32, ranges, ev, tmp, target_psnr=target_psnr, max_drop=max_drop,
-                             node_budget=node_budget, bias_correction=bias_correction, remainder=rest,
-                             progress=progress)
+        search = dict(target_psnr=target_psnr, max_drop=max_drop, node_budget=node_budget,
+                      bias_correction=bias_correction)
+        base = search_cache_base(ranges.cache_path, {**search, "remainder": rest.summary(), "rank_crops": RANK_CROPS,
+                                                     "static_batch": batch is not None})
+        mp = load_search(base)
+        if mp is not None:
+            progress(f"mixed-precision search: cache hit ({base}.json); measuring the cached model")
+            mp["quality"] = ev.quality(rest.apply(onnx.load_from_string(mp["model"])).SerializeToString())
+            mp["search_cache"] = "hit"
+        else:
+            mp = mixed_precision(fp32, ranges, ev, tmp, **search, remainder=rest, progress=progress)
+            store_search(base, mp)
+            mp["search_cache"] = "miss"
         int8_quality = mp.pop("quality")
         int8_proto = rest.apply(onnx.load_from_string(mp.pop("model")))
         mp["mac_share"] = dtype_mac_shares(int8_proto, mac_shares(prepared))

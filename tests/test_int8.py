@@ -153,6 +153,17 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
         quantize_int8(fp32, tmp_path / "bad", calib=calib, cache_dir=cache_dir, remainder="bf16")
 
 
+def test_search_outcome_is_cached_and_replayed_identically(default_run, fp32, calib, cache_dir, tmp_path):
+    assert default_run.meta["mixed_precision"]["search_cache"] == "miss"
+    again = quantize_int8(fp32, tmp_path, calib=calib, cache_dir=cache_dir, peer=False)
+    assert again.meta["mixed_precision"]["search_cache"] == "hit"
+    assert again.path.read_bytes() == default_run.path.read_bytes()
+    assert again.meta["quality"]["int8"] == default_run.meta["quality"]["int8"]
+    # another option is another search
+    other = quantize_int8(fp32, tmp_path / "b", calib=calib, cache_dir=cache_dir, peer=False, max_drop=0.5)
+    assert other.meta["mixed_precision"]["search_cache"] == "miss"
+
+
 def test_trt_exclusions_follow_modelopt_small_channel_rules(fp32):
     from paragon_export.int8_check import trt_int8_exclusions
 
