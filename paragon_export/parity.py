@@ -153,6 +153,16 @@ def _runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required)
     return out
 
 
+def _native_int8_entry(art: Entry, taken: set) -> Entry:
+    """The same int8 file through ONNX Runtime's fused integer kernels: what this CPU's runtime does,
+    reported (not gated), because those numbers depend on the ISA."""
+    name = _unique(f"{art.name} [native {isa()}]", taken)
+    return Entry(name, "derived", "onnx", "onnxrt-cpu-native", "int8", art.precision_source, gated=False,
+                 path=art.path, sha256=art.sha256,
+                 make_runner=lambda p=art.path, n=name: onnx_runner(p, name=n, native_int8=True),
+                 note=f"ONNX Runtime's native integer kernels on this CPU ({isa()}); differs between ISAs")
+
+
 def _reference_entries(ref: Path, taken: set, scale: int | None = None):
     loaded = load_model(ref, scale=scale)
     if loaded.fused:
