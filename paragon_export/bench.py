@@ -31,8 +31,8 @@ import numpy as np
 from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import load_image, sample_photo_paths
-from .onnx_graph import graph_precision
-from .upscale import ModelRunner, artifact_kind, open_model
+from .runners import RUNTIMES, artifact_kind, resolve_runtime, runtime_unavailable
+from .upscale import ModelRunner, open_model
 
 FORMAT = "paragon-export/bench"
 VERSION = 1
@@ -97,31 +97,20 @@ MEMORY_NOTE = ("peak_rss_mib: rise of the process's peak resident set over its s
 # ----------------------------------------------------------------------------------------------
 # What each artifact is.
 
-def precision_of(path: Path, kind: str, runner: ModelRunner) -> str:
-    if kind == "torch":
-        return "fp32"
-    if kind == "onnxruntime":
-        declared = runner.metadata.get("precision")
-        return declared or onnx_graph_precision(path)
-    try:
-        from paragon_export.engines.manifest import entry_for_file
-
-        found = entry_for_file(path.parent, path.name)
-    except (ImportError, ParagonError, OSError, ValueError):
-        found = None
-    return (found[1].get("precision") if found else None) or "unknown"
-
-
-def onnx_graph_precision(path: Path | str) -> str:
-    import onnx
-
-    return graph_precision(onnx.load(str(path), load_external_data=False))
+def precision_of(runner: ModelRunner) -> str:
+    return runner.runner.info.precision
 
 
 def form_of(kind: str, runner: ModelRunner) -> str:
     if kind == "torch":
         return "eager " + ("fused" if runner.metadata.get("fused") == "True" else "unfused")
-    return {"onnxruntime": "onnxruntime cpu", "tensorrt": "tensorrt"}[kind]
+    return {"onnxruntime": "onnxruntime cpu", "openvino": "openvino cpu", "ncnn": "ncnn cpu"}.get(kind, kind)
+
+
+def runtimes_for(path: Path, runtimes: tuple[str, ...] | None) -> list[str]:
+    """The requested runtimes that can run `path` (its default runtime when none of them can)."""
+    usable = [r for r in runtimes or () if r in RUNTIMES[artifact_kind(path)]]
+    return usable or [resolve_runtime(path)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,10 +144,10 @@ class _Entry:
 def choose_baseline(paths: list[Path], baseline: Path | None) -> Path | None:
     """PyTorch eager reference: --baseline, else the first unfused checkpoint, else the first checkpoint."""
     if baseline is not None:
-        if artifact_kind(baseline) != "torch":
+        if artifact_kind(baseline) != "checkpoint":
             raise ParagonError(f"--baseline {baseline} must be a PyTorch checkpoint")
         return baseline
-    ckpts = [p for p in paths if artifact_kind(p) == "torch"]
+    ckpts = [p for p in paths if artifact_kind(p) == "checkpoint"]
     if not ckpts:
         return None
     from .checkpoint import read_state_dict
@@ -172,8 +161,9 @@ def choose_baseline(paths: list[Path], baseline: Path | None) -> Path | None:
 
 def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = None, threads: int | None = None,
           runs: int = 20, warmup: int = 3, baseline: Path | str | None = None, json_path: Path | str | None = None,
-          force: bool = False, progress=None) -> dict:
-    """Benchmark every artifact at every LR size; returns (and optionally writes) the report dict."""
+          force: bool = False, progress=None, runtimes: tuple[str, ...] | None = None) -> dict:
+    """Benchmark every artifact at every LR size, each on every runtime of `runtimes` that can run it
+    (default: its own runtime); returns (and optionally writes) the report dict."""
     paths = [Path(p) for p in artifacts]
     if not paths:
         raise ParagonError("no artifact given")
@@ -196,11 +186,11 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
     import torch
 
     torch.set_num_threads(threads)
-    _absorb_one_time_costs(order, threads)
+    _absorb_one_time_costs(order, threads, runtimes)
     results, skipped = [], []
     for h, w in sizes:
         x = bench_input(h, w)
-        entries = [_Entry(p, artifact_kind(p)) for p in order]
+        entries = [_Entry(p, rt) for p in order for rt in runtimes_for(p, runtimes)]
         try:
             for e in entries:
                 _prepare(e, x, threads=threads, warmup=warmup)
@@ -242,29 +232,30 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
     return report
 
 
-def _absorb_one_time_costs(paths: list[Path], threads: int) -> None:
+def _absorb_one_time_costs(paths: list[Path], threads: int, runtimes: tuple[str, ...] | None) -> None:
     """Run one small input through the first artifact of each runtime, so that library start-up
     (thread pools, kernel caches) is not charged to whichever artifact happens to come first."""
     seen = set()
     for p in paths:
-        kind = artifact_kind(p)
-        if kind in seen:
-            continue
-        seen.add(kind)
-        try:
-            with open_model(p, threads=threads) as m:
-                lo = m.min_hw
-                m(np.zeros((1, 3, max(lo[0], 16), max(lo[1], 16)), np.float32))
-        except ParagonError:
-            if kind != "tensorrt":
-                raise
+        for kind in runtimes_for(p, runtimes):
+            if kind in seen or runtime_unavailable(kind):
+                continue
+            seen.add(kind)
+            try:
+                with open_model(p, threads=threads, runtime=kind) as m:
+                    lo = m.min_hw
+                    m(np.zeros((1, 3, max(lo[0], 16), max(lo[1], 16)), np.float32))
+            except ParagonError:
+                if kind != "tensorrt":
+                    raise
 
 
 def _prepare(e: _Entry, x: np.ndarray, *, threads: int, warmup: int) -> None:
     try:
-        runner = open_model(e.path, threads=threads)
+        runner = open_model(e.path, threads=threads, runtime=e.kind)
     except ParagonError as err:
-        if e.kind == "tensorrt":  # an engine for another machine must not sink the whole table
+        # an engine for another machine, or a runtime not installed here, must not sink the whole table
+        if e.kind == "tensorrt" or runtime_unavailable(e.kind):
             e.skipped = str(err)
             return
         raise
@@ -280,7 +271,7 @@ def _prepare(e: _Entry, x: np.ndarray, *, threads: int, warmup: int) -> None:
             runner(x)
     e.peak_mib = mem.mib
     e.memory_method = mem.method
-    e.precision = precision_of(e.path, e.kind, runner)
+    e.precision = precision_of(runner)
     e.form = form_of(e.kind, runner)
 
 

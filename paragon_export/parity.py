@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.exception import PolygraphyException
@@ -29,16 +28,18 @@ from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, samp
 from .localize import localize as localize_onnx
 from .manifest import tool_versions
 from .metrics import psnr_y, ssim_y
-from .onnx_graph import graph_precision, normalise_precision
 from .parity_report import write_outputs
 from .cpu import isa
-from .runners import INPUT_NAME, TorchCpuRunner, onnx_runner, tensorrt_unavailable, trt_runner
+from .runners import (INPUT_NAME, RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision,
+                      onnx_precision, onnx_runner, open_runner, resolve_runtime)
+
+__all__ = ["parity", "classify", "onnx_precision", "DEFAULT_SIZES"]
 from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 SCHEMA_VERSION = 1
 DEFAULT_SIZES = ",".join(f"{h}x{w}" for h, w in VERIFY_SIZES)
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+RUNNER_LABELS = {"torch": "torch-cpu", "onnxruntime": "onnxrt-cpu", "openvino": "openvino-cpu",
+                 "tensorrt": "tensorrt", "ncnn": "ncnn-cpu"}
 
 
 @dataclass
@@ -46,9 +47,9 @@ class Entry:
     """One thing that runs and gets compared: the reference, a derived torch model or an artifact."""
 
     name: str
-    role: str  # reference | derived | artifact
-    kind: str  # torch | checkpoint | onnx | engine
-    runner: str  # torch-cpu | onnxrt-cpu | onnxrt-cpu-native | tensorrt
+    role: str  # reference | derived | artifact | runtime (the same file on another runtime)
+    kind: str  # torch | checkpoint | onnx | engine | ncnn
+    runner: str  # RUNNER_LABELS values | onnxrt-cpu-native
     precision: str
     precision_source: str
     gated: bool = True
@@ -66,39 +67,13 @@ class Entry:
     polygraphy: dict | None = None
     localization: dict | None = None
     limits: Limits | None = None
+    compat: bool = False  # a runtime row: judged PASS/FAIL, gating only when its runtime is required
+    context: str = ""  # appended to a failing row's reasons (what the failure is attributed to)
 
 
 def classify(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in CHECKPOINT_SUFFIXES:
-        return "checkpoint"
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in ENGINE_SUFFIXES:
-        return "engine"
-    raise ParagonError(f"{path}: unknown artifact type {path.suffix!r} "
-                       "(expected .safetensors/.pth, .onnx or .engine)")
-
-
-def onnx_precision(model: onnx.ModelProto) -> tuple[str, str]:
-    """(precision, where it came from): the "precision" metadata_props entry when the graph agrees
-    with it; on a conflict the graph wins (a Q/DQ graph labelled fp32 is still int8)."""
-    graph = graph_precision(model)
-    evidence = {"int8": "Q/DQ nodes", "fp16": "fp16 initializers", "fp32": "fp32 initializers"}[graph]
-    props = {p.key: p.value for p in model.metadata_props}
-    meta = normalise_precision(props["precision"]) if "precision" in props else None
-    if meta == graph:
-        return graph, f"metadata precision={props['precision']}"
-    if meta is not None:
-        return graph, f"graph ({evidence}); metadata says precision={props['precision']}"
-    return graph, f"graph ({evidence})"
-
-
-def _engine_precision(path: Path) -> tuple[str, str]:
-    for token, prec in (("int8", "int8"), ("qat", "int8"), ("fp16", "fp16"), ("half", "fp16"), ("fp32", "fp32")):
-        if token in path.name.lower():
-            return prec, f"file name ({token})"
-    return "fp16", "not recorded; fp16 limits used"
+    """checkpoint | onnx | engine | ncnn, from the one suffix table (`runners.SUFFIXES`)."""
+    return artifact_kind(path)
 
 
 def _unique(name: str, taken: set) -> str:
@@ -115,41 +90,67 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def _artifact_entry(path: Path, ref_scale: int, taken: set) -> Entry:
+def _artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None = None, *,
+                    role: str = "artifact", gated: bool = True) -> Entry:
+    """One row: the artifact on `runtime` (default: its own). A runtime that cannot run here makes the
+    row skipped with the install hint; a file that cannot be opened makes it an error row."""
     kind = classify(path)
-    name = _unique(path.name, taken)
+    rt = resolve_runtime(path, runtime)
     if not path.is_file():
         raise ParagonError(f"artifact {path} does not exist")
-    sha = sha256_file(path)
+    name = _unique(path.name if role == "artifact" else f"{path.name} [{rt}]", taken)
+    e = Entry(name, role, kind, RUNNER_LABELS[rt], "fp32", "", gated=gated, path=path, sha256=sha256_file(path))
+    try:
+        runner = open_runner(path, rt, name=name)
+    except RuntimeUnavailable as ex:
+        e.skip = str(ex)
+        if kind == "engine":
+            e.precision, e.precision_source = engine_precision(path)
+        return e
+    except ParagonError as ex:
+        e.error = str(ex)
+        return e
+    info = runner.info
+    e.precision, e.precision_source = info.precision, info.precision_source
+    e.make_runner = lambda r=runner: r
     if kind == "checkpoint":
-        e = Entry(name, "artifact", kind, "torch-cpu", "fp32", "checkpoint (fp32 torch)", path=path, sha256=sha)
-        try:
-            loaded = load_model(path)
-        except ParagonError as ex:
-            e.error = str(ex)
-            return e
+        loaded = runner.loaded
         if loaded.scale != ref_scale:
             e.error = f"x{loaded.scale} model, but the reference is x{ref_scale}"
         e.note = f"{loaded.variant}, {'fused' if loaded.fused else 'unfused (static kernels)'}"
-        e.make_runner = lambda m=loaded.model, n=name: TorchCpuRunner(m, name=n)
-        return e
-    if kind == "onnx":
-        e = Entry(name, "artifact", kind, "onnxrt-cpu", "fp32", "", path=path, sha256=sha)
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as ex:  # protobuf DecodeError and friends: a corrupt file is this artifact's failure
-            e.error = f"not a readable ONNX file: {_first_line(ex)}"
-            return e
-        e.precision, e.precision_source = onnx_precision(model)
-        if e.precision == "int8":
-            e.note = "Q/DQ reference semantics (the same on every CPU)"
-        e.make_runner = lambda p=path, n=name: onnx_runner(p, name=n)
-        return e
-    prec, source = _engine_precision(path)
-    e = Entry(name, "artifact", kind, "tensorrt", prec, source, path=path, sha256=sha)
-    e.skip = tensorrt_unavailable()
-    e.make_runner = lambda p=path, n=name: trt_runner(p, name=n)
+    elif rt == "onnxruntime" and e.precision == "int8":
+        e.note = "Q/DQ reference semantics (the same on every CPU)"
+    elif rt == "openvino":
+        e.note, e.context = _openvino_context(e.precision)
     return e
+
+
+def _openvino_context(precision: str) -> tuple[str, str]:
+    """(note, what a failure is attributed to) for an OpenVINO row."""
+    from .openvino_runner import openvino_version
+
+    where = f"OpenVINO {openvino_version()} CPU on {isa()}"
+    if precision != "int8":
+        return f"{where}, f32 inference precision", ""
+    vnni = "vnni" in isa() or isa() == "amx"
+    cause = ("" if vnni else "; without VNNI its u8s8 int8 kernels saturate")
+    return (f"{where}: OpenVINO's own int8 kernels (numerics depend on the ISA)",
+            f"OpenVINO int8 on this CPU ({isa()}{cause}): do not ship this file to OpenVINO on such CPUs")
+
+
+def _runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required) -> list[Entry]:
+    """Rows for the same file on the other runtimes that can run it (OpenVINO for ONNX): compatibility
+    rows, judged with the same limits; they gate only when their runtime is `required`."""
+    if art.error or art.path is None:
+        return []
+    out = []
+    for rt in RUNTIMES[art.kind][1:]:
+        if runtimes is not None and rt not in runtimes:
+            continue
+        e = _artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required)
+        e.compat = True
+        out.append(e)
+    return out
 
 
 def _native_int8_entry(art: Entry, taken: set) -> Entry:
@@ -228,7 +229,7 @@ def _summarise(entry: Entry, ref_y: float) -> dict:
 
 
 def _verdict(entry: Entry) -> None:
-    if not entry.gated:
+    if not entry.gated and not entry.compat:
         entry.status = "info"
         return
     lim = entry.limits
@@ -245,6 +246,8 @@ def _verdict(entry: Entry) -> None:
         reasons.append(f"PSNR {s['min_psnr']:.2f} dB < {lim.min_psnr:g} dB")
     if entry.polygraphy and not entry.polygraphy["passed"] and not reasons:
         reasons.append("Polygraphy's max-abs comparison failed")
+    if reasons and entry.context:
+        reasons.append(entry.context)
     entry.reasons = reasons
     entry.status = "fail" if reasons else "pass"
 
@@ -274,11 +277,14 @@ def _run(entry: Entry, feeds: list) -> RunResults | None:
 def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str | None = None,
            images: Path | str | None = None, sizes: str | list[tuple[int, int]] = DEFAULT_SIZES,
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
-           force: bool = False, png_crops: int = 3, scale: int | None = None) -> dict:
+           force: bool = False, png_crops: int = 3, scale: int | None = None,
+           runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = ()) -> dict:
     """Compare every artifact with the fp32 torch reference; write parity.json/.md and PNGs to out_dir.
 
     Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
-    `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux)."""
+    `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux).
+    Every ONNX artifact also gets a row per other runtime that can run it (OpenVINO), or only for
+    those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing)."""
     out_dir = check_output(out_dir, force=force)
     paths = [Path(a) for a in artifacts]
     if not paths:
@@ -303,10 +309,14 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     scale = loaded.scale
     for p in paths:
         entries.append(_artifact_entry(p, scale, taken))
-        if entries[-1].kind == "onnx" and entries[-1].precision == "int8" and not entries[-1].error:
-            entries.append(_native_int8_entry(entries[-1], taken))
+        art = entries[-1]
+        if art.kind == "onnx" and art.precision == "int8" and not art.error:
+            entries.append(_native_int8_entry(art, taken))
+        entries += _runtime_entries(art, scale, taken, runtimes, set(require))
     for e in entries:
-        e.limits = thresholds[e.precision] if e.gated else None
+        if e.gated and e.skip and e.role == "runtime":
+            e.error, e.skip = f"required runtime: {e.skip}", None
+        e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
 
     image_paths = list_images(images) if images else sample_photo_paths("eval")
     if not image_paths:
@@ -329,7 +339,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
                 e.outputs = [np.asarray(next(iter(it.values())), np.float32) for it in iters]
         names = list(results.keys())
         for e in entries:
-            if e.role == "reference" or not e.outputs or not e.gated:
+            if e.role == "reference" or not e.outputs or not (e.gated or e.compat):
                 continue
             func = SimpleCompareFunc(check_error_stat="max", atol=e.limits.max_abs, rtol=0.0)
             acc = Comparator.compare_accuracy(results, comparisons=[(0, names.index(e.name))], compare_func=func)
@@ -352,7 +362,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
             e.status, e.reasons = "skipped", [e.skip]
             continue
         if e.error:
-            e.status, e.reasons = ("error" if e.gated or e.role == "artifact" else "info"), [e.error]
+            e.status, e.reasons = ("error" if e.gated or e.compat or e.role == "artifact" else "info"), [e.error]
             continue
         e.results = [{"image": c[0], "lr_size": list(c[1]), **_case_metrics(out, reference.outputs[k], c[3], scale)}
                      for k, (c, out) in enumerate(zip(cases, e.outputs))]
@@ -390,6 +400,15 @@ def _worst_case(e: Entry) -> int:
     return max(range(len(e.results)), key=lambda k: badness(e.results[k]))
 
 
+def _tool_versions(entries) -> dict:
+    tv = tool_versions()
+    if any(e.runner == "openvino-cpu" and not e.skip for e in entries):
+        from .openvino_runner import openvino_version
+
+        tv["openvino"] = openvino_version()
+    return tv
+
+
 def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, min_psnr, case_info, ref_y) -> dict:
     gated = [e for e in entries if e.gated and e.role != "reference"]
     passed = all(e.status in ("pass", "skipped") for e in gated)
@@ -409,7 +428,7 @@ def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, 
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "passed": passed,
-        "tool_versions": tool_versions(),
+        "tool_versions": _tool_versions(entries),
         "reference": {"path": str(ref), "sha256": loaded.sha256, "variant": loaded.variant, "scale": loaded.scale,
                       "upsampler": loaded.upsampler, "fused": loaded.fused,
                       "runner": "torch-cpu fp32, fused" + ("" if loaded.fused else " from the unfused checkpoint")},

@@ -97,8 +97,11 @@ def markdown(report: dict) -> str:
     q = report["reference_quality"]
     imgs = ", ".join(i["name"] for i in report["images"])
     sizes = ", ".join(f"{h}x{w}" for h, w in report["sizes"])
+    compat_fail = [a for a in report["artifacts"] if a["role"] == "runtime" and a["status"] in ("fail", "error")
+                   and not a["gated"]]
+    more = f" (runtime compatibility: {len(compat_fail)} row(s) FAIL, see below)" if compat_fail else ""
     lines = [
-        f"# Parity: {'PASS' if report['passed'] else 'FAIL'}",
+        f"# Parity: {'PASS' if report['passed'] else 'FAIL'}{more}",
         "",
         f"Reference: `{Path(r['path']).name}` ({r['variant']} x{r['scale']}, {r['upsampler']}, "
         f"{r['runner']}), sha256 `{r['sha256'][:12]}`",
@@ -152,6 +155,7 @@ def markdown(report: dict) -> str:
             notes.append(f"  - localization: {loc['note']}")
     if notes:
         lines += ["", *notes]
+    lines += verified_on(report)
     pngs = report["outputs"]["pngs"]
     if pngs:
         lines += ["", "Crops (LR bicubic | reference | each artifact; row 2: |diff| heat maps, white = at the "
@@ -159,6 +163,26 @@ def markdown(report: dict) -> str:
     tv = report["tool_versions"]
     lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in tv.items() if v), ""]
     return "\n".join(lines)
+
+
+def verified_on(report: dict) -> list[str]:
+    """Per file, the runtimes it passed and failed on: what the model card tells a user who picks a runtime."""
+    by_path: dict = {}
+    for a in report["artifacts"]:
+        if a["role"] in ("artifact", "runtime") and a["path"]:
+            by_path.setdefault(a["path"], []).append(a)
+    if not any(len(rows) > 1 for rows in by_path.values()):
+        return []
+    lines = ["", "Runtimes each file is verified on (gated rows decide the result above; the others are "
+             "compatibility rows with the same limits):", ""]
+    for path, rows in by_path.items():
+        parts = []
+        for a in rows:
+            s = a["summary"]
+            fig = f", {s['min_psnr']:.1f} dB" if a["status"] == "fail" and s and s["min_psnr"] is not None else ""
+            parts.append(f"{a['runner']} {a['status'].upper()}{fig}" + ("" if a["gated"] else " (not gated)"))
+        lines.append(f"- `{Path(path).name}`: " + ", ".join(parts))
+    return lines
 
 
 def _finite(obj):

@@ -1,8 +1,12 @@
-"""Polygraphy runners for every kind of artifact parity compares.
+"""One way to open and run an artifact: `open_runner(path, runtime)` returns a Polygraphy runner
+(activate / infer(feed) -> dict / deactivate) carrying `info` (kind, runtime, precision, scale), and
+`SUFFIXES` is the one table of what a file name means. parity, bench and upscale all open through it.
 
 Torch runs through a small PytRunner subclass (the stock one moves inputs to CUDA, which a CPU
-torch build does not have); ONNX through Polygraphy's OnnxrtRunner on the CPU provider; TensorRT
-engines through Polygraphy's TrtRunner, only where tensorrt imports and a CUDA GPU is present.
+torch build does not have); ONNX through Polygraphy's OnnxrtRunner on the CPU provider or through
+OpenVINO (`runtime="openvino"`); TensorRT engines through Polygraphy's TrtRunner, only where
+tensorrt imports and a CUDA GPU is present; NCNN .param/.bin through the ncnn wheel. Optional
+runtimes are imported only when a runner for them is opened.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import copy
 import ctypes
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +117,180 @@ def trt_runner(path: Path | str, *, name: str):
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The one suffix table and the one way to open an artifact.
+
+SUFFIXES = {
+    ".safetensors": "checkpoint", ".pth": "checkpoint", ".pt": "checkpoint", ".ckpt": "checkpoint",
+    ".bin": "checkpoint",  # an NCNN weight file when a .param lies beside it (see artifact_kind)
+    ".onnx": "onnx",
+    ".engine": "engine", ".plan": "engine", ".trt": "engine",
+    ".param": "ncnn",
+}
+# The runtimes each kind of artifact runs on; the first is its default.
+RUNTIMES = {"checkpoint": ("torch",), "onnx": ("onnxruntime", "openvino"), "engine": ("tensorrt",),
+            "ncnn": ("ncnn",)}
+ALL_RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt", "ncnn")
+INSTALL_HINTS = {"openvino": "pip install 'paragon-export[openvino]'", "ncnn": "pip install 'paragon-export[ncnn]'",
+                 "tensorrt": "pip install 'paragon-export[trt]'"}
+
+
+class RuntimeUnavailable(ParagonError):
+    """The runtime cannot run here (package missing, no GPU): callers that list runtimes skip it."""
+
+
+@dataclass
+class RunnerInfo:
+    """What an opened artifact is: parity labels rows with it, bench and upscale size inputs with it."""
+
+    path: Path
+    kind: str  # checkpoint | onnx | engine | ncnn
+    runtime: str  # torch | onnxruntime | openvino | tensorrt | ncnn
+    precision: str  # fp32 | fp16 | int8 | unknown
+    precision_source: str
+    scale: int | None = None  # None: not recorded; the caller probes it
+    meta: dict = field(default_factory=dict)
+
+
+def artifact_kind(path: Path | str) -> str:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".bin" and path.with_suffix(".param").is_file():
+        return "ncnn"
+    if suffix not in SUFFIXES:
+        groups = {}
+        for s, k in SUFFIXES.items():
+            groups.setdefault(k, []).append(s)
+        listing = "; ".join(f"{k} {'/'.join(v)}" for k, v in groups.items())
+        raise ParagonError(f"{path}: unknown artifact type {path.suffix!r} (expected {listing})")
+    return SUFFIXES[suffix]
+
+
+def resolve_runtime(path: Path | str, runtime: str | None = None) -> str:
+    """The runtime that runs `path`: its default, or `runtime` when that runtime can run this kind."""
+    kind = artifact_kind(path)
+    if runtime is None:
+        return RUNTIMES[kind][0]
+    if runtime not in ALL_RUNTIMES:
+        raise ParagonError(f"unknown runtime {runtime!r} (one of {', '.join(ALL_RUNTIMES)})")
+    if runtime not in RUNTIMES[kind]:
+        raise ParagonError(f"{Path(path).name}: a {kind} artifact runs on {' or '.join(RUNTIMES[kind])}, not {runtime}")
+    return runtime
+
+
+def runtime_unavailable(runtime: str) -> str | None:
+    """None when `runtime` can run here, else a one-line reason with the install hint."""
+    if runtime == "tensorrt":
+        return tensorrt_unavailable()
+    module = {"openvino": "openvino", "ncnn": "ncnn"}.get(runtime)
+    if module is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return f"{runtime} is not installed ({INSTALL_HINTS[runtime]})"
+    return None
+
+
+def open_runner(path: Path | str, runtime: str | None = None, *, threads: int | None = None,
+                scale: int | None = None, native_int8: bool = False, name: str | None = None):
+    """A Polygraphy runner for the artifact at `path` on `runtime` (default: the kind's first), not yet
+    activated, with `.info` (RunnerInfo). `scale` is needed only for checkpoints that do not record it
+    (traiNNer-redux); `native_int8` selects ONNX Runtime's fused integer kernels for Q/DQ graphs.
+    Raises ParagonError for a bad file, RuntimeUnavailable when the runtime cannot run here."""
+    path = Path(path)
+    rt = resolve_runtime(path, runtime)
+    if not path.is_file():
+        raise ParagonError(f"artifact {path} does not exist")
+    reason = runtime_unavailable(rt)
+    if reason:
+        raise RuntimeUnavailable(reason)
+    name = name or path.name
+    kind = artifact_kind(path)
+    if kind == "checkpoint":
+        return _torch_artifact(path, name, threads=threads, scale=scale)
+    if kind == "onnx":
+        model = _load_onnx(path)
+        precision, source = onnx_precision(model)
+        props = {p.key: p.value for p in model.metadata_props}
+        info = RunnerInfo(path, kind, rt, precision, source, _int_or_none(props.get("scale")), props)
+        if rt == "openvino":
+            from .openvino_runner import OpenVinoRunner
+
+            runner = OpenVinoRunner(path, name=name, threads=threads)
+        else:
+            runner = onnx_runner(path, name=name, threads=threads, native_int8=native_int8)
+    elif kind == "engine":
+        precision, source = engine_precision(path)
+        info = RunnerInfo(path, kind, rt, precision, source)
+        runner = trt_runner(path, name=name)
+    else:
+        from .ncnn import NcnnRunner, ncnn_info
+
+        info = ncnn_info(path)
+        runner = NcnnRunner(info.path, name=name, threads=threads)
+    runner.info = info
+    return runner
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.strip().isdigit() else None
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ParagonError(f"{path}: not a readable ONNX file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _torch_artifact(path: Path, name: str, *, threads: int | None, scale: int | None):
+    from .checkpoint import load_model
+
+    loaded = load_model(path, scale=scale)
+    # Eval mode with the tracked static kernels: the path the fused/exported models reproduce.
+    loaded.model.eval().set_dynamic_inference(False)
+    if threads:
+        torch.set_num_threads(threads)
+    runner = TorchCpuRunner(loaded.model, name=name)
+    runner.info = RunnerInfo(path, "checkpoint", "torch", "fp32", "checkpoint (fp32 torch)", loaded.scale,
+                             {k: str(v) for k, v in loaded.meta.items()})
+    runner.loaded = loaded
+    return runner
+
+
+def onnx_precision(model) -> tuple[str, str]:
+    """(precision, where it came from): the "precision" metadata_props entry when the graph agrees
+    with it; on a conflict the graph wins (a Q/DQ graph labelled fp32 is still int8)."""
+    from .onnx_graph import graph_precision, normalise_precision
+
+    graph = graph_precision(model)
+    evidence = {"int8": "Q/DQ nodes", "fp16": "fp16 initializers", "fp32": "fp32 initializers"}[graph]
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = normalise_precision(props["precision"]) if "precision" in props else None
+    if meta == graph:
+        return graph, f"metadata precision={props['precision']}"
+    if meta is not None:
+        return graph, f"graph ({evidence}); metadata says precision={props['precision']}"
+    return graph, f"graph ({evidence})"
+
+
+def engine_precision(path: Path) -> tuple[str, str]:
+    """From the engine folder's manifest, else the file name, else fp16 (the strictest limits that
+    an unlabelled engine can be expected to meet)."""
+    try:
+        from paragon_export.engines.manifest import entry_for_file
+
+        found = entry_for_file(path.parent, path.name)
+    except (ImportError, ParagonError, OSError, ValueError):
+        found = None
+    if found and found[1].get("precision"):
+        return found[1]["precision"], "engine manifest"
+    for token, prec in (("int8", "int8"), ("qat", "int8"), ("fp16", "fp16"), ("half", "fp16"), ("fp32", "fp32")):
+        if token in path.name.lower():
+            return prec, f"file name ({token})"
+    return "fp16", "not recorded; fp16 limits used"

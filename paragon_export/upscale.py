@@ -1,6 +1,6 @@
-"""`upscale`: run any artifact (checkpoint, ONNX, TensorRT engine) on images or folders, tile by tile.
+"""`upscale`: run any artifact (checkpoint, ONNX, TensorRT engine, NCNN) on images or folders, tile by tile.
 
-Runtimes are reached through the Polygraphy runners of `runners.py`, wrapped in `ModelRunner`
+Runtimes are reached through `runners.open_runner` (Polygraphy runners), wrapped in `ModelRunner`
 (numpy NCHW float32 in -> numpy NCHW float32 out), so the tiler below never knows which runtime it
 drives. Tiles overlap by `overlap` LR pixels; each tile's output is weighted by a separable profile
 that is zero within overlap/4 of an inner tile edge (where the zero padding of the convolutions
@@ -27,8 +27,6 @@ from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
 from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
 
-CHECKPOINT_SUFFIXES = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
-ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
 ALPHA_MODES = ("bicubic", "model")
@@ -41,8 +39,8 @@ ALPHA_MODES = ("bicubic", "model")
 class ModelRunner:
     """A Polygraphy runner plus what tiling needs: scale, input dtype and the shapes it accepts."""
 
-    runner: object
-    kind: str  # "torch" | "onnxruntime" | "tensorrt"
+    runner: object  # from runners.open_runner, with .info (runners.RunnerInfo)
+    kind: str  # the runtime: torch | onnxruntime | openvino | tensorrt | ncnn
     path: Path
     metadata: dict = field(default_factory=dict)
     scale: int | None = None
@@ -90,10 +88,6 @@ class ModelRunner:
             self.min_hw = self.max_hw = (fixed[0], fixed[1])
         if self.kind == "tensorrt":
             self.min_hw, self.max_hw = _trt_profile_hw(self.runner, name)
-        if self.kind == "onnxruntime":
-            self.metadata = dict(self.runner.sess.get_modelmeta().custom_metadata_map)
-            if self.metadata.get("scale", "").isdigit():
-                self.scale = int(self.metadata["scale"])
         if self.scale is None:
             self.scale = self._probe_scale()
         if self.expected_scale is not None and self.expected_scale != self.scale:
@@ -117,48 +111,24 @@ def _trt_profile_hw(runner, name: str) -> tuple[tuple[int, int], tuple[int, int]
     return (int(lo[2]), int(lo[3])), (int(hi[2]), int(hi[3]))
 
 
-def artifact_kind(path: Path | str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix in CHECKPOINT_SUFFIXES:
-        return "torch"
-    if suffix == ".onnx":
-        return "onnxruntime"
-    if suffix in ENGINE_SUFFIXES:
-        return "tensorrt"
-    raise ParagonError(f"{path}: unknown artifact type {suffix!r} (expected a checkpoint "
-                       f"{'/'.join(sorted(CHECKPOINT_SUFFIXES))}, .onnx or {'/'.join(sorted(ENGINE_SUFFIXES))})")
-
-
-def open_model(path: Path | str, *, threads: int | None = None, scale: int | None = None) -> ModelRunner:
+def open_model(path: Path | str, *, threads: int | None = None, scale: int | None = None,
+               runtime: str | None = None) -> ModelRunner:
     """Build (not yet activate) the runner for an artifact; use it as a context manager.
 
     `scale` is needed only for checkpoints that do not record it (traiNNer-redux); for the other
-    kinds it is checked against what the artifact says."""
+    kinds it is checked against what the artifact says. `runtime` picks e.g. openvino for an .onnx."""
     from polygraphy.logger import G_LOGGER
 
-    from . import runners
+    from .runners import open_runner
 
     G_LOGGER.colors = False  # otherwise its first message is a stdout nag about the 'colored' package
 
-    path = Path(path)
-    kind = artifact_kind(path)
-    if not path.is_file():
-        raise ParagonError(f"artifact {path} does not exist")
-    if kind == "torch":
-        import torch
-
-        from .checkpoint import load_model
-
-        loaded = load_model(path, scale=scale)
-        # Eval mode with the tracked static kernels: the path the fused/exported models reproduce.
-        loaded.model.eval().set_dynamic_inference(False)
-        if threads:
-            torch.set_num_threads(threads)
-        return ModelRunner(runners.TorchCpuRunner(loaded.model, name=path.name), kind, path,
-                           metadata={k: str(v) for k, v in loaded.meta.items()}, scale=loaded.scale)
-    if kind == "onnxruntime":
-        return ModelRunner(runners.onnx_runner(path, name=path.name, threads=threads, native_int8=True), kind, path, expected_scale=scale)
-    return ModelRunner(runners.trt_runner(path, name=path.name), kind, path, expected_scale=scale)
+    # ONNX Runtime's fused integer kernels: the speed a user of the int8 file gets on this CPU.
+    runner = open_runner(path, runtime, threads=threads, scale=scale, native_int8=True)
+    info = runner.info
+    # A checkpoint's scale came from `scale` itself if it needed one; other kinds are checked against it.
+    return ModelRunner(runner, info.runtime, info.path, metadata=dict(info.meta), scale=info.scale,
+                       expected_scale=None if info.kind == "checkpoint" else scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +266,7 @@ def _check_image_suffix(p: Path) -> None:
 
 def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, tile: int = DEFAULT_TILE,
             overlap: int = DEFAULT_OVERLAP, alpha: str = "bicubic", force: bool = False, threads: int | None = None,
-            scale: int | None = None, progress: bool | None = None) -> list[dict]:
+            scale: int | None = None, progress: bool | None = None, runtime: str | None = None) -> list[dict]:
     """Upscale every input image with `artifact`; returns one record per written file.
 
     All checks (inputs readable, outputs free, formats possible) happen before the model runs, so a
@@ -315,7 +285,7 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
     for j in jobs:
         j.size = image_size(j.src)
     records = []
-    with open_model(artifact, threads=threads, scale=scale) as model:
+    with open_model(artifact, threads=threads, scale=scale, runtime=runtime) as model:
         total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)
         with tqdm(total=total, unit="tile", disable=(None if progress is None else not progress),
                   desc="upscale") as bar:

@@ -4,6 +4,7 @@ import click
 
 from ..bench import bench, format_table
 from ..images import parse_sizes
+from ..runners import ALL_RUNTIMES
 
 
 @click.command("bench")
@@ -16,10 +17,13 @@ from ..images import parse_sizes
               help="PyTorch checkpoint for the eager reference (default: the first unfused checkpoint given).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing JSON report.")
-def command(artifacts, sizes, threads, runs, warmup, baseline, json_path, force):
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(ALL_RUNTIMES),
+              help="Run each artifact on this runtime where it can (repeatable: --runtime onnxruntime "
+                   "--runtime openvino times every .onnx on both). Default: each artifact's own runtime.")
+def command(artifacts, sizes, threads, runs, warmup, baseline, json_path, force, runtimes):
     """Latency, throughput and peak memory of ARTIFACTS (checkpoints, ONNX, engines) vs PyTorch eager."""
     report = bench(list(artifacts), sizes=parse_sizes(sizes), threads=threads, runs=runs, warmup=warmup,
-                   baseline=baseline, json_path=json_path, force=force,
+                   baseline=baseline, json_path=json_path, force=force, runtimes=runtimes or None,
                    progress=lambda msg: click.echo(msg, err=True))
     click.echo(format_table(report))
     if json_path:

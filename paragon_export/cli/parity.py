@@ -18,13 +18,19 @@ from ..parity import DEFAULT_SIZES, parity
 @click.option("--min-psnr", type=float, help="Minimum PSNR (dB) vs the reference for every artifact.")
 @click.option("--localize", is_flag=True, help="For failing ONNX artifacts, name the first layer whose error jumps.")
 @click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["openvino"]),
+              help="Extra runtimes to add rows for (default: every extra runtime that can run the artifact).")
+@click.option("--require-runtime", "require", multiple=True, type=click.Choice(["openvino"]),
+              help="Make this runtime's rows gate the exit code (a missing package is then an error).")
 @click.pass_context
-def command(ctx, artifacts, output, ref, images, sizes, atol, min_psnr, localize, force):
+def command(ctx, artifacts, output, ref, images, sizes, atol, min_psnr, localize, force, runtimes, require):
     """Compare ARTIFACTS (.safetensors/.pth, .onnx, .engine) with the fp32 PyTorch reference on real images.
 
-    Exits 0 only if every artifact is within its precision's limits (skipped engines do not fail)."""
+    Every .onnx also runs on OpenVINO (when installed) as a compatibility row with the same limits.
+    Exits 0 only if every gated row is within its precision's limits (skipped engines do not fail)."""
     report = parity(list(artifacts), output, ref=ref, images=images, sizes=sizes, atol=atol, min_psnr=min_psnr,
-                    localize=localize, force=force)
+                    localize=localize, force=force, runtimes=tuple(runtimes) + tuple(require) or None,
+                    require=tuple(require))
     click.echo((output / "parity.md").read_text())
     click.echo(f"wrote {output}/parity.json, parity.md and {len(report['outputs']['pngs'])} PNGs")
     if not report["passed"]:

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import click
 
+from ..runners import ALL_RUNTIMES
 from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
 
 
@@ -19,11 +20,13 @@ from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
               help="How the alpha channel is upscaled.")
 @click.option("--threads", type=int, help="CPU threads for torch/onnxruntime.")
 @click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
+@click.option("--runtime", type=click.Choice(ALL_RUNTIMES),
+              help="Runtime for ARTIFACT (default: torch for checkpoints, onnxruntime for .onnx; openvino runs an .onnx).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(artifact, inputs, output, tile, overlap, alpha, threads, scale, force):
-    """Upscale images or folders (recursively) with ARTIFACT: a checkpoint, an ONNX model or a TensorRT engine."""
+def command(artifact, inputs, output, tile, overlap, alpha, threads, scale, runtime, force):
+    """Upscale images or folders (recursively) with ARTIFACT: a checkpoint, an ONNX model, a TensorRT engine or an NCNN .param."""
     records = upscale(artifact, list(inputs), output, tile=tile, overlap=overlap, alpha=alpha, threads=threads,
-                      scale=scale, force=force)
+                      scale=scale, force=force, runtime=runtime)
     for r in records:
         extra = "".join(f", {k}" for k in ("alpha", "gray") if r[k]) + (", 16-bit" if r["bits"] == 16 else "")
         click.echo(f"{r['input']} -> {r['output']} ({r['size_out'][1]}x{r['size_out'][0]}, "
