@@ -127,13 +127,22 @@ def test_presets_fit_the_model_and_are_lr_sized(fp32_info):
         p = validate_profile(preset_profile(name), fp32_info)
         assert p.min[2:] == (64, 64)
     assert preset_profile("720p").opt == (1, 3, 720, 1280)
-    assert preset_profile("1080p").max == (1, 3, 1080, 1920)
+    assert preset_profile("1080p").opt == (1, 3, 1080, 1920)
     assert preset_profile("4k-tiles").opt == (4, 3, 512, 512)
     assert choose_profile(fp32_info) == preset_profile("720p")
     with pytest.raises(ParagonError, match="unknown preset"):
         preset_profile("8k")
     with pytest.raises(ParagonError, match="either --profile or --preset"):
         choose_profile(fp32_info, profile="64x64:64x64:64x64", preset="720p")
+
+
+@pytest.mark.parametrize("name, long_side", [("720p", 1280), ("1080p", 1920)])
+def test_video_presets_take_portrait_and_landscape_frames(name, long_side):
+    """A phone video is 720x1280 or 1280x720 (HxW): both must fit the preset's max."""
+    p = preset_profile(name)
+    short = {"720p": 720, "1080p": 1080}[name]
+    for h, w in ((short, long_side), (long_side, short)):
+        assert p.min[2] <= h <= p.max[2] and p.min[3] <= w <= p.max[3], (name, h, w)
 
 
 def test_profile_follows_fixed_dims(fp32_info):
@@ -294,7 +303,8 @@ def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
     assert entry["key"]["profile"] == preset_profile("4k-tiles").as_dict()
     assert entry["key"]["options"] == {"workspace_gb": 2.0, "hardware_compat": "none"}
     assert entry["onnx"]["path"] == str((onnx_dir / "nano_x2_fp16.onnx").resolve())
-    assert "--fp16" in entry["trtexec"] and "--memPoolSize=workspace:2048" in entry["trtexec"]
+    assert "--stronglyTyped" in entry["trtexec"] and "--fp16" not in entry["trtexec"]
+    assert "--memPoolSize=workspace:2048" in entry["trtexec"]
 
     again, rep2 = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, preset="4k-tiles", compile_fn=fake,
                          options=BuildOptions(workspace_gb=2.0))
@@ -372,19 +382,17 @@ def test_rebuild_refuses_when_the_onnx_changed_or_is_gone(onnx_dir, tmp_path):
 
 # ---------------------------------------------------------------- trtexec
 
-@pytest.mark.parametrize("precision, trt10, trt11", [
-    ("fp32", ["--noTF32"], ["--noTF32"]),
-    ("fp16", ["--fp16"], []),
-    ("int8", ["--int8"], []),
-])
-def test_trtexec_precision_flags_by_version(precision, trt10, trt11):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_trtexec_is_strongly_typed_by_version(precision):
+    """What compile_engine builds: strongly typed (an explicit --stronglyTyped on 10, the only mode on 11),
+    TF32 off, never --fp16/--int8 (weak typing on 10, removed in 11)."""
     def flags(version):
         cmd = trtexec_command(onnx="m.onnx", engine="m.engine", input_name="input", profile=preset_profile("720p"),
                               precision=precision, options=BuildOptions(), trt_version=version)
         return [a for a in cmd.split() if a in ("--fp16", "--int8", "--noTF32", "--best", "--stronglyTyped")]
 
-    assert flags("10.3.0") == trt10
-    assert flags("11.0.0") == trt11
+    assert flags("10.3.0") == ["--stronglyTyped", "--noTF32"]
+    assert flags("11.0.0") == ["--noTF32"]
 
 
 def test_trtexec_full_command():
@@ -394,7 +402,7 @@ def test_trtexec_full_command():
                           timing_cache="/c/t.cache")
     assert cmd == ("trtexec '--onnx=/models/my model.onnx' --saveEngine=/out/m.engine "
                    "--minShapes=input:1x3x64x64 --optShapes=input:1x3x512x512 --maxShapes=input:1x3x1080x1920 "
-                   "--int8 --memPoolSize=workspace:1536 --hardwareCompatibilityLevel=ampere+ "
+                   "--stronglyTyped --noTF32 --memPoolSize=workspace:1536 --hardwareCompatibilityLevel=ampere+ "
                    "--timingCacheFile=/c/t.cache")
 
 
@@ -518,57 +526,71 @@ def test_imports_never_pull_tensorrt_or_modelopt():
 
 
 # ---------------------------------------------------------------- compile step, against a stand-in for tensorrt
-# TensorRT cannot be installed here. This stand-in has only the API surface compile_engine uses, named as in
-# the TensorRT 10/11 Python API, and records the calls, so the version-dependent choices are checked on CPU.
+# TensorRT cannot be installed here. This stand-in has only the API surface compile_engine uses, with the class,
+# method and enum names of the TensorRT 10/11 Python API (tests/test_trt_contract.py checks every name against
+# the real bindings of both versions), and records the calls, so the version-dependent choices are checked on CPU.
 
-def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
+def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
+    """`cache_ok=False` rejects every non-empty timing cache; `reject` only caches with those bytes."""
     import types
 
     calls = []
-    flags = ["TF32"] + (["FP16", "INT8"] if version.startswith("10.") else [])
+    ten = version.startswith("10.")
     trt = types.SimpleNamespace(__version__=version, calls=calls)
-    trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", **({"FP16": "FP16", "INT8": "INT8"} if ten else {}))
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1 if ten else 0)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.HardwareCompatibilityLevel = types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")
 
     class Logger:
         WARNING = 2
 
-        def __init__(self, severity):
+        def __init__(self, min_severity):
             pass
 
     class IProgressMonitor:
         def __init__(self):
             pass
 
-    class Cache:
+    class ITimingCache:
         def __init__(self, blob):
             self.blob = bytes(blob)
 
         def serialize(self):
             return b"CACHE+" + self.blob
 
-    class Config:
+    class IBuilderConfig:
         progress_monitor = None
         hardware_compatibility_level = None
 
-        def __getattr__(self, name):
-            return lambda *a: calls.append((name, *a))
+        def set_memory_pool_limit(self, pool, pool_size):
+            calls.append(("set_memory_pool_limit", pool, pool_size))
 
-        def create_timing_cache(self, blob):
-            return Cache(blob)
+        def set_flag(self, flag):
+            calls.append(("set_flag", flag))
+
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("add_optimization_profile",))
+
+        def create_timing_cache(self, serialized_timing_cache):
+            return ITimingCache(serialized_timing_cache)
 
         def set_timing_cache(self, cache, ignore_mismatch):
             calls.append(("set_timing_cache", cache.blob))
-            self.cache = cache
-            return cache_ok or not cache.blob
+            ok = (cache_ok or not cache.blob) and cache.blob not in reject
+            if ok:
+                self.cache = cache
+            return ok
 
         def get_timing_cache(self):
             return self.cache
 
-    class Profile:
-        def set_shape(self, *a):
-            calls.append(("set_shape", *a))
+    class IOptimizationProfile:
+        def set_shape(self, input, min, opt, max):
+            calls.append(("set_shape", input, min, opt, max))
 
     class Builder:
         def __init__(self, logger):
@@ -579,11 +601,11 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
             return object()
 
         def create_builder_config(self):
-            self.config = Config()
+            self.config = IBuilderConfig()
             return self.config
 
         def create_optimization_profile(self):
-            return Profile()
+            return IOptimizationProfile()
 
         def build_serialized_network(self, network, config):
             mon = config.progress_monitor
@@ -601,33 +623,31 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
         def __init__(self, network, logger):
             pass
 
-        def parse_from_file(self, path):
+        def parse_from_file(self, model):
             return parse_ok
 
-        def get_error(self, i):
+        def get_error(self, index):
             return "In node 3 (Conv): unsupported"
 
     class Runtime:
         def __init__(self, logger):
             pass
 
-        def deserialize_cuda_engine(self, data):
-            return object() if data.startswith(b"PLAN") else None
+        def deserialize_cuda_engine(self, serialized_engine):
+            return object() if serialized_engine.startswith(b"PLAN") else None
 
-    trt.Logger, trt.IProgressMonitor, trt.Builder, trt.OnnxParser = Logger, IProgressMonitor, Builder, OnnxParser
-    trt.Runtime = Runtime
+    for cls in (Logger, IProgressMonitor, ITimingCache, IBuilderConfig, IOptimizationProfile, Builder, OnnxParser,
+                Runtime):
+        setattr(trt, cls.__name__, cls)
     return trt
 
 
-@pytest.mark.parametrize("version, precision, set_flags, cleared", [
-    ("10.3.0", "fp16", [("set_flag", "FP16")], []),
-    ("10.3.0", "int8", [("set_flag", "INT8")], []),
-    ("10.3.0", "fp32", [], [("clear_flag", "TF32")]),
-    ("11.0.0", "fp16", [], []),
-    ("11.0.0", "int8", [], []),
-    ("11.0.0", "fp32", [], [("clear_flag", "TF32")]),
-])
-def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precision, set_flags, cleared):
+@pytest.mark.parametrize("version, strongly_typed_bit", [("10.3.0", 1), ("11.0.0", 0)])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_compile_engine_is_strongly_typed_on_every_version(onnx_dir, tmp_path, version, strongly_typed_bit,
+                                                           precision):
+    """No FP16/INT8 flag even where TensorRT 10 has them (a weakly typed build may run our fp32-kept nodes in
+    fp16); the network is created with the STRONGLY_TYPED bit, whose index differs between 10 and 11."""
     from paragon_export.engines.builder import compile_engine
 
     trt = _fake_trt(version)
@@ -636,10 +656,10 @@ def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precis
     plan = compile_engine(trt, model, preset_profile("720p"), BuildOptions(workspace_gb=1.0, hardware_compat="ampere+"),
                           timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=echoed.append)
     assert plan == b"PLAN"
-    assert [c for c in trt.calls if c[0] == "set_flag"] == set_flags
-    assert [c for c in trt.calls if c[0] == "clear_flag"] == cleared
-    assert ("create_network", 0) in trt.calls
-    assert ("set_shape", "input", (1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 720, 1280)) in trt.calls
+    assert [c for c in trt.calls if c[0] == "set_flag"] == []
+    assert [c for c in trt.calls if c[0] == "clear_flag"] == [("clear_flag", "TF32")]
+    assert [c for c in trt.calls if c[0] == "create_network"] == [("create_network", 1 << strongly_typed_bit)]
+    assert ("set_shape", "input", (1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 1280, 1280)) in trt.calls
     assert ("set_memory_pool_limit", "WORKSPACE", 1 << 30) in trt.calls and ("build", "AMPERE_PLUS") in trt.calls
     assert (tmp_path / "t.cache").read_bytes() == b"CACHE+"  # empty cache created, then persisted
     assert any(e.startswith("Building engine (2 steps)") for e in echoed)
@@ -659,7 +679,8 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
     assert ("set_timing_cache", b"old") in trt.calls and cache.read_bytes() == b"CACHE+old"
     assert any("reusing" in m for m in msgs)
 
-    trt = _fake_trt("11.0.0", cache_ok=False)  # a cache from another GPU: fresh cache, saved elsewhere
+    trt = _fake_trt("11.0.0", cache_ok=False)  # both caches from another GPU: a fresh one replaces the default
+    fallback.write_bytes(b"stale")
     compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=cache, fallback_cache=fallback,
                    echo=msgs.append)
     assert cache.read_bytes() == b"CACHE+old" and fallback.read_bytes() == b"CACHE+"
@@ -667,6 +688,25 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
     with pytest.raises(ParagonError, match=r"cannot parse nano_x2_fp32.onnx: In node 3 \(Conv\): unsupported"):
         compile_engine(_fake_trt("10.3.0", parse_ok=False), model, preset_profile("720p"), BuildOptions(),
                        timing_cache=cache, fallback_cache=fallback, echo=msgs.append)
+
+
+def test_rejected_timing_cache_keeps_the_default_cache(onnx_dir, tmp_path):
+    """A --timing-cache TensorRT rejects must not cost the good default per-GPU cache: the default is used
+    (and extended), not overwritten by a fresh, empty one."""
+    from paragon_export.engines.builder import compile_engine
+
+    model = inspect_onnx(onnx_dir / "nano_x2_fp32.onnx")
+    given, default = tmp_path / "foreign.cache", tmp_path / "default.cache"
+    given.write_bytes(b"foreign")
+    default.write_bytes(b"good")
+    trt = _fake_trt("10.13.0", reject={b"foreign"})
+    msgs = []
+    compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=given, fallback_cache=default,
+                   echo=msgs.append)
+    assert given.read_bytes() == b"foreign"  # left as it was
+    assert default.read_bytes() == b"CACHE+good"  # the good cache was loaded and saved back, not replaced
+    assert ("set_timing_cache", b"good") in trt.calls
+    assert any("foreign.cache was written by another GPU" in m for m in msgs)
 
 
 def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
@@ -686,3 +726,4 @@ def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
     put_entry(tmp_path, digest, {**entry, "engine_sha256": sha256_file(art.path)})
     with pytest.raises(ParagonError, match="could not deserialize"):
         verify_engine(art.path, target=here)
+
