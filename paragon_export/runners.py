@@ -104,11 +104,50 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
+class EngineNotRunnable(ParagonError):
+    """The engine cannot run here (another GPU/TensorRT, or TensorRT refused it); the message says how to
+    rebuild it. `bench` and `parity` skip such an engine; `upscale` stops with this one line."""
+
+
+def _refuse_foreign_engine(path: Path) -> None:
+    """Consult the engine folder's manifest: a plan built for another GPU or TensorRT version would only
+    fail inside TensorRT with a traceback, so it is refused first with the rebuild command."""
+    from .engines.build import EngineMismatch, current_target, load_engine
+    from .engines.manifest import entry_for_file
+
+    try:
+        known = entry_for_file(path.parent, path.name)
+    except ParagonError:
+        known = None  # an unreadable manifest: TensorRT itself decides below
+    if known is None:
+        return  # e.g. a trtexec-built engine: nothing recorded to compare with
+    try:
+        load_engine(path, target=current_target())
+    except EngineMismatch as e:
+        raise EngineNotRunnable(str(e)) from None
+
+
+def _guarded_trt_runner(path: Path, name: str):
+    """Polygraphy's TrtRunner whose load failure (a plan TensorRT rejects) is one ParagonError line."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    class GuardedTrtRunner(TrtRunner):
+        def activate_impl(self):
+            try:
+                super().activate_impl()
+            except Exception as e:  # PolygraphyException, or TensorRT's RuntimeError
+                last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise EngineNotRunnable(f"TensorRT cannot load {path.name} ({last}): rebuild it for this GPU "
+                                        f"with `paragon-export engine {path} --rebuild`") from None
+
+    return GuardedTrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
+
+
 def trt_runner(path: Path | str, *, name: str):
     reason = tensorrt_unavailable()
     if reason:
         raise ParagonError(reason)
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
+    path = Path(path)
+    _refuse_foreign_engine(path)
+    return _guarded_trt_runner(path, name)

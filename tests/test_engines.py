@@ -727,3 +727,82 @@ def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
     with pytest.raises(ParagonError, match="could not deserialize"):
         verify_engine(art.path, target=here)
 
+
+# ---------------------------------------------------------------- engines in bench / upscale (runners.trt_runner)
+
+def test_bench_reads_engine_precision_from_the_manifest_key(onnx_dir, tmp_path):
+    from paragon_export.bench import precision_of
+
+    art, _ = _build(onnx_dir / "nano_x2_int8.onnx", tmp_path)
+    assert precision_of(art.path, "tensorrt", None) == "int8"
+    stray = tmp_path / "stray.engine"
+    stray.write_bytes(b"x")
+    assert precision_of(stray, "tensorrt", None) == "unknown"
+
+
+# TensorRT "imports" and a GPU "exists", but this machine is an L4 where the engine was built on an H200.
+_ON_AN_L4 = ("import paragon_export.runners as r, paragon_export.engines.build as b\n"
+             "from paragon_export.engines import GpuInfo\n"
+             "r.tensorrt_unavailable = lambda: None\n"
+             "b.current_target = lambda: b.Target(GpuInfo('NVIDIA L4', (8, 9)), '10.3.0')")
+
+
+def test_bench_skips_a_foreign_engine_with_the_rebuild_hint(onnx_dir, tmp_path):
+    art, _ = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path / "eng")
+    stray = tmp_path / "eng" / "trtexec-built.engine"  # no manifest entry: TensorRT itself refuses it
+    stray.write_bytes(b"not a plan")
+    args = ["bench", str(art.path), str(stray), "--runs", "1", "--warmup", "0", "--threads", "1"]
+    r = _run_py(_CLI.format(pre=_ON_AN_L4, args=args))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    foreign = next(ln for ln in lines if ln.startswith(f"skipped {art.path} at 256x256: "))
+    assert "NVIDIA H200" in foreign and "NVIDIA L4" in foreign
+    assert f"`paragon-export engine {art.path} --rebuild`" in foreign
+    refused = next(ln for ln in lines if ln.startswith(f"skipped {stray} at 256x256: TensorRT cannot load"))
+    assert f"`paragon-export engine {stray} --rebuild`" in refused
+
+
+def test_upscale_with_a_foreign_engine_is_one_skipped_line(onnx_dir, tmp_path):
+    from paragon_export.images import sample_photo_paths
+
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "eng")
+    args = ["upscale", str(art.path), str(sample_photo_paths("eval")[0]), "-o", str(tmp_path / "out")]
+    r = _run_py(_CLI.format(pre=_ON_AN_L4, args=args))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"Error: skipped {art.path}: refusing to load")
+    assert "--rebuild" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_engine_runner_fills_the_profile_min_batch(tmp_path):
+    """An engine whose profile starts at batch 2 gets tiles of one image: pad with copies, return ours."""
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    from paragon_export.upscale import ModelRunner, upscale_array
+
+    class Engine:
+        def get_tensor_profile_shape(self, name, profile_index):
+            return [(2, 3, 16, 16), (2, 3, 64, 64), (4, 3, 64, 64)]
+
+    class FakeTrtRunner:  # the part of Polygraphy's TrtRunner ModelRunner uses
+        context = type("Context", (), {"engine": Engine()})()
+
+        def activate(self):
+            pass
+
+        def deactivate(self):
+            pass
+
+        def get_input_metadata(self, use_numpy_dtypes=True):
+            return TensorMetadata().add("input", DataType.FLOAT32, (-1, 3, -1, -1))
+
+        def infer(self, feed):
+            x = feed["input"]
+            assert 2 <= x.shape[0] <= 4 and 16 <= min(x.shape[2:]) and max(x.shape[2:]) <= 64, x.shape
+            return {"output": x.repeat(2, axis=2).repeat(2, axis=3)}
+
+    img = np.random.default_rng(0).random((40, 70, 3), dtype=np.float32)
+    with ModelRunner(FakeTrtRunner(), "tensorrt", tmp_path / "m.engine") as model:
+        assert model.scale == 2 and model.min_batch == 2 and model.max_hw == (64, 64)
+        out = upscale_array(model, img, scale=2, tile=32, overlap=4, min_hw=model.min_hw, max_hw=model.max_hw)
+    np.testing.assert_allclose(out, img.repeat(2, 0).repeat(2, 1), atol=1e-6)
