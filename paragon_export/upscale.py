@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .artifact import atomic_output
 from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
 from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
+
+if TYPE_CHECKING:  # the annotation lets tests/test_trt_contract.py type the TensorRT calls made through it
+    from polygraphy.backend.trt import TrtRunner
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
 ENGINE_SUFFIXES = {".engine", ".plan", ".trt"}
@@ -114,7 +117,7 @@ class ModelRunner:
         return s
 
 
-def _trt_profile(runner, name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+def _trt_profile(runner: TrtRunner, name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
     """Min batch and min/max H, W of the engine's first optimisation profile (every call must fit it)."""
     engine = runner.context.engine
     lo, _, hi = engine.get_tensor_profile_shape(name, 0)
