@@ -806,3 +806,16 @@ def test_engine_runner_fills_the_profile_min_batch(tmp_path):
         assert model.scale == 2 and model.min_batch == 2 and model.max_hw == (64, 64)
         out = upscale_array(model, img, scale=2, tile=32, overlap=4, min_hw=model.min_hw, max_hw=model.max_hw)
     np.testing.assert_allclose(out, img.repeat(2, 0).repeat(2, 1), atol=1e-6)
+
+
+def test_trt_extra_brings_what_polygraphy_needs_to_find_cuda():
+    """Polygraphy < 0.53.4 does not find pip's CUDA runtime wheel: every TensorRT run on a pip-only machine
+    failed with "Could not find the CUDA runtime library"."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trt"]
+    reqs = {r.name: r for r in map(Requirement, extra)}
+    assert {"tensorrt", "nvidia-cuda-runtime", "polygraphy"} <= set(reqs)
+    assert "0.53.4" in reqs["polygraphy"].specifier and "0.53.3" not in reqs["polygraphy"].specifier
