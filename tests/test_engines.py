@@ -819,3 +819,23 @@ def test_trt_extra_brings_what_polygraphy_needs_to_find_cuda():
     reqs = {r.name: r for r in map(Requirement, extra)}
     assert {"tensorrt", "nvidia-cuda-runtime", "polygraphy"} <= set(reqs)
     assert "0.53.4" in reqs["polygraphy"].specifier and "0.53.3" not in reqs["polygraphy"].specifier
+
+
+def test_gpu_smoke_script_needs_only_the_package_and_uses_our_int8_recipe():
+    """tests/gpu/smoke.py runs on a GPU box with only `[trt]` installed: no pytest, no conftest; its int8
+    model comes from our recipe (plain quantize_static output fails our int8 check and TensorRT's
+    IDequantizeLayer, which takes no int32 bias). Checked on the source: running it takes minutes of CPU
+    (it did pass trt_blockers == [] when run by hand)."""
+    import ast
+
+    tree = ast.parse((ROOT / "tests" / "gpu" / "smoke.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"pytest", "conftest"}, imported
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "quantize_int8" in names and "quantize_static" not in names
+    r = _run_py("import sys, runpy; sys.modules['pytest'] = sys.modules['conftest'] = None\n"
+                f"g = runpy.run_path({str(ROOT / 'tests' / 'gpu' / 'smoke.py')!r}, run_name='smoke')\n"
+                "print(sorted(k for k in g if k in ('export_models', 'main', 'time_engine')))")
+    assert r.returncode == 0 and "['export_models', 'main', 'time_engine']" in r.stdout, r.stderr
