@@ -106,6 +106,19 @@ def _save_timing_cache(config, path: Path, echo: Echo) -> None:
     echo(f"timing cache: saved {path}")
 
 
+def _option_flags(trt, options: BuildOptions) -> list:
+    flags = []
+    if options.refittable:
+        flags.append(trt.BuilderFlag.REFIT)
+    if options.strip_weights:
+        # The stripped plan is refitted from the same ONNX at load: REFIT_IDENTICAL lets TensorRT optimise as
+        # if the weights were constants (a plain REFIT plan may be slower).
+        flags += [trt.BuilderFlag.STRIP_PLAN] + ([] if options.refittable else [trt.BuilderFlag.REFIT_IDENTICAL])
+    if options.version_compatible:
+        flags.append(trt.BuilderFlag.VERSION_COMPATIBLE)  # the lean runtime is embedded in the plan
+    return flags
+
+
 def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions, *, timing_cache: Path,
                    fallback_cache: Path, echo: Echo) -> bytes:
     """Parse the ONNX, configure the builder and return the serialized engine."""
@@ -126,6 +139,8 @@ def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions
     # TF32 (on by default) is allowed in strongly typed networks and rounds fp32 conv inputs to 10-bit
     # mantissas: not what the ONNX's fp32 ops (an fp32 model, or an fp16/int8 model's fp32 remainder) do.
     config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in _option_flags(trt, options):
+        config.set_flag(flag)
 
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(model.input_name, profile.min, profile.opt, profile.max)
@@ -144,10 +159,31 @@ def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions
     return bytes(plan)
 
 
-def deserialize(trt, data: bytes):
-    """Load a plan with the TensorRT runtime; None-safe error when it does not fit this GPU/version."""
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+def deserialize(trt, data: bytes, options: BuildOptions = BuildOptions(), onnx_path: Path | None = None):
+    """Load a plan with the TensorRT runtime; None-safe error when it does not fit this GPU/version.
+
+    A version-compatible plan carries its lean runtime (host code the runtime must be allowed to run);
+    a weight-stripped plan gets its weights back from the ONNX it was built from."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if options.version_compatible:
+        runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise ParagonError("TensorRT could not deserialize the engine (its log above says why)")
+    if options.strip_weights:
+        refit_from_onnx(trt, engine, onnx_path, logger)
     return engine
+
+
+def refit_from_onnx(trt, engine, onnx_path: Path | None, logger) -> None:
+    """Give a refittable (or weight-stripped) engine the weights of an ONNX with the same graph."""
+    if onnx_path is None or not Path(onnx_path).is_file():
+        raise ParagonError(f"the engine's weights come from its ONNX, {onnx_path}, which is gone")
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
+        raise ParagonError(f"TensorRT cannot refit the engine from {Path(onnx_path).name}: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise ParagonError(f"TensorRT could not refit the engine from {Path(onnx_path).name} (its log says why)")

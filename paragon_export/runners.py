@@ -109,9 +109,10 @@ class EngineNotRunnable(ParagonError):
     rebuild it. `bench` and `parity` skip such an engine; `upscale` stops with this one line."""
 
 
-def _refuse_foreign_engine(path: Path) -> None:
+def _refuse_foreign_engine(path: Path) -> dict | None:
     """Consult the engine folder's manifest: a plan built for another GPU or TensorRT version would only
-    fail inside TensorRT with a traceback, so it is refused first with the rebuild command."""
+    fail inside TensorRT with a traceback, so it is refused first with the rebuild command. Returns the
+    engine's manifest entry (None when it has none)."""
     from .engines.build import EngineMismatch, current_target, load_engine
     from .engines.manifest import entry_for_file
 
@@ -120,17 +121,24 @@ def _refuse_foreign_engine(path: Path) -> None:
     except ParagonError:
         known = None  # an unreadable manifest: TensorRT itself decides below
     if known is None:
-        return  # e.g. a trtexec-built engine: nothing recorded to compare with
+        return None  # e.g. a trtexec-built engine: nothing recorded to compare with
     try:
-        load_engine(path, target=current_target())
+        return load_engine(path, target=current_target())[1]
     except EngineMismatch as e:
         raise EngineNotRunnable(str(e)) from None
 
 
-def _guarded_trt_runner(path: Path, name: str):
-    """Polygraphy's TrtRunner whose load failure (a plan TensorRT rejects) is one ParagonError line."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+def _guarded_trt_runner(path: Path, name: str, entry: dict | None):
+    """Polygraphy's TrtRunner whose load failure (a plan TensorRT rejects) is one ParagonError line.
+    The plan is loaded by `engines.builder.deserialize` with the options its manifest entry records."""
+    from polygraphy.backend.trt import TrtRunner
+
+    from .engines.builder import deserialize
+    from .engines.identity import BuildOptions, EngineKey
+    from .engines.trt import require_tensorrt
+
+    options = EngineKey.from_dict(entry["key"]).options if entry else BuildOptions()
+    onnx = Path(entry["onnx"]["path"]) if entry else None
 
     class GuardedTrtRunner(TrtRunner):
         def activate_impl(self):
@@ -141,7 +149,7 @@ def _guarded_trt_runner(path: Path, name: str):
                 raise EngineNotRunnable(f"TensorRT cannot load {path.name} ({last}): rebuild it for this GPU "
                                         f"with `paragon-export engine {path} --rebuild`") from None
 
-    return GuardedTrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
+    return GuardedTrtRunner(lambda: deserialize(require_tensorrt(), path.read_bytes(), options, onnx), name=name)
 
 
 def trt_runner(path: Path | str, *, name: str):
@@ -149,5 +157,4 @@ def trt_runner(path: Path | str, *, name: str):
     if reason:
         raise ParagonError(reason)
     path = Path(path)
-    _refuse_foreign_engine(path)
-    return _guarded_trt_runner(path, name)
+    return _guarded_trt_runner(path, name, _refuse_foreign_engine(path))

@@ -537,7 +537,8 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
     calls = []
     ten = version.startswith("10.")
     trt = types.SimpleNamespace(__version__=version, calls=calls)
-    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", **({"FP16": "FP16", "INT8": "INT8"} if ten else {}))
+    flags = ["TF32", "REFIT", "REFIT_IDENTICAL", "STRIP_PLAN", "VERSION_COMPATIBLE"] + (["FP16", "INT8"] if ten else [])
+    trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1 if ten else 0)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.HardwareCompatibilityLevel = types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")
@@ -630,14 +631,38 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
             return "In node 3 (Conv): unsupported"
 
     class Runtime:
+        engine_host_code_allowed = False
+
         def __init__(self, logger):
             pass
 
         def deserialize_cuda_engine(self, serialized_engine):
+            calls.append(("deserialize", self.engine_host_code_allowed))
             return object() if serialized_engine.startswith(b"PLAN") else None
 
+    class Refitter:
+        def __init__(self, engine, logger):
+            pass
+
+        def refit_cuda_engine(self):
+            calls.append(("refit_cuda_engine",))
+            return True
+
+    class OnnxParserRefitter:
+        num_errors = 0
+
+        def __init__(self, refitter, logger):
+            pass
+
+        def refit_from_file(self, model):
+            calls.append(("refit_from_file", Path(model).name))
+            return True
+
+        def get_error(self, index):
+            return ""
+
     for cls in (Logger, IProgressMonitor, ITimingCache, IBuilderConfig, IOptimizationProfile, Builder, OnnxParser,
-                Runtime):
+                Runtime, Refitter, OnnxParserRefitter):
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -839,3 +864,64 @@ def test_gpu_smoke_script_needs_only_the_package_and_uses_our_int8_recipe():
                 f"g = runpy.run_path({str(ROOT / 'tests' / 'gpu' / 'smoke.py')!r}, run_name='smoke')\n"
                 "print(sorted(k for k in g if k in ('export_models', 'main', 'time_engine')))")
     assert r.returncode == 0 and "['export_models', 'main', 'time_engine']" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- engines users can carry (refit, version-compatible, stripped)
+
+def test_new_build_options_keep_existing_keys_and_change_the_digest():
+    assert BuildOptions().as_dict() == {"workspace_gb": None, "hardware_compat": "none"}  # old manifests still match
+    keys = [_key(options=BuildOptions(**{opt: True})) for opt in ("refittable", "version_compatible", "strip_weights")]
+    assert len({k.digest for k in keys} | {_key().digest}) == 4
+    for k in keys:
+        assert type(k).from_dict(json.loads(json.dumps(k.as_dict()))) == k
+
+
+def test_version_compatible_engines_load_in_later_trt_of_the_same_major():
+    vc = _key(trt="10.3.0", options=BuildOptions(version_compatible=True))
+    assert incompatibility(vc, H200, "10.13.0.35") is None
+    assert "same major" in incompatibility(vc, H200, "10.2.0")
+    assert "same major" in incompatibility(vc, H200, "11.4.0.106")
+    assert "NVIDIA L4" in incompatibility(vc, L4, "10.13.0.35")  # still one GPU model without ampere+
+
+
+@pytest.mark.parametrize("options, flags, trtexec", [
+    (BuildOptions(refittable=True), ["REFIT"], ["--refit"]),
+    (BuildOptions(strip_weights=True), ["STRIP_PLAN", "REFIT_IDENTICAL"], ["--stripWeights"]),
+    (BuildOptions(refittable=True, strip_weights=True), ["REFIT", "STRIP_PLAN"], ["--refit", "--stripWeights"]),
+    (BuildOptions(version_compatible=True), ["VERSION_COMPATIBLE"], ["--versionCompatible"]),
+])
+def test_carry_options_set_their_builder_flags_and_trtexec_flags(onnx_dir, tmp_path, options, flags, trtexec):
+    from paragon_export.engines.builder import compile_engine
+
+    for version in ("10.13.0", "11.4.0"):
+        trt = _fake_trt(version)
+        compile_engine(trt, inspect_onnx(onnx_dir / "nano_x2_fp16.onnx"), preset_profile("720p"), options,
+                       timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=lambda m: None)
+        assert [c[1] for c in trt.calls if c[0] == "set_flag"] == flags
+        cmd = trtexec_command(onnx="m.onnx", engine="m.engine", input_name="input", profile=preset_profile("720p"),
+                              precision="fp16", options=options, trt_version=version)
+        assert [a for a in cmd.split() if a in ("--refit", "--stripWeights", "--versionCompatible")] == trtexec
+
+
+def test_loading_allows_the_lean_runtime_and_refits_stripped_plans(onnx_dir, tmp_path):
+    from paragon_export.engines.builder import deserialize
+
+    trt = _fake_trt("10.13.0")
+    deserialize(trt, b"PLAN", BuildOptions(version_compatible=True, strip_weights=True),
+                onnx_dir / "nano_x2_fp16.onnx")
+    assert trt.calls == [("deserialize", True), ("refit_from_file", "nano_x2_fp16.onnx"), ("refit_cuda_engine",)]
+    with pytest.raises(ParagonError, match="which is gone"):
+        deserialize(_fake_trt("11.4.0"), b"PLAN", BuildOptions(strip_weights=True), tmp_path / "moved.onnx")
+
+
+def test_print_trtexec_needs_no_tensorrt(onnx_dir, tmp_path):
+    args = ["engine", str(onnx_dir / "nano_x2_int8.onnx"), "--print-trtexec", "--trt-version", "10.13.0.35",
+            "--preset", "4k-tiles", "--refittable", "-o", str(tmp_path)]
+    r = _run_py(_CLI.format(pre="sys.modules['tensorrt'] = None", args=args))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (f"trtexec --onnx={onnx_dir / 'nano_x2_int8.onnx'} --saveEngine={tmp_path}/nano_x2_int8.engine "
+                                "--minShapes=input:1x3x64x64 --optShapes=input:4x3x512x512 --maxShapes=input:4x3x576x576 "
+                                "--stronglyTyped --noTF32 --refit")
+    r = _run_py(_CLI.format(pre="", args=args[:2] + ["--print-trtexec", "--trt-version", "8.6.1"]))
+    assert r.returncode == 1 and r.stderr.strip() == ("Error: --trt-version 8.6.1: paragon-export engines need "
+                                                      "TensorRT 10 or newer")

@@ -425,7 +425,9 @@ if __name__ != "__main__":
                      "IBuilderConfig.set_timing_cache()", "IBuilderConfig.progress_monitor =",
                      "IOptimizationProfile.set_shape()", "Runtime.deserialize_cuda_engine()",
                      "ICudaEngine.get_tensor_profile_shape()", "IProgressMonitor.step_complete (override)",
-                     "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "BuilderFlag.TF32"):
+                     "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "BuilderFlag.TF32", "BuilderFlag.REFIT",
+                     "BuilderFlag.STRIP_PLAN", "BuilderFlag.VERSION_COMPATIBLE", "Runtime.engine_host_code_allowed =",
+                     "OnnxParserRefitter.refit_from_file()", "Refitter.refit_cuda_engine()"):
             assert call in probe["checked"], f"{call} was not reached by the walk of our code"
         assert probe["unsigned"] == [], f"calls whose real signature could not be read: {probe['unsigned']}"
 
