@@ -638,7 +638,11 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
 
         def deserialize_cuda_engine(self, serialized_engine):
             calls.append(("deserialize", self.engine_host_code_allowed))
-            return object() if serialized_engine.startswith(b"PLAN") else None
+            return ICudaEngine() if serialized_engine.startswith(b"PLAN") else None
+
+    class ICudaEngine:
+        def serialize(self):
+            return b"PLAN refitted"
 
     class Refitter:
         def __init__(self, engine, logger):
@@ -662,7 +666,7 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
             return ""
 
     for cls in (Logger, IProgressMonitor, ITimingCache, IBuilderConfig, IOptimizationProfile, Builder, OnnxParser,
-                Runtime, Refitter, OnnxParserRefitter):
+                Runtime, ICudaEngine, Refitter, OnnxParserRefitter):
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -925,3 +929,51 @@ def test_print_trtexec_needs_no_tensorrt(onnx_dir, tmp_path):
     r = _run_py(_CLI.format(pre="", args=args[:2] + ["--print-trtexec", "--trt-version", "8.6.1"]))
     assert r.returncode == 1 and r.stderr.strip() == ("Error: --trt-version 8.6.1: paragon-export engines need "
                                                       "TensorRT 10 or newer")
+
+
+def _refit_target():
+    return Target(H200, "10.3.0", trt=_fake_trt("10.3.0"))
+
+
+def _reweighted(src: Path, dst: Path, factor: float = 1.05) -> Path:
+    """The same graph with every conv weight scaled: what fine-tuning gives."""
+    m = onnx.load(str(src))
+    for t in m.graph.initializer:
+        if len(t.dims) == 4 and t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * factor, t.name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_refit_writes_a_refitted_engine_of_the_new_onnx(onnx_dir, tmp_path):
+    from paragon_export.engines.refit import refit_engine
+
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "eng", options=BuildOptions(refittable=True))
+    tuned = _reweighted(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "tuned_fp32.onnx")
+    target = _refit_target()
+    new, rep = refit_engine(art.path, tuned, target=target, echo=lambda m: None)
+    assert rep["status"] == "refitted" and new.path != art.path and art.path.exists()
+    assert new.path.read_bytes() == b"PLAN refitted" and new.path.name.startswith("tuned_fp32_h200-sm90_trt10.3.0_")
+    assert ("refit_from_file", "tuned_fp32.onnx") in target.trt.calls
+    entry = entry_for_file(tmp_path / "eng", new.path.name)[1]
+    assert entry["refitted_from"] == art.path.name and entry["key"]["options"]["refittable"] is True
+    assert load_engine(new.path, target=target)[0] == b"PLAN refitted"  # sha256 and key recorded right
+
+
+def test_refit_refuses_what_a_refit_cannot_do(onnx_dir, tmp_path):
+    from paragon_export.engines.refit import refit_engine
+
+    plain = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "a")[0].path
+    with pytest.raises(ParagonError, match="was not built refittable"):
+        refit_engine(plain, onnx_dir / "nano_x2_fp32.onnx", target=_refit_target())
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "b", options=BuildOptions(refittable=True))
+    with pytest.raises(ParagonError, match="is int8 with input 'input'; the engine is fp32"):
+        refit_engine(art.path, onnx_dir / "nano_x2_int8.onnx", target=_refit_target())
+    m = onnx.load(str(onnx_dir / "nano_x2_fp32.onnx"))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    conv.attribute.append(onnx.helper.make_attribute("dilations", [2, 2]))
+    onnx.save(m, str(tmp_path / "other.onnx"))
+    with pytest.raises(ParagonError, match=r"graphs differ at node \d+ .*rebuild instead"):
+        refit_engine(art.path, tmp_path / "other.onnx", target=_refit_target())
+    with pytest.raises(ParagonError, match="takes the fine-tuned model as ONNX"):
+        refit_engine(art.path, tmp_path / "x.safetensors", target=_refit_target())

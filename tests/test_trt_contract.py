@@ -158,6 +158,8 @@ class Probe(ast.NodeVisitor):
             return None
         if isinstance(node.func, ast.Name) and node.func.id in self.funcs:
             self.note_call_site(node)
+        if isinstance(node.func, ast.Name) and ("return", node.func.id) in self.param_types:
+            return self.param_types[("return", node.func.id)]  # one of our functions returning a TensorRT object
         if f is None or f[0] not in ("class", "method", "function", "unbound"):
             return None
         if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
@@ -202,9 +204,15 @@ class Probe(ast.NodeVisitor):
                 self.env[a.arg] = self.param_types[(self.path, node.name, a.arg)]
             else:
                 self.env.pop(a.arg, None)
+        outer, self.current = getattr(self, "current", None), node.name
         for stmt in node.body:
             self.visit(stmt)
-        self.env = saved
+        self.env, self.current = saved, outer
+
+    def visit_Return(self, node):
+        t = self.resolve(node.value) if node.value else None
+        if t and t[0] == "instance" and getattr(self, "current", None):
+            self.param_types[("return", self.current)] = t  # by name: callers import it from other files
 
     def visit_ClassDef(self, node):
         for base in node.bases:
@@ -427,7 +435,8 @@ if __name__ != "__main__":
                      "ICudaEngine.get_tensor_profile_shape()", "IProgressMonitor.step_complete (override)",
                      "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "BuilderFlag.TF32", "BuilderFlag.REFIT",
                      "BuilderFlag.STRIP_PLAN", "BuilderFlag.VERSION_COMPATIBLE", "Runtime.engine_host_code_allowed =",
-                     "OnnxParserRefitter.refit_from_file()", "Refitter.refit_cuda_engine()"):
+                     "OnnxParserRefitter.refit_from_file()", "Refitter.refit_cuda_engine()",
+                     "ICudaEngine.serialize()"):
             assert call in probe["checked"], f"{call} was not reached by the walk of our code"
         assert probe["unsigned"] == [], f"calls whose real signature could not be read: {probe['unsigned']}"
 

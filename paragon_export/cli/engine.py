@@ -48,6 +48,9 @@ def _print_result(art, report: dict) -> None:
               help="Embed the lean runtime: the engine also loads in later TensorRT versions of the same major.")
 @click.option("--strip-weights", is_flag=True, help="Write a plan without weights; they are refitted from the "
                                                    "ONNX (which must stay where it is) each time it loads.")
+@click.option("--refit", "refit", type=click.Path(path_type=Path),
+              help="MODEL is a refittable .engine: give it the weights of this fine-tuned ONNX (same graph), "
+                   "without a rebuild.")
 @click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command (no TensorRT or "
                                                    "GPU needed), for --trt-version.")
 @click.option("--trt-version", default="11", show_default=True,
@@ -60,7 +63,7 @@ def _print_result(art, report: dict) -> None:
                                               "its manifest entry names.")
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
 def command(model, output, profile, preset, workspace, timing_cache, hardware_compat, refittable, version_compatible,
-            strip_weights, print_trtexec, trt_version, check, reference, rebuild, force):
+            strip_weights, refit, print_trtexec, trt_version, check, reference, rebuild, force):
     """Build a TensorRT engine of MODEL.onnx for this GPU into a folder, or verify / rebuild MODEL.engine."""
     options = BuildOptions(workspace_gb=workspace, hardware_compat=hardware_compat, refittable=refittable,
                            version_compatible=version_compatible, strip_weights=strip_weights)
@@ -71,6 +74,11 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
                                "with the settings it was built with")
         if output is not None:
             raise ParagonError("-o applies when building from ONNX; a rebuilt engine goes next to the old one")
+        if refit is not None:
+            from paragon_export.engines.refit import refit_engine
+            art, _ = refit_engine(model, refit, echo=_err)
+            click.echo(f"refitted: {art.path}")
+            return
         if rebuild:
             art, report = rebuild_engine(model, timing_cache=timing_cache, check=check, reference=reference,
                                          echo=_err)
@@ -85,8 +93,8 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
             if not report["passed"]:
                 raise ParagonError(f"{model.name} fails its check")
         return
-    if rebuild:
-        raise ParagonError("--rebuild takes an .engine file; to rebuild from ONNX use --force")
+    if rebuild or refit is not None:
+        raise ParagonError("--rebuild/--refit take an .engine file; to rebuild from ONNX use --force")
     if print_trtexec:
         from paragon_export.engines.trtexec import trtexec_for_onnx
         click.echo(trtexec_for_onnx(model, output, profile=profile, preset=preset, options=options,
