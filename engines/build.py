@@ -9,6 +9,7 @@ target is queried from TensorRT and the driver, and compilation is `builder.comp
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     check leaves no engine. Returns the engine Artifact and a report dict.
     """
     model = inspect_onnx(onnx)
+    check_fn = check_fn or functools.partial(_check, options=options)
     if isinstance(profile, Profile):
         prof = validate_profile(profile, model)
         if preset:
@@ -117,7 +119,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
             raise ParagonError(f"{path} exists but does not match its manifest entry; use --force to rebuild it")
         report["status"] = "up to date"
         if check:
-            report["check"] = (check_fn or _check)(path.read_bytes(), model, prof, reference)
+            report["check"] = check_fn(path.read_bytes(), model, prof, reference)
             if not report["check"]["passed"]:
                 raise ParagonError(f"{path.name} fails its check: {_worst(report['check'])}")
         return Artifact(path, "engine", known), report
@@ -133,7 +135,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
                               echo=echo)
     seconds = round(time.monotonic() - start, 2)
     if check:
-        report["check"] = (check_fn or _check)(data, model, prof, reference)
+        report["check"] = check_fn(data, model, prof, reference)
         if not report["check"]["passed"]:
             raise ParagonError(f"the new engine fails its check, nothing written: {_worst(report['check'])}")
     with atomic_output(path, force=True) as tmp:
@@ -150,9 +152,9 @@ def _default_cache(target: Target) -> Path:
     return default_timing_cache(target.gpu, target.trt_version)
 
 
-def _check(data: bytes, model: OnnxInfo, prof: Profile, reference) -> dict:
+def _check(data: bytes, model: OnnxInfo, prof: Profile, reference, options: BuildOptions) -> dict:
     from .check import check_engine
-    return check_engine(data, model, prof, reference=reference)
+    return check_engine(data, model, prof, reference=reference, options=options)
 
 
 def _worst(check: dict) -> str:
@@ -212,12 +214,13 @@ def verify_engine(path: Path | str, *, check: bool = False, reference: Path | st
     target = target or current_target()
     data, entry = load_engine(path, target=target)
     from .builder import deserialize
-    deserialize(target.trt, data)
+    deserialize(target.trt, data, EngineKey.from_dict(entry["key"]).options, Path(entry["onnx"]["path"]))
     if not check:
         return entry, None
     from .check import check_engine
-    return entry, check_engine(data, inspect_onnx(entry["onnx"]["path"]), Profile.from_dict(entry["key"]["profile"]),
-                               reference=reference)
+    key = EngineKey.from_dict(entry["key"])
+    return entry, check_engine(data, inspect_onnx(entry["onnx"]["path"]), key.profile, reference=reference,
+                               options=key.options)
 
 
 def rebuild_engine(path: Path | str, **kwargs) -> tuple[Artifact, dict]:

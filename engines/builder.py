@@ -1,8 +1,10 @@
 """The TensorRT part of a build: ONNX -> serialized plan, with a persistent timing cache and progress.
 
-TensorRT 11 networks are always strongly typed: precision is whatever the ONNX says (fp32 ONNX ->
-fp32 engine, fp16 ONNX -> fp16, Q/DQ ONNX -> int8) and the FP16/INT8 flags no longer exist.
-TensorRT 10 builds weakly typed networks, so fp16 and Q/DQ models need their flag.
+Every network is built strongly typed (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`, in TensorRT 10
+and 11): the engine runs exactly the ONNX's types (fp32 ONNX -> fp32 engine, fp16 ONNX -> fp16, Q/DQ
+ONNX -> int8 with its remainder in the ONNX's float type). A weakly typed TensorRT 10 build with
+`BuilderFlag.FP16` may run the nodes our fp16 pass deliberately kept in fp32 (overflow guards) in
+fp16; those flags are deprecated since 10.12 and gone in 11, so no precision flag is ever set.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from .gpu import GpuInfo
 from .identity import BuildOptions
 from .onnx_info import OnnxInfo
 from .profile import Profile
-from .trt import strongly_typed_only
 
 Echo = Callable[[str], None]
 
@@ -67,8 +68,8 @@ def _progress_monitor(trt, echo: Echo):
     return BuildProgress()
 
 
-def _attach_timing_cache(config, path: Path, echo: Echo) -> bool:
-    """Load `path` into the config; False (and a fresh cache) when it is from another GPU/TensorRT."""
+def _try_timing_cache(config, path: Path, echo: Echo) -> bool:
+    """Attach the cache at `path` (a missing file is an empty, valid cache); False when TensorRT rejects it."""
     blob = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(blob)
@@ -78,10 +79,23 @@ def _attach_timing_cache(config, path: Path, echo: Echo) -> bool:
             return True
     except (RuntimeError, TypeError, ValueError):
         pass
-    echo(f"timing cache: {path} was written by another GPU or TensorRT version (or is damaged); "
-         "starting a fresh one")
-    config.set_timing_cache(config.create_timing_cache(b""), False)
+    echo(f"timing cache: {path} was written by another GPU or TensorRT version (or is damaged); not using it")
     return False
+
+
+def _attach_timing_cache(config, path: Path, fallback: Path, echo: Echo) -> Path:
+    """Attach `path`, else the default per-GPU cache `fallback`, else a fresh one; returns where to save.
+
+    A rejected `--timing-cache` must not cost the good default cache: the default is loaded (and so
+    extended, not replaced) when it is accepted; only a rejected default is started afresh.
+    """
+    if _try_timing_cache(config, path, echo):
+        return path
+    if fallback != path and _try_timing_cache(config, fallback, echo):
+        return fallback
+    echo(f"timing cache: starting a fresh one at {fallback}")
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return fallback
 
 
 def _save_timing_cache(config, path: Path, echo: Echo) -> None:
@@ -92,12 +106,26 @@ def _save_timing_cache(config, path: Path, echo: Echo) -> None:
     echo(f"timing cache: saved {path}")
 
 
+def _option_flags(trt, options: BuildOptions) -> list:
+    flags = []
+    if options.refittable:
+        flags.append(trt.BuilderFlag.REFIT)
+    if options.strip_weights:
+        # The stripped plan is refitted from the same ONNX at load: REFIT_IDENTICAL lets TensorRT optimise as
+        # if the weights were constants (a plain REFIT plan may be slower).
+        flags += [trt.BuilderFlag.STRIP_PLAN] + ([] if options.refittable else [trt.BuilderFlag.REFIT_IDENTICAL])
+    if options.version_compatible:
+        flags.append(trt.BuilderFlag.VERSION_COMPATIBLE)  # the lean runtime is embedded in the plan
+    return flags
+
+
 def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions, *, timing_cache: Path,
                    fallback_cache: Path, echo: Echo) -> bytes:
     """Parse the ONNX, configure the builder and return the serialized engine."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TRT 11: always strongly typed; TRT 10: weakly typed + flags
+    # The flag is a bit index (1 in TensorRT 10, 0 in 11), not a mask.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(model.path)):
         errors = "; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
@@ -108,18 +136,17 @@ def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     if options.hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if model.precision == "fp32":
-        tf32 = getattr(trt.BuilderFlag, "TF32", None)
-        if tf32 is not None:
-            config.clear_flag(tf32)  # TF32 convs round inputs to 10-bit mantissas: not what the fp32 ONNX does
-    elif not strongly_typed_only(trt.__version__):
-        config.set_flag(trt.BuilderFlag.FP16 if model.precision == "fp16" else trt.BuilderFlag.INT8)
+    # TF32 (on by default) is allowed in strongly typed networks and rounds fp32 conv inputs to 10-bit
+    # mantissas: not what the ONNX's fp32 ops (an fp32 model, or an fp16/int8 model's fp32 remainder) do.
+    config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in _option_flags(trt, options):
+        config.set_flag(flag)
 
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(model.input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(opt_profile)
 
-    cache_ok = _attach_timing_cache(config, timing_cache, echo)
+    save_cache_to = _attach_timing_cache(config, timing_cache, fallback_cache, echo)
     monitor = _progress_monitor(trt, echo)  # must outlive the build: keep the reference
     config.progress_monitor = monitor
 
@@ -128,14 +155,35 @@ def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions
     if plan is None:
         raise ParagonError(f"TensorRT failed to build an engine from {model.path.name} (its log above says why)")
     echo(f"built in {time.monotonic() - start:.1f} s")
-    _save_timing_cache(config, timing_cache if cache_ok else fallback_cache, echo)
+    _save_timing_cache(config, save_cache_to, echo)
     return bytes(plan)
 
 
-def deserialize(trt, data: bytes):
-    """Load a plan with the TensorRT runtime; None-safe error when it does not fit this GPU/version."""
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+def deserialize(trt, data: bytes, options: BuildOptions = BuildOptions(), onnx_path: Path | None = None):
+    """Load a plan with the TensorRT runtime; None-safe error when it does not fit this GPU/version.
+
+    A version-compatible plan carries its lean runtime (host code the runtime must be allowed to run);
+    a weight-stripped plan gets its weights back from the ONNX it was built from."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if options.version_compatible:
+        runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise ParagonError("TensorRT could not deserialize the engine (its log above says why)")
+    if options.strip_weights:
+        refit_from_onnx(trt, engine, onnx_path, logger)
     return engine
+
+
+def refit_from_onnx(trt, engine, onnx_path: Path | None, logger) -> None:
+    """Give a refittable (or weight-stripped) engine the weights of an ONNX with the same graph."""
+    if onnx_path is None or not Path(onnx_path).is_file():
+        raise ParagonError(f"the engine's weights come from its ONNX, {onnx_path}, which is gone")
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
+        raise ParagonError(f"TensorRT cannot refit the engine from {Path(onnx_path).name}: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise ParagonError(f"TensorRT could not refit the engine from {Path(onnx_path).name} (its log says why)")

@@ -15,6 +15,7 @@ from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export import verify
 from paragon_export.verify import LIMITS, VERIFY_SIZES
 
+from .identity import BuildOptions
 from .onnx_info import OnnxInfo, inspect_onnx
 from .profile import Profile
 
@@ -120,14 +121,19 @@ def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profi
 
 
 def check_engine(engine_bytes: bytes, model: OnnxInfo, profile: Profile, *,
-                 reference: Path | str | None = None) -> dict:
-    """Polygraphy TrtRunner on the engine vs OnnxrtRunner on the fp32 ONNX (needs TensorRT and a GPU)."""
+                 reference: Path | str | None = None, options: BuildOptions = BuildOptions()) -> dict:
+    """Polygraphy TrtRunner on the engine vs OnnxrtRunner on the fp32 ONNX (needs TensorRT and a GPU).
+    The plan is loaded by `builder.deserialize` (lean runtime, weights of a stripped plan)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.backend.trt import TrtRunner
     from polygraphy.logger import G_LOGGER
 
+    from .builder import deserialize
+    from .trt import require_tensorrt
+
     ref = find_reference(model, reference)
-    with G_LOGGER.verbosity(G_LOGGER.WARNING), TrtRunner(EngineFromBytes(engine_bytes)) as engine_runner, \
+    engine = deserialize(require_tensorrt(), engine_bytes, options, model.path)
+    with G_LOGGER.verbosity(G_LOGGER.WARNING), TrtRunner(engine) as engine_runner, \
             OnnxrtRunner(SessionFromOnnx(str(ref.path), providers=["cpu"])) as ref_runner:
         return run_check(engine_runner, model, ref_runner, ref, profile, model.precision)
 

@@ -22,9 +22,16 @@ HARDWARE_COMPAT = ("none", "ampere+")
 class BuildOptions:
     workspace_gb: float | None = None  # None: TensorRT's default (the device's memory)
     hardware_compat: str = "none"  # "ampere+": the plan runs on any Ampere or newer GPU
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced after fine-tuning, without a rebuild
+    version_compatible: bool = False  # BuilderFlag.VERSION_COMPATIBLE: loads in later TensorRT of the same major
+    strip_weights: bool = False  # BuilderFlag.STRIP_PLAN: a plan without weights, refitted from the ONNX at load
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # Options added later appear only when set, so keys (and digests) of existing engines stay the same.
+        return {k: v for k, v in asdict(self).items() if k in _ORIGINAL_OPTIONS or v}
+
+
+_ORIGINAL_OPTIONS = ("workspace_gb", "hardware_compat")
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,11 @@ def incompatibility(key: EngineKey, gpu: GpuInfo, trt_version: str) -> str | Non
     """Why an engine with this key cannot run on `gpu` with TensorRT `trt_version` (None if it can)."""
     built = f"{key.gpu} (compute {key.compute_capability}) with TensorRT {key.trt_version}"
     here = f"this machine has {gpu.name} (compute {gpu.cc}) with TensorRT {trt_version}"
-    if key.trt_version != trt_version:
+    if key.options.version_compatible:
+        if not _same_major_not_older(key.trt_version, trt_version):
+            return (f"it was built version-compatible for {built}; {here}, and such plans load only in that or a "
+                    "later TensorRT of the same major version")
+    elif key.trt_version != trt_version:
         return f"it was built for {built}; {here}, and plans only load in the TensorRT version that built them"
     if key.options.hardware_compat == "ampere+":
         if gpu.compute_capability < (8, 0):
@@ -84,3 +95,12 @@ def incompatibility(key: EngineKey, gpu: GpuInfo, trt_version: str) -> str | Non
     if key.gpu != gpu.name or key.compute_capability != gpu.cc:
         return f"it was built for {built}; {here}, and a plan is specific to the GPU model that built it"
     return None
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v))
+
+
+def _same_major_not_older(built: str, here: str) -> bool:
+    b, h = _version_tuple(built), _version_tuple(here)
+    return bool(b) and bool(h) and b[0] == h[0] and h >= b

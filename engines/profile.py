@@ -15,10 +15,11 @@ Shape = tuple[int, int, int, int]
 
 # LR input sizes (the profile is on the model input, not on the upscaled output).
 PRESETS: dict[str, tuple[Shape, Shape, Shape]] = {
-    # Video frames up to 1280x720 (landscape), e.g. 720p -> 1440p at x2 or -> 4K at x3.
-    "720p": ((1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 720, 1280)),
-    # Frames up to 1920x1080 (landscape), e.g. 1080p -> 4K at x2.
-    "1080p": ((1, 3, 64, 64), (1, 3, 1080, 1920), (1, 3, 1080, 1920)),
+    # Video frames up to 1280x720 in either orientation (portrait phone video is 1280 high), tuned for
+    # landscape, e.g. 720p -> 1440p at x2 or -> 4K at x3.
+    "720p": ((1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 1280, 1280)),
+    # Frames up to 1920x1080 in either orientation, tuned for landscape, e.g. 1080p -> 4K at x2.
+    "1080p": ((1, 3, 64, 64), (1, 3, 1080, 1920), (1, 3, 1920, 1920)),
     # Tiled upscaling of large (4K-class) images: 512x512 tiles plus up to 32 px overlap per side,
     # up to 4 tiles a batch; 64 px is the smallest edge tile.
     "4k-tiles": ((1, 3, 64, 64), (4, 3, 512, 512), (4, 3, 576, 576)),

@@ -17,7 +17,7 @@ def trt_major(version: str) -> int:
 
 
 def strongly_typed_only(version: str) -> bool:
-    """TensorRT 11 removed the FP16/INT8 builder flags: precision comes from the ONNX types alone."""
+    """TensorRT 11 is always strongly typed (trtexec takes no `--stronglyTyped`); 10 must be asked to be."""
     return trt_major(version) >= 11
 
 

@@ -260,7 +260,13 @@ def _prepare(e: _Entry, x: np.ndarray, *, threads: int, warmup: int) -> None:
             return
         raise
     with PeakRss() as mem:
-        e.runner = runner.__enter__()
+        try:
+            e.runner = runner.__enter__()
+        except ParagonError as err:
+            if e.kind != "tensorrt":  # an engine TensorRT refuses to load here is skipped like a foreign one
+                raise
+            e.skipped = str(err)
+            return
         h, w = x.shape[2:]
         lo, hi = runner.min_hw, runner.max_hw
         if h < lo[0] or w < lo[1] or (hi and (h > hi[0] or w > hi[1])):

@@ -109,14 +109,60 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
+class EngineNotRunnable(ParagonError):
+    """The engine cannot run here (another GPU/TensorRT, or TensorRT refused it); the message says how to
+    rebuild it. `bench` and `parity` skip such an engine; `upscale` stops with this one line."""
+
+
+def _refuse_foreign_engine(path: Path) -> dict | None:
+    """Consult the engine folder's manifest: a plan built for another GPU or TensorRT version would only
+    fail inside TensorRT with a traceback, so it is refused first with the rebuild command. Returns the
+    engine's manifest entry (None when it has none)."""
+    from .engines.build import EngineMismatch, current_target, load_engine
+    from .engines.manifest import entry_for_file
+
+    try:
+        known = entry_for_file(path.parent, path.name)
+    except ParagonError:
+        known = None  # an unreadable manifest: TensorRT itself decides below
+    if known is None:
+        return None  # e.g. a trtexec-built engine: nothing recorded to compare with
+    try:
+        return load_engine(path, target=current_target())[1]
+    except EngineMismatch as e:
+        raise EngineNotRunnable(str(e)) from None
+
+
+def _guarded_trt_runner(path: Path, name: str, entry: dict | None):
+    """Polygraphy's TrtRunner whose load failure (a plan TensorRT rejects) is one ParagonError line.
+    The plan is loaded by `engines.builder.deserialize` with the options its manifest entry records."""
+    from polygraphy.backend.trt import TrtRunner
+
+    from .engines.builder import deserialize
+    from .engines.identity import BuildOptions, EngineKey
+    from .engines.trt import require_tensorrt
+
+    options = EngineKey.from_dict(entry["key"]).options if entry else BuildOptions()
+    onnx = Path(entry["onnx"]["path"]) if entry else None
+
+    class GuardedTrtRunner(TrtRunner):
+        def activate_impl(self):
+            try:
+                super().activate_impl()
+            except Exception as e:  # PolygraphyException, or TensorRT's RuntimeError
+                last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise EngineNotRunnable(f"TensorRT cannot load {path.name} ({last}): rebuild it for this GPU "
+                                        f"with `paragon-export engine {path} --rebuild`") from None
+
+    return GuardedTrtRunner(lambda: deserialize(require_tensorrt(), path.read_bytes(), options, onnx), name=name)
+
+
 def trt_runner(path: Path | str, *, name: str):
     reason = tensorrt_unavailable()
     if reason:
         raise ParagonError(reason)
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=name)
+    path = Path(path)
+    return _guarded_trt_runner(path, name, _refuse_foreign_engine(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +334,9 @@ def engine_precision(path: Path) -> tuple[str, str]:
         found = entry_for_file(path.parent, path.name)
     except (ImportError, ParagonError, OSError, ValueError):
         found = None
-    if found and found[1].get("precision"):
-        return found[1]["precision"], "engine manifest"
+    precision = found[1].get("key", {}).get("precision") if found else None  # engines/identity.py's key
+    if precision:
+        return precision, "engine manifest"
     for token, prec in (("int8", "int8"), ("qat", "int8"), ("fp16", "fp16"), ("half", "fp16"), ("fp32", "fp32")):
         if token in path.name.lower():
             return prec, f"file name ({token})"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .artifact import atomic_output
 from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
 from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
+
+if TYPE_CHECKING:  # the annotation lets tests/test_trt_contract.py type the TensorRT calls made through it
+    from polygraphy.backend.trt import TrtRunner
 
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
@@ -49,6 +52,7 @@ class ModelRunner:
     input_name: str = "input"
     input_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     expected_scale: int | None = None
+    min_batch: int = 1  # an engine profile may start above batch 1
 
     def __enter__(self) -> "ModelRunner":
         self.runner.activate()
@@ -63,9 +67,12 @@ class ModelRunner:
         self.runner.deactivate()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        if n < self.min_batch:  # fill the engine's smallest batch with copies; only ours come back
+            x = np.concatenate([x, np.repeat(x[-1:], self.min_batch - n, axis=0)])
         feed = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
         out = next(iter(self.runner.infer(feed).values()))
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(out[:n], dtype=np.float32)
 
     def last_inference_time(self) -> float:
         """Seconds spent inside the runtime by the last call (Polygraphy's own input checks excluded)."""
@@ -87,7 +94,7 @@ class ModelRunner:
         if all(fixed):
             self.min_hw = self.max_hw = (fixed[0], fixed[1])
         if self.kind == "tensorrt":
-            self.min_hw, self.max_hw = _trt_profile_hw(self.runner, name)
+            self.min_batch, self.min_hw, self.max_hw = _trt_profile(self.runner, name)
         if self.scale is None:
             self.scale = self._probe_scale()
         if self.expected_scale is not None and self.expected_scale != self.scale:
@@ -104,11 +111,11 @@ class ModelRunner:
         return s
 
 
-def _trt_profile_hw(runner, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Min and max H, W of the engine's first optimisation profile (tiles must fit inside it)."""
+def _trt_profile(runner: TrtRunner, name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Min batch and min/max H, W of the engine's first optimisation profile (every call must fit it)."""
     engine = runner.context.engine
     lo, _, hi = engine.get_tensor_profile_shape(name, 0)
-    return (int(lo[2]), int(lo[3])), (int(hi[2]), int(hi[3]))
+    return int(lo[0]), (int(lo[2]), int(lo[3])), (int(hi[2]), int(hi[3]))
 
 
 def open_model(path: Path | str, *, threads: int | None = None, scale: int | None = None,
@@ -271,7 +278,7 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
 
     All checks (inputs readable, outputs free, formats possible) happen before the model runs, so a
     bad batch fails in seconds; every output is written atomically."""
-    from tqdm import tqdm
+    from .runners import EngineNotRunnable
 
     check_tiling(tile, overlap)
     if alpha not in ALPHA_MODES:
@@ -284,6 +291,17 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
         raise ParagonError(f"{existing[0]} already exists{more} (use --force to overwrite)")
     for j in jobs:
         j.size = image_size(j.src)
+    try:
+        return _upscale_jobs(artifact, jobs, tile=tile, overlap=overlap, alpha=alpha, force=force, threads=threads,
+                             scale=scale, progress=progress, runtime=runtime)
+    except EngineNotRunnable as e:  # raised only while loading: nothing was written
+        raise ParagonError(f"skipped {artifact}: {e}") from None
+
+
+def _upscale_jobs(artifact, jobs: list[Job], *, tile, overlap, alpha, force, threads, scale, progress,
+                  runtime) -> list[dict]:
+    from tqdm import tqdm
+
     records = []
     with open_model(artifact, threads=threads, scale=scale, runtime=runtime) as model:
         total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)

@@ -127,13 +127,22 @@ def test_presets_fit_the_model_and_are_lr_sized(fp32_info):
         p = validate_profile(preset_profile(name), fp32_info)
         assert p.min[2:] == (64, 64)
     assert preset_profile("720p").opt == (1, 3, 720, 1280)
-    assert preset_profile("1080p").max == (1, 3, 1080, 1920)
+    assert preset_profile("1080p").opt == (1, 3, 1080, 1920)
     assert preset_profile("4k-tiles").opt == (4, 3, 512, 512)
     assert choose_profile(fp32_info) == preset_profile("720p")
     with pytest.raises(ParagonError, match="unknown preset"):
         preset_profile("8k")
     with pytest.raises(ParagonError, match="either --profile or --preset"):
         choose_profile(fp32_info, profile="64x64:64x64:64x64", preset="720p")
+
+
+@pytest.mark.parametrize("name, long_side", [("720p", 1280), ("1080p", 1920)])
+def test_video_presets_take_portrait_and_landscape_frames(name, long_side):
+    """A phone video is 720x1280 or 1280x720 (HxW): both must fit the preset's max."""
+    p = preset_profile(name)
+    short = {"720p": 720, "1080p": 1080}[name]
+    for h, w in ((short, long_side), (long_side, short)):
+        assert p.min[2] <= h <= p.max[2] and p.min[3] <= w <= p.max[3], (name, h, w)
 
 
 def test_profile_follows_fixed_dims(fp32_info):
@@ -294,7 +303,8 @@ def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
     assert entry["key"]["profile"] == preset_profile("4k-tiles").as_dict()
     assert entry["key"]["options"] == {"workspace_gb": 2.0, "hardware_compat": "none"}
     assert entry["onnx"]["path"] == str((onnx_dir / "nano_x2_fp16.onnx").resolve())
-    assert "--fp16" in entry["trtexec"] and "--memPoolSize=workspace:2048" in entry["trtexec"]
+    assert "--stronglyTyped" in entry["trtexec"] and "--fp16" not in entry["trtexec"]
+    assert "--memPoolSize=workspace:2048" in entry["trtexec"]
 
     again, rep2 = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, preset="4k-tiles", compile_fn=fake,
                          options=BuildOptions(workspace_gb=2.0))
@@ -372,19 +382,17 @@ def test_rebuild_refuses_when_the_onnx_changed_or_is_gone(onnx_dir, tmp_path):
 
 # ---------------------------------------------------------------- trtexec
 
-@pytest.mark.parametrize("precision, trt10, trt11", [
-    ("fp32", ["--noTF32"], ["--noTF32"]),
-    ("fp16", ["--fp16"], []),
-    ("int8", ["--int8"], []),
-])
-def test_trtexec_precision_flags_by_version(precision, trt10, trt11):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_trtexec_is_strongly_typed_by_version(precision):
+    """What compile_engine builds: strongly typed (an explicit --stronglyTyped on 10, the only mode on 11),
+    TF32 off, never --fp16/--int8 (weak typing on 10, removed in 11)."""
     def flags(version):
         cmd = trtexec_command(onnx="m.onnx", engine="m.engine", input_name="input", profile=preset_profile("720p"),
                               precision=precision, options=BuildOptions(), trt_version=version)
         return [a for a in cmd.split() if a in ("--fp16", "--int8", "--noTF32", "--best", "--stronglyTyped")]
 
-    assert flags("10.3.0") == trt10
-    assert flags("11.0.0") == trt11
+    assert flags("10.3.0") == ["--stronglyTyped", "--noTF32"]
+    assert flags("11.0.0") == ["--noTF32"]
 
 
 def test_trtexec_full_command():
@@ -394,7 +402,7 @@ def test_trtexec_full_command():
                           timing_cache="/c/t.cache")
     assert cmd == ("trtexec '--onnx=/models/my model.onnx' --saveEngine=/out/m.engine "
                    "--minShapes=input:1x3x64x64 --optShapes=input:1x3x512x512 --maxShapes=input:1x3x1080x1920 "
-                   "--int8 --memPoolSize=workspace:1536 --hardwareCompatibilityLevel=ampere+ "
+                   "--stronglyTyped --noTF32 --memPoolSize=workspace:1536 --hardwareCompatibilityLevel=ampere+ "
                    "--timingCacheFile=/c/t.cache")
 
 
@@ -518,57 +526,72 @@ def test_imports_never_pull_tensorrt_or_modelopt():
 
 
 # ---------------------------------------------------------------- compile step, against a stand-in for tensorrt
-# TensorRT cannot be installed here. This stand-in has only the API surface compile_engine uses, named as in
-# the TensorRT 10/11 Python API, and records the calls, so the version-dependent choices are checked on CPU.
+# TensorRT cannot be installed here. This stand-in has only the API surface compile_engine uses, with the class,
+# method and enum names of the TensorRT 10/11 Python API (tests/test_trt_contract.py checks every name against
+# the real bindings of both versions), and records the calls, so the version-dependent choices are checked on CPU.
 
-def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
+def _fake_trt(version: str, *, cache_ok=True, parse_ok=True, reject=()):
+    """`cache_ok=False` rejects every non-empty timing cache; `reject` only caches with those bytes."""
     import types
 
     calls = []
-    flags = ["TF32"] + (["FP16", "INT8"] if version.startswith("10.") else [])
+    ten = version.startswith("10.")
     trt = types.SimpleNamespace(__version__=version, calls=calls)
+    flags = ["TF32", "REFIT", "REFIT_IDENTICAL", "STRIP_PLAN", "VERSION_COMPATIBLE"] + (["FP16", "INT8"] if ten else [])
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1 if ten else 0)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.HardwareCompatibilityLevel = types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS")
 
     class Logger:
         WARNING = 2
 
-        def __init__(self, severity):
+        def __init__(self, min_severity):
             pass
 
     class IProgressMonitor:
         def __init__(self):
             pass
 
-    class Cache:
+    class ITimingCache:
         def __init__(self, blob):
             self.blob = bytes(blob)
 
         def serialize(self):
             return b"CACHE+" + self.blob
 
-    class Config:
+    class IBuilderConfig:
         progress_monitor = None
         hardware_compatibility_level = None
 
-        def __getattr__(self, name):
-            return lambda *a: calls.append((name, *a))
+        def set_memory_pool_limit(self, pool, pool_size):
+            calls.append(("set_memory_pool_limit", pool, pool_size))
 
-        def create_timing_cache(self, blob):
-            return Cache(blob)
+        def set_flag(self, flag):
+            calls.append(("set_flag", flag))
+
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("add_optimization_profile",))
+
+        def create_timing_cache(self, serialized_timing_cache):
+            return ITimingCache(serialized_timing_cache)
 
         def set_timing_cache(self, cache, ignore_mismatch):
             calls.append(("set_timing_cache", cache.blob))
-            self.cache = cache
-            return cache_ok or not cache.blob
+            ok = (cache_ok or not cache.blob) and cache.blob not in reject
+            if ok:
+                self.cache = cache
+            return ok
 
         def get_timing_cache(self):
             return self.cache
 
-    class Profile:
-        def set_shape(self, *a):
-            calls.append(("set_shape", *a))
+    class IOptimizationProfile:
+        def set_shape(self, input, min, opt, max):
+            calls.append(("set_shape", input, min, opt, max))
 
     class Builder:
         def __init__(self, logger):
@@ -579,11 +602,11 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
             return object()
 
         def create_builder_config(self):
-            self.config = Config()
+            self.config = IBuilderConfig()
             return self.config
 
         def create_optimization_profile(self):
-            return Profile()
+            return IOptimizationProfile()
 
         def build_serialized_network(self, network, config):
             mon = config.progress_monitor
@@ -601,33 +624,59 @@ def _fake_trt(version: str, *, cache_ok=True, parse_ok=True):
         def __init__(self, network, logger):
             pass
 
-        def parse_from_file(self, path):
+        def parse_from_file(self, model):
             return parse_ok
 
-        def get_error(self, i):
+        def get_error(self, index):
             return "In node 3 (Conv): unsupported"
 
     class Runtime:
+        engine_host_code_allowed = False
+
         def __init__(self, logger):
             pass
 
-        def deserialize_cuda_engine(self, data):
-            return object() if data.startswith(b"PLAN") else None
+        def deserialize_cuda_engine(self, serialized_engine):
+            calls.append(("deserialize", self.engine_host_code_allowed))
+            return ICudaEngine() if serialized_engine.startswith(b"PLAN") else None
 
-    trt.Logger, trt.IProgressMonitor, trt.Builder, trt.OnnxParser = Logger, IProgressMonitor, Builder, OnnxParser
-    trt.Runtime = Runtime
+    class ICudaEngine:
+        def serialize(self):
+            return b"PLAN refitted"
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            pass
+
+        def refit_cuda_engine(self):
+            calls.append(("refit_cuda_engine",))
+            return True
+
+    class OnnxParserRefitter:
+        num_errors = 0
+
+        def __init__(self, refitter, logger):
+            pass
+
+        def refit_from_file(self, model):
+            calls.append(("refit_from_file", Path(model).name))
+            return True
+
+        def get_error(self, index):
+            return ""
+
+    for cls in (Logger, IProgressMonitor, ITimingCache, IBuilderConfig, IOptimizationProfile, Builder, OnnxParser,
+                Runtime, ICudaEngine, Refitter, OnnxParserRefitter):
+        setattr(trt, cls.__name__, cls)
     return trt
 
 
-@pytest.mark.parametrize("version, precision, set_flags, cleared", [
-    ("10.3.0", "fp16", [("set_flag", "FP16")], []),
-    ("10.3.0", "int8", [("set_flag", "INT8")], []),
-    ("10.3.0", "fp32", [], [("clear_flag", "TF32")]),
-    ("11.0.0", "fp16", [], []),
-    ("11.0.0", "int8", [], []),
-    ("11.0.0", "fp32", [], [("clear_flag", "TF32")]),
-])
-def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precision, set_flags, cleared):
+@pytest.mark.parametrize("version, strongly_typed_bit", [("10.3.0", 1), ("11.0.0", 0)])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_compile_engine_is_strongly_typed_on_every_version(onnx_dir, tmp_path, version, strongly_typed_bit,
+                                                           precision):
+    """No FP16/INT8 flag even where TensorRT 10 has them (a weakly typed build may run our fp32-kept nodes in
+    fp16); the network is created with the STRONGLY_TYPED bit, whose index differs between 10 and 11."""
     from paragon_export.engines.builder import compile_engine
 
     trt = _fake_trt(version)
@@ -636,10 +685,10 @@ def test_compile_engine_precision_by_version(onnx_dir, tmp_path, version, precis
     plan = compile_engine(trt, model, preset_profile("720p"), BuildOptions(workspace_gb=1.0, hardware_compat="ampere+"),
                           timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=echoed.append)
     assert plan == b"PLAN"
-    assert [c for c in trt.calls if c[0] == "set_flag"] == set_flags
-    assert [c for c in trt.calls if c[0] == "clear_flag"] == cleared
-    assert ("create_network", 0) in trt.calls
-    assert ("set_shape", "input", (1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 720, 1280)) in trt.calls
+    assert [c for c in trt.calls if c[0] == "set_flag"] == []
+    assert [c for c in trt.calls if c[0] == "clear_flag"] == [("clear_flag", "TF32")]
+    assert [c for c in trt.calls if c[0] == "create_network"] == [("create_network", 1 << strongly_typed_bit)]
+    assert ("set_shape", "input", (1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 1280, 1280)) in trt.calls
     assert ("set_memory_pool_limit", "WORKSPACE", 1 << 30) in trt.calls and ("build", "AMPERE_PLUS") in trt.calls
     assert (tmp_path / "t.cache").read_bytes() == b"CACHE+"  # empty cache created, then persisted
     assert any(e.startswith("Building engine (2 steps)") for e in echoed)
@@ -659,7 +708,8 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
     assert ("set_timing_cache", b"old") in trt.calls and cache.read_bytes() == b"CACHE+old"
     assert any("reusing" in m for m in msgs)
 
-    trt = _fake_trt("11.0.0", cache_ok=False)  # a cache from another GPU: fresh cache, saved elsewhere
+    trt = _fake_trt("11.0.0", cache_ok=False)  # both caches from another GPU: a fresh one replaces the default
+    fallback.write_bytes(b"stale")
     compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=cache, fallback_cache=fallback,
                    echo=msgs.append)
     assert cache.read_bytes() == b"CACHE+old" and fallback.read_bytes() == b"CACHE+"
@@ -667,6 +717,25 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
     with pytest.raises(ParagonError, match=r"cannot parse nano_x2_fp32.onnx: In node 3 \(Conv\): unsupported"):
         compile_engine(_fake_trt("10.3.0", parse_ok=False), model, preset_profile("720p"), BuildOptions(),
                        timing_cache=cache, fallback_cache=fallback, echo=msgs.append)
+
+
+def test_rejected_timing_cache_keeps_the_default_cache(onnx_dir, tmp_path):
+    """A --timing-cache TensorRT rejects must not cost the good default per-GPU cache: the default is used
+    (and extended), not overwritten by a fresh, empty one."""
+    from paragon_export.engines.builder import compile_engine
+
+    model = inspect_onnx(onnx_dir / "nano_x2_fp32.onnx")
+    given, default = tmp_path / "foreign.cache", tmp_path / "default.cache"
+    given.write_bytes(b"foreign")
+    default.write_bytes(b"good")
+    trt = _fake_trt("10.13.0", reject={b"foreign"})
+    msgs = []
+    compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=given, fallback_cache=default,
+                   echo=msgs.append)
+    assert given.read_bytes() == b"foreign"  # left as it was
+    assert default.read_bytes() == b"CACHE+good"  # the good cache was loaded and saved back, not replaced
+    assert ("set_timing_cache", b"good") in trt.calls
+    assert any("foreign.cache was written by another GPU" in m for m in msgs)
 
 
 def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
@@ -686,3 +755,225 @@ def test_verify_engine_loads_through_the_runtime(onnx_dir, tmp_path):
     put_entry(tmp_path, digest, {**entry, "engine_sha256": sha256_file(art.path)})
     with pytest.raises(ParagonError, match="could not deserialize"):
         verify_engine(art.path, target=here)
+
+
+# ---------------------------------------------------------------- engines in bench / upscale (runners.trt_runner)
+
+def test_bench_reads_engine_precision_from_the_manifest_key(onnx_dir, tmp_path):
+    from paragon_export.runners import engine_precision
+
+    art, _ = _build(onnx_dir / "nano_x2_int8.onnx", tmp_path)
+    assert engine_precision(art.path) == ("int8", "engine manifest")  # bench's precision column reads this
+    stray = tmp_path / "stray.engine"
+    stray.write_bytes(b"x")
+    assert engine_precision(stray)[1] != "engine manifest"
+
+
+# TensorRT "imports" and a GPU "exists", but this machine is an L4 where the engine was built on an H200.
+_ON_AN_L4 = ("import paragon_export.runners as r, paragon_export.engines.build as b\n"
+             "from paragon_export.engines import GpuInfo\n"
+             "r.tensorrt_unavailable = lambda: None\n"
+             "b.current_target = lambda: b.Target(GpuInfo('NVIDIA L4', (8, 9)), '10.3.0')")
+
+
+def test_bench_skips_a_foreign_engine_with_the_rebuild_hint(onnx_dir, tmp_path):
+    art, _ = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path / "eng")
+    stray = tmp_path / "eng" / "trtexec-built.engine"  # no manifest entry: TensorRT itself refuses it
+    stray.write_bytes(b"not a plan")
+    args = ["bench", str(art.path), str(stray), "--runs", "1", "--warmup", "0", "--threads", "1"]
+    r = _run_py(_CLI.format(pre=_ON_AN_L4, args=args))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    foreign = next(ln for ln in lines if ln.startswith(f"skipped {art.path} at 256x256: "))
+    assert "NVIDIA H200" in foreign and "NVIDIA L4" in foreign
+    assert f"`paragon-export engine {art.path} --rebuild`" in foreign
+    refused = next(ln for ln in lines if ln.startswith(f"skipped {stray} at 256x256: TensorRT cannot load"))
+    assert f"`paragon-export engine {stray} --rebuild`" in refused
+
+
+def test_upscale_with_a_foreign_engine_is_one_skipped_line(onnx_dir, tmp_path):
+    from paragon_export.images import sample_photo_paths
+
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "eng")
+    args = ["upscale", str(art.path), str(sample_photo_paths("eval")[0]), "-o", str(tmp_path / "out")]
+    r = _run_py(_CLI.format(pre=_ON_AN_L4, args=args))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"Error: skipped {art.path}: refusing to load")
+    assert "--rebuild" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_engine_runner_fills_the_profile_min_batch(tmp_path):
+    """An engine whose profile starts at batch 2 gets tiles of one image: pad with copies, return ours."""
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    from paragon_export.upscale import ModelRunner, upscale_array
+
+    class Engine:
+        def get_tensor_profile_shape(self, name, profile_index):
+            return [(2, 3, 16, 16), (2, 3, 64, 64), (4, 3, 64, 64)]
+
+    class FakeTrtRunner:  # the part of Polygraphy's TrtRunner ModelRunner uses
+        context = type("Context", (), {"engine": Engine()})()
+
+        def activate(self):
+            pass
+
+        def deactivate(self):
+            pass
+
+        def get_input_metadata(self, use_numpy_dtypes=True):
+            return TensorMetadata().add("input", DataType.FLOAT32, (-1, 3, -1, -1))
+
+        def infer(self, feed):
+            x = feed["input"]
+            assert 2 <= x.shape[0] <= 4 and 16 <= min(x.shape[2:]) and max(x.shape[2:]) <= 64, x.shape
+            return {"output": x.repeat(2, axis=2).repeat(2, axis=3)}
+
+    img = np.random.default_rng(0).random((40, 70, 3), dtype=np.float32)
+    with ModelRunner(FakeTrtRunner(), "tensorrt", tmp_path / "m.engine") as model:
+        assert model.scale == 2 and model.min_batch == 2 and model.max_hw == (64, 64)
+        out = upscale_array(model, img, scale=2, tile=32, overlap=4, min_hw=model.min_hw, max_hw=model.max_hw)
+    np.testing.assert_allclose(out, img.repeat(2, 0).repeat(2, 1), atol=1e-6)
+
+
+def test_trt_extra_brings_what_polygraphy_needs_to_find_cuda():
+    """Polygraphy < 0.53.4 does not find pip's CUDA runtime wheel: every TensorRT run on a pip-only machine
+    failed with "Could not find the CUDA runtime library"."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trt"]
+    reqs = {r.name: r for r in map(Requirement, extra)}
+    assert {"tensorrt", "nvidia-cuda-runtime", "polygraphy"} <= set(reqs)
+    assert "0.53.4" in reqs["polygraphy"].specifier and "0.53.3" not in reqs["polygraphy"].specifier
+
+
+def test_gpu_smoke_script_needs_only_the_package_and_uses_our_int8_recipe():
+    """tests/gpu/smoke.py runs on a GPU box with only `[trt]` installed: no pytest, no conftest; its int8
+    model comes from our recipe (plain quantize_static output fails our int8 check and TensorRT's
+    IDequantizeLayer, which takes no int32 bias). Checked on the source: running it takes minutes of CPU
+    (it did pass trt_blockers == [] when run by hand)."""
+    import ast
+
+    tree = ast.parse((ROOT / "tests" / "gpu" / "smoke.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"pytest", "conftest"}, imported
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "quantize_int8" in names and "quantize_static" not in names
+    r = _run_py("import sys, runpy; sys.modules['pytest'] = sys.modules['conftest'] = None\n"
+                f"g = runpy.run_path({str(ROOT / 'tests' / 'gpu' / 'smoke.py')!r}, run_name='smoke')\n"
+                "print(sorted(k for k in g if k in ('export_models', 'main', 'time_engine')))")
+    assert r.returncode == 0 and "['export_models', 'main', 'time_engine']" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- engines users can carry (refit, version-compatible, stripped)
+
+def test_new_build_options_keep_existing_keys_and_change_the_digest():
+    assert BuildOptions().as_dict() == {"workspace_gb": None, "hardware_compat": "none"}  # old manifests still match
+    keys = [_key(options=BuildOptions(**{opt: True})) for opt in ("refittable", "version_compatible", "strip_weights")]
+    assert len({k.digest for k in keys} | {_key().digest}) == 4
+    for k in keys:
+        assert type(k).from_dict(json.loads(json.dumps(k.as_dict()))) == k
+
+
+def test_version_compatible_engines_load_in_later_trt_of_the_same_major():
+    vc = _key(trt="10.3.0", options=BuildOptions(version_compatible=True))
+    assert incompatibility(vc, H200, "10.13.0.35") is None
+    assert "same major" in incompatibility(vc, H200, "10.2.0")
+    assert "same major" in incompatibility(vc, H200, "11.4.0.106")
+    assert "NVIDIA L4" in incompatibility(vc, L4, "10.13.0.35")  # still one GPU model without ampere+
+
+
+@pytest.mark.parametrize("options, flags, trtexec", [
+    (BuildOptions(refittable=True), ["REFIT"], ["--refit"]),
+    (BuildOptions(strip_weights=True), ["STRIP_PLAN", "REFIT_IDENTICAL"], ["--stripWeights"]),
+    (BuildOptions(refittable=True, strip_weights=True), ["REFIT", "STRIP_PLAN"], ["--refit", "--stripWeights"]),
+    (BuildOptions(version_compatible=True), ["VERSION_COMPATIBLE"], ["--versionCompatible"]),
+])
+def test_carry_options_set_their_builder_flags_and_trtexec_flags(onnx_dir, tmp_path, options, flags, trtexec):
+    from paragon_export.engines.builder import compile_engine
+
+    for version in ("10.13.0", "11.4.0"):
+        trt = _fake_trt(version)
+        compile_engine(trt, inspect_onnx(onnx_dir / "nano_x2_fp16.onnx"), preset_profile("720p"), options,
+                       timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=lambda m: None)
+        assert [c[1] for c in trt.calls if c[0] == "set_flag"] == flags
+        cmd = trtexec_command(onnx="m.onnx", engine="m.engine", input_name="input", profile=preset_profile("720p"),
+                              precision="fp16", options=options, trt_version=version)
+        assert [a for a in cmd.split() if a in ("--refit", "--stripWeights", "--versionCompatible")] == trtexec
+
+
+def test_loading_allows_the_lean_runtime_and_refits_stripped_plans(onnx_dir, tmp_path):
+    from paragon_export.engines.builder import deserialize
+
+    trt = _fake_trt("10.13.0")
+    deserialize(trt, b"PLAN", BuildOptions(version_compatible=True, strip_weights=True),
+                onnx_dir / "nano_x2_fp16.onnx")
+    assert trt.calls == [("deserialize", True), ("refit_from_file", "nano_x2_fp16.onnx"), ("refit_cuda_engine",)]
+    with pytest.raises(ParagonError, match="which is gone"):
+        deserialize(_fake_trt("11.4.0"), b"PLAN", BuildOptions(strip_weights=True), tmp_path / "moved.onnx")
+
+
+def test_print_trtexec_needs_no_tensorrt(onnx_dir, tmp_path):
+    args = ["engine", str(onnx_dir / "nano_x2_int8.onnx"), "--print-trtexec", "--trt-version", "10.13.0.35",
+            "--preset", "4k-tiles", "--refittable", "-o", str(tmp_path)]
+    r = _run_py(_CLI.format(pre="sys.modules['tensorrt'] = None", args=args))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (f"trtexec --onnx={onnx_dir / 'nano_x2_int8.onnx'} --saveEngine={tmp_path}/nano_x2_int8.engine "
+                                "--minShapes=input:1x3x64x64 --optShapes=input:4x3x512x512 --maxShapes=input:4x3x576x576 "
+                                "--stronglyTyped --noTF32 --refit")
+    r = _run_py(_CLI.format(pre="", args=args[:2] + ["--print-trtexec", "--trt-version", "8.6.1"]))
+    assert r.returncode == 1 and r.stderr.strip() == ("Error: --trt-version 8.6.1: paragon-export engines need "
+                                                      "TensorRT 10 or newer")
+
+
+def _refit_target():
+    return Target(H200, "10.3.0", trt=_fake_trt("10.3.0"))
+
+
+def _reweighted(src: Path, dst: Path, factor: float = 1.05) -> Path:
+    """The same graph with every conv weight scaled: what fine-tuning gives."""
+    m = onnx.load(str(src))
+    for t in m.graph.initializer:
+        if len(t.dims) == 4 and t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * factor, t.name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_refit_writes_a_refitted_engine_of_the_new_onnx(onnx_dir, tmp_path):
+    from paragon_export.engines.refit import refit_engine
+
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "eng", options=BuildOptions(refittable=True))
+    tuned = _reweighted(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "tuned_fp32.onnx")
+    target = _refit_target()
+    new, rep = refit_engine(art.path, tuned, target=target, echo=lambda m: None)
+    assert rep["status"] == "refitted" and new.path != art.path and art.path.exists()
+    assert new.path.read_bytes() == b"PLAN refitted" and new.path.name.startswith("tuned_fp32_h200-sm90_trt10.3.0_")
+    assert ("refit_from_file", "tuned_fp32.onnx") in target.trt.calls
+    entry = entry_for_file(tmp_path / "eng", new.path.name)[1]
+    assert entry["refitted_from"] == art.path.name and entry["key"]["options"]["refittable"] is True
+    assert load_engine(new.path, target=target)[0] == b"PLAN refitted"  # sha256 and key recorded right
+
+
+def test_refit_refuses_what_a_refit_cannot_do(onnx_dir, tmp_path):
+    from paragon_export.engines.refit import refit_engine
+
+    plain = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "a")[0].path
+    with pytest.raises(ParagonError, match="was not built refittable"):
+        refit_engine(plain, onnx_dir / "nano_x2_fp32.onnx", target=_refit_target())
+    art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "b", options=BuildOptions(refittable=True))
+    with pytest.raises(ParagonError, match="is int8 with input 'input'; the engine is fp32"):
+        refit_engine(art.path, onnx_dir / "nano_x2_int8.onnx", target=_refit_target())
+    m = onnx.load(str(onnx_dir / "nano_x2_fp32.onnx"))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    conv.attribute.append(onnx.helper.make_attribute("dilations", [2, 2]))
+    onnx.save(m, str(tmp_path / "other.onnx"))
+    with pytest.raises(ParagonError, match=r"graphs differ at node \d+ .*rebuild instead"):
+        refit_engine(art.path, tmp_path / "other.onnx", target=_refit_target())
+    with pytest.raises(ParagonError, match="takes the fine-tuned model as ONNX"):
+        refit_engine(art.path, tmp_path / "x.safetensors", target=_refit_target())

@@ -1,13 +1,17 @@
-"""GPU smoke test for engines/ (needs TensorRT and an NVIDIA GPU; not collected by pytest).
+"""GPU smoke test for engines/ (needs TensorRT and an NVIDIA GPU; pytest never collects it: not test_*.py).
 
+    pip install -c constraints.txt -e '.[trt]'
     python tests/gpu/smoke.py [--out DIR]
 
-On a seeded nano x2 model: exports fp32 / fp16 / int8 (Q/DQ) ONNX, builds an engine from each with
-`engines.build_engine(..., check=True)` (Polygraphy TrtRunner vs ORT fp32 on real photos), rebuilds
-fp32 to show the timing cache at work, checks the manifest's up-to-date path and the refusal to load
-on a different GPU, runs the printed trtexec command when trtexec is installed, and times 512x512
-inference per engine (median of 30 after warm-up, as a ratio to the fp32 engine). Writes smoke.json.
-Runs in a few minutes on a recent GPU; exits non-zero if any step fails.
+Needs only the package and its [trt] extra (no pytest, no tests/ helpers). On a seeded nano x2 model:
+exports fp32 / fp16 ONNX with paragon_export.export_onnx and int8 with our own int8 recipe
+(paragon_export.int8.quantize_int8: symmetric per-channel Q/DQ on conv inputs only, float biases; ORT's
+plain quantize_static output is rejected by our int8 check and by TensorRT's IDequantizeLayer), builds an
+engine from each with `engines.build_engine(..., check=True)` (Polygraphy TrtRunner vs ORT fp32 on real
+photos), rebuilds fp32 to show the timing cache at work, checks the manifest's up-to-date path and the
+refusal to load on a different GPU, runs the printed trtexec command when trtexec is installed, and times
+512x512 inference per engine (median of 30 after warm-up, as a ratio to the fp32 engine). Writes
+smoke.json. Runs in a few minutes on a recent GPU; exits non-zero if any step fails.
 """
 
 from __future__ import annotations
@@ -21,80 +25,31 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
-if __name__ != "__main__" and "pytest" in sys.modules:  # not a test module: never collected on CPU
-    import pytest
+import numpy as np
 
-    pytest.skip("GPU smoke script: run `python tests/gpu/smoke.py` on a machine with TensorRT and a GPU",
-                allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import numpy as np  # noqa: E402
-
-from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Target, build_engine,  # noqa: E402
-                     current_target, load_engine)
-from paragon_export.errors import ParagonError  # noqa: E402
+from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Target, build_engine, current_target,
+                                    load_engine)
+from paragon_export.errors import ParagonError
 
 PROFILE = "1x3x64x64:1x3x512x512:2x3x512x512"
 TIMED_RUNS = 30
 
 
 def export_models(work: Path) -> dict[str, Path]:
-    """fp32 + fp16 via paragon_export.export_onnx when present (else torch.onnx.export and
-    onnxconverter-common), int8 as symmetric per-channel Q/DQ via ORT quantize_static (SPEC §5)."""
-    import onnx
-    import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from conftest import make_model
+    """fp32 + fp16 ONNX through paragon_export.export_onnx, int8 through our int8 recipe (SPEC §5)."""
     from paragon_export.checkpoint import save_model
-    from paragon_export.images import lr_hr_crops, sample_photo_paths
+    from paragon_export.export_onnx import export_onnx
+    from paragon_export.int8 import quantize_int8
+    from paragon_export.seeded import seeded_model
 
     ckpt = work / "nano_x2.safetensors"
-    save_model(make_model(), ckpt, variant="paragonsr2_nano", force=True)
-    paths: dict[str, Path] = {}
-    try:
-        from paragon_export.export_onnx import export_onnx
-
-        arts = export_onnx(ckpt, work, fp16=True, force=True)
-        paths = {k: Path(a.path) for k, a in arts.items()}
-        print(f"exported with paragon_export.export_onnx: {', '.join(p.name for p in paths.values())}")
-    except ImportError:
-        from onnxconverter_common import float16
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(make_model(fused=True), torch.rand(1, 3, 64, 64), str(work / "nano_x2_fp32.onnx"),
-                              dynamo=False, opset_version=17, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "output": {0: "n", 2: "oh", 3: "ow"}})
-        m = onnx.load(str(work / "nano_x2_fp32.onnx"))
-        m.graph.ClearField("value_info")
-        onnx.save(float16.convert_float_to_float16(m, keep_io_types=True), str(work / "nano_x2_fp16.onnx"))
-        paths = {"fp32": work / "nano_x2_fp32.onnx", "fp16": work / "nano_x2_fp16.onnx"}
-        print("exported with torch.onnx.export + onnxconverter-common")
-
-    crops = lr_hr_crops(sample_photo_paths("train"), 2, (64, 64))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": np.ascontiguousarray(lr.transpose(2, 0, 1)[None])} for _, lr, _ in crops])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    paths["int8"] = work / "nano_x2_int8.onnx"
-    quantize_static(str(paths["fp32"]), str(paths["int8"]), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    q = onnx.load(str(paths["int8"]))  # the quantizer copies the fp32 metadata; relabel as the int8 tool would
-    for p in q.metadata_props:
-        if p.key == "precision":
-            p.value = "int8"
-    onnx.save(q, str(paths["int8"]))
+    save_model(seeded_model("paragonsr2_nano", 2), ckpt, variant="paragonsr2_nano", force=True)
+    paths = {k: Path(a.path) for k, a in export_onnx(ckpt, work, fp16=True, force=True).items()}
+    # peer=False: the deploy script's recipe is a comparison for the int8 report, not something to build
+    paths["int8"] = Path(quantize_int8(paths["fp32"], work, peer=False, force=True).path)
+    print(f"exported: {', '.join(p.name for p in paths.values())}")
     return paths
 
 
