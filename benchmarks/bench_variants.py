@@ -8,6 +8,9 @@ are image-like), ONNX from `export_onnx` (FP16 gate at 0 dB when the stand-in mi
 and int8 from `quantize_int8` with no accuracy target, so every conv with a stored weight is int8:
 a mixed-precision search on untrained weights would measure nothing.
 
+The default set also times s at 512x512 (`--extra-sizes`): at 256x256 s is still far from its
+large-input throughput, which is what a user upscaling photos gets.
+
     .venv/bin/python benchmarks/bench_variants.py --variants paragonsr2_nano,paragonsr2_s --json out/bench.json
 """
 
@@ -52,17 +55,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="paragonsr2_nano,paragonsr2_s")
     ap.add_argument("--sizes", default="256x256")
+    ap.add_argument("--extra-sizes", default="paragonsr2_s=512x512",
+                    help="VARIANT=HxW[,HxW][;VARIANT=...]: sizes added for one variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--fit-steps", type=int, default=150)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    extra = dict(item.split("=", 1) for item in a.extra_sizes.split(";") if item)
     out = []
     for variant in a.variants.split(","):
+        sizes = parse_sizes(a.sizes)
+        sizes += [hw for hw in parse_sizes(extra[variant]) if hw not in sizes] if variant in extra else []
         with tempfile.TemporaryDirectory() as d:
             paths, info = artifacts(variant, Path(d), a.fit_steps)
-            report = bench(paths, sizes=parse_sizes(a.sizes), threads=a.threads, runs=a.runs)
+            report = bench(paths, sizes=sizes, threads=a.threads, runs=a.runs)
         print(f"\n## {variant}: {json.dumps(info)}\n{format_table(report)}", flush=True)
         out.append({"variant": variant, **info, "bench": report})
     if a.json:

@@ -11,6 +11,10 @@ Peak memory: on Linux, the rise of the process's peak resident set (VmHWM, reset
 runner was built, through its build and warm-up: weights, runtime workspace and activations.
 Elsewhere ru_maxrss is used, which cannot be reset: it is then a lower bound (0 when an earlier
 artifact already peaked higher).
+
+The limit: MACs per LR pixel (from the ONNX graph, or the checkpoint's conv calls), the GMAC/s that
+achieves at the median latency, and that as a fraction of this core's fp32 peak measured by a small
+probe at the same thread count (`roofline`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import load_image, sample_photo_paths
+from .roofline import macs_per_pixel, peak_info
 from .runners import RUNTIMES, artifact_kind, resolve_runtime, runtime_unavailable
 from .upscale import ModelRunner, open_model
 
@@ -89,6 +94,10 @@ class PeakRss:
         return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
 
 
+LIMIT_NOTE = ("macs_per_lr_pixel: multiply-accumulates of one inference per LR input pixel (ONNX: counted "
+              "from the graph's Conv/ConvTranspose shapes; checkpoints: their conv calls; engines: none); "
+              "gmac_s = that x pixels / median latency; peak_fraction = gmac_s / peak.fp32_gmac_s")
+
 MEMORY_NOTE = ("peak_rss_mib: rise of the process's peak resident set over its size before the runner was built, "
                "through build and warm-up (weights + runtime workspace + activations); "
                "method VmHWM is exact per artifact, ru_maxrss is a lower bound")
@@ -128,10 +137,26 @@ def bench_input(h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(img[top:top + h, left:left + w].transpose(2, 0, 1)[None])
 
 
+def distinct_labels(paths: list[Path]) -> list[str]:
+    """A label per artifact: its file name, or where names repeat the shortest path tail that tells
+    the artifacts apart (release/int8/x.onnx vs qat/x.onnx), so no two table rows look identical."""
+    labels = []
+    for p in paths:
+        parts = p.resolve().parts
+        others = [q.resolve().parts for q in paths if q.resolve() != p.resolve()]
+        n = 1
+        while n < len(parts) and any(o[-n:] == parts[-n:] for o in others):
+            n += 1
+        labels.append("/".join(parts[-n:]))
+    return labels
+
+
 @dataclass
 class _Entry:
     path: Path
-    kind: str
+    kind: str  # the runtime
+    label: str = ""
+    macs_per_pixel: float | None = None
     runner: ModelRunner | None = None
     precision: str = ""
     form: str = ""
@@ -187,10 +212,13 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
 
     torch.set_num_threads(threads)
     _absorb_one_time_costs(order, threads, runtimes)
+    peak = peak_info(threads)
+    labels = dict(zip(order, distinct_labels(order)))
     results, skipped = [], []
     for h, w in sizes:
         x = bench_input(h, w)
-        entries = [_Entry(p, rt) for p in order for rt in runtimes_for(p, runtimes)]
+        entries = [_Entry(p, rt, labels[p], macs_per_pixel(p, (h, w)))
+                   for p in order for rt in runtimes_for(p, runtimes)]
         try:
             for e in entries:
                 _prepare(e, x, threads=threads, warmup=warmup)
@@ -211,7 +239,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         ref_median = float(np.median(ref.times)) if ref else None
         for e in entries:
             if not e.skipped:
-                results.append(_result(e, h, w, ref_median, is_baseline=e is ref))
+                results.append(_result(e, h, w, ref_median, is_baseline=e is ref, peak=peak["fp32_gmac_s"]))
             e.runner = None
         _release_free_heap()
 
@@ -220,7 +248,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         host=_host(), settings=dict(threads=threads, runs=runs, warmup=warmup, sizes=[f"{h}x{w}" for h, w in sizes],
                                     input="crop of skimage astronaut.png (real photo), batch 1"),
         latency="runtime time of one inference (Polygraphy last_inference_time), median and 90th percentile",
-        memory=MEMORY_NOTE,
+        memory=MEMORY_NOTE, limit=LIMIT_NOTE, peak=peak,
         baseline=dict(artifact=str(base), runtime="torch eager fp32") if base else None,
         ratios=("speedup_vs_eager = eager median / this median, same size, same run (>1: faster)" if base else
                 "no PyTorch checkpoint given, so no ratios (pass one, or --baseline)"),
@@ -281,18 +309,21 @@ def _prepare(e: _Entry, x: np.ndarray, *, threads: int, warmup: int) -> None:
     e.form = form_of(e.kind, runner)
 
 
-def _result(e: _Entry, h: int, w: int, ref_median: float | None, *, is_baseline: bool) -> dict:
+def _result(e: _Entry, h: int, w: int, ref_median: float | None, *, is_baseline: bool, peak: float) -> dict:
     t = np.asarray(e.times, dtype=np.float64)
     median = float(np.median(t))
     s = e.runner.scale
+    gmacs = e.macs_per_pixel * h * w / median / 1e9 if e.macs_per_pixel else None
     return dict(
-        artifact=str(e.path), name=e.path.name, runtime=e.kind, form=e.form, precision=e.precision, scale=s,
+        artifact=str(e.path), name=e.path.name, label=e.label, runtime=e.kind, form=e.form, precision=e.precision, scale=s,
         size=f"{h}x{w}", input_hw=[h, w], output_hw=[h * s, w * s], runs=len(t),
         median_ms=median * 1e3, p90_ms=float(np.percentile(t, 90)) * 1e3, mean_ms=float(t.mean()) * 1e3,
         min_ms=float(t.min()) * 1e3, max_ms=float(t.max()) * 1e3,
         throughput_img_s=1.0 / median, throughput_out_mpix_s=h * w * s * s / median / 1e6,
         peak_rss_mib=round(e.peak_mib, 1), memory_method=e.memory_method,
         baseline=is_baseline, speedup_vs_eager=(ref_median / median) if ref_median else None,
+        macs_per_lr_pixel=round(e.macs_per_pixel) if e.macs_per_pixel else None,
+        gmac_s=gmacs, peak_fraction=gmacs / peak if gmacs else None,
     )
 
 
@@ -311,10 +342,14 @@ def _host() -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = ["artifact", "runtime", "prec", "size", "median ms", "p90 ms", "img/s", "out MP/s", "peak MiB", "vs eager"]
-    rows = [[r["name"], r["form"], r["precision"], r["size"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+    head = ["artifact", "runtime", "prec", "size", "median ms", "p90 ms", "img/s", "out MP/s", "peak MiB", "vs eager",
+            "kMAC/px", "GMAC/s", "% peak"]
+    rows = [[r["label"], r["form"], r["precision"], r["size"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
              f"{r['throughput_img_s']:.2f}", f"{r['throughput_out_mpix_s']:.2f}", f"{r['peak_rss_mib']:.1f}",
-             "baseline" if r["baseline"] else (f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-")]
+             "baseline" if r["baseline"] else (f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"),
+             f"{r['macs_per_lr_pixel'] / 1e3:.1f}" if r["macs_per_lr_pixel"] else "-",
+             f"{r['gmac_s']:.2f}" if r["gmac_s"] else "-",
+             f"{100 * r['peak_fraction']:.0f}%" if r["peak_fraction"] else "-"]
             for r in report["results"]]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(wd) for c, wd in zip(cells, widths)) + " |"  # noqa: E731
@@ -324,4 +359,7 @@ def format_table(report: dict) -> str:
     st = report["settings"]
     out.append(f"threads {st['threads']}, {st['runs']} timed runs after {st['warmup']} warm-up, "
                f"{report['ratios']}")
+    pk = report["peak"]
+    out.append(f"% peak: of {pk['fp32_gmac_s']:.1f} GMAC/s, this CPU's measured fp32 peak ({pk['isa']}, "
+               f"{pk['threads']} thread(s); MatMul probe)")
     return "\n".join(out)

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .onnx_graph import graph_macs
+
 WEIGHTED_OPS = {"Conv": 0, "ConvTranspose": 1}  # op -> output-channel axis of its weight
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -105,29 +107,7 @@ def trt_blockers(info: dict) -> list[str]:
 def mac_shares(model: onnx.ModelProto, hw: tuple[int, int] = (64, 64)) -> dict[str, float]:
     """Each Conv/ConvTranspose node's share of the model's multiply-accumulates at an `hw` input: what
     keeping it in float costs (the HR-resolution convs of an SR model dominate)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
-    dims = m.graph.input[0].type.tensor_type.shape.dim
-    for d, v in zip(dims, (1, dims[1].dim_value or 3, *hw)):
-        d.Clear()
-        d.dim_value = v
-    try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # shape inference failing only loses the cost weighting
-        return {}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(m.graph.value_info) + list(m.graph.output)}
-    inits = {i.name: list(i.dims) for i in m.graph.initializer}
-    macs = {}
-    for n in m.graph.node:
-        if n.op_type not in WEIGHTED_OPS:
-            continue
-        w = inits.get(n.input[1]) or shapes.get(n.input[1])
-        # Conv: (Cin/groups)*kh*kw per output value; ConvTranspose: (Cout/groups)*kh*kw per input value
-        per_value = int(np.prod(w[1:])) if w else 0
-        values = shapes.get(n.output[0] if n.op_type == "Conv" else n.input[0])
-        macs[n.name] = float(np.prod(values)) * per_value if values and all(values) else 0.0
+    macs = graph_macs(model, hw)
     total = sum(macs.values())
     return {k: v / total for k, v in macs.items()} if total else {}
 

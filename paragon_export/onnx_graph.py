@@ -204,3 +204,63 @@ def check_and_save(model: onnx.ModelProto, path: Path | str, what: str) -> None:
     except onnx.checker.ValidationError as e:
         raise ParagonError(f"{what} fails the ONNX checker: {str(e).splitlines()[0]}") from None
     onnx.save(model, str(path))
+
+
+# Multiply-accumulate count per weighted node. Weight input index per op; the weight's dims after
+# the first give the MACs per output value (Conv family) or per input value (ConvTranspose).
+_MAC_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "ConvTranspose": 1}
+
+
+def graph_macs(model: onnx.ModelProto, hw: tuple[int, int], batch: int = 1) -> dict[str, float]:
+    """Multiply-accumulates of every Conv/ConvInteger/QLinearConv/ConvTranspose node for a
+    `batch`x3x`hw` input, by node name (unnamed: '#index op'). Shapes come from ONNX shape inference;
+    where it cannot follow the graph (e.g. kernels computed in-graph before simplification), from one
+    ONNX Runtime inference at that size, so a node is never silently counted as 0. Ops without
+    weights (Add, Pad, DepthToSpace, ...) count 0: they move data, they do not multiply-accumulate."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, (batch, dims[1].dim_value or 3, *hw)):
+        d.Clear()
+        d.dim_value = v
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # fall back to the runtime for every shape
+        pass
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    shapes.update({i.name: list(i.dims) for i in m.graph.initializer})
+    weighted = [(i, n) for i, n in enumerate(m.graph.node) if n.op_type in _MAC_WEIGHT_INPUT]
+    needed = {t for _, n in weighted
+              for t in (n.input[_MAC_WEIGHT_INPUT[n.op_type]], n.input[0] if n.op_type == "ConvTranspose" else n.output[0])}
+    unknown = sorted(t for t in needed if not shapes.get(t) or not all(shapes[t]))
+    if unknown:
+        shapes.update(_runtime_shapes(model, unknown, (batch, dims[1].dim_value or 3, *hw)))
+    macs = {}
+    for i, n in weighted:
+        w = shapes.get(n.input[_MAC_WEIGHT_INPUT[n.op_type]])
+        # Conv: (Cin/groups)*kh*kw per output value; ConvTranspose: (Cout/groups)*kh*kw per input value
+        values = shapes.get(n.input[0] if n.op_type == "ConvTranspose" else n.output[0])
+        macs[n.name or f"#{i} {n.op_type}"] = float(np.prod(values)) * int(np.prod(w[1:]))
+    return macs
+
+
+def _runtime_shapes(model: onnx.ModelProto, names: list[str], shape: tuple) -> dict[str, list[int]]:
+    """Shapes of the tensors `names` in one ORT inference of a zero input of `shape`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
+    sess = ort_session(m, threads=1)
+    inp = sess.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    out = sess.run(names, {inp.name: np.zeros(shape, dtype)})
+    return {t: list(v.shape) for t, v in zip(names, out)}
+
+
+def macs_per_pixel(model: onnx.ModelProto, hw: tuple[int, int]) -> float | None:
+    """Total multiply-accumulates of one 1x3x`hw` inference per LR input pixel (None: not countable)."""
+    macs = graph_macs(model, hw)
+    total = sum(macs.values())
+    return total / (hw[0] * hw[1]) if total else None

@@ -137,3 +137,42 @@ def test_munet_any_size_and_fixed_taps():
     assert taps and not any("upsample" in n for n, _ in d.named_parameters())
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(hasattr(c, "parametrizations") for c in convs)
+
+
+@pytest.mark.parametrize("taps", ["legacy", "mks2021"])
+@pytest.mark.parametrize("scale", [1, 2, 3, 4])
+def test_polyphase_form_equals_transposed_conv(taps, scale):
+    """The polyphase form of the Magic resampler computes the ConvTranspose's sums, to float rounding."""
+    up = MagicUpsampler(channels=4, scale=scale, taps=taps)
+    assert up.form == "transpose"  # the default: fastest across runtimes (README)
+    up.form = "polyphase"
+    x = torch.rand(2, 4, 11, 14, generator=torch.Generator().manual_seed(scale))
+    with torch.no_grad():
+        got = up(x)
+        up.form = "transpose"
+        want = up(x)
+    assert got.shape == want.shape == (2, 4, 11 * scale, 14 * scale)
+    assert (got - want).abs().max() <= 1e-6
+    # the form is not state: both load the same keys strictly
+    other = MagicUpsampler(channels=4, scale=scale, taps=taps, form="transpose")
+    other.load_state_dict(up.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="form"):
+        MagicUpsampler(channels=4, scale=scale, taps=taps, form="resize")
+
+
+def test_polyphase_taps_split_the_transposed_kernel():
+    from paragon_export.arch.magic import polyphase_taps
+
+    # legacy x2: [1,5,10,10,5,1]/16, padding 2 -> phase 0 taps (w4, w2, w0), phase 1 (w5, w3, w1) on LR offsets -1..1
+    w = torch.tensor([[1.0, 5, 10, 10, 5, 1]]) / 16
+    phases, before, after = polyphase_taps(w, 2, 2)
+    assert (before, after) == (1, 1)
+    assert torch.equal(phases * 16, torch.tensor([[[5.0, 10, 1], [1, 10, 5]]]))
+    # mks2021: 3s taps, padding 2s on the replicate-padded input: 3 taps per phase, no extra padding;
+    # every phase of the Magic Kernel sums to 1 (partition of unity)
+    for s in (1, 2, 3, 4):
+        phases, before, after = polyphase_taps(magic_kernel_taps(s)[None], s, 2 * s)
+        assert phases.shape == (1, s, 3) and (before, after) == (0, 0)
+        assert torch.allclose(phases.sum(-1), torch.ones(1, s))
+    with pytest.raises(ValueError, match="whole LR grid"):
+        polyphase_taps(torch.ones(1, 5), 2, 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from paragon_export.bench import bench
+from paragon_export.bench import bench, format_table
 from paragon_export.checkpoint import save_model
 from paragon_export.cli import main
 
@@ -18,7 +18,8 @@ from conftest import export_onnx_file, make_model
 
 RESULT_FIELDS = {"artifact", "name", "runtime", "form", "precision", "scale", "size", "input_hw", "output_hw", "runs",
                  "median_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "throughput_img_s", "throughput_out_mpix_s",
-                 "peak_rss_mib", "memory_method", "baseline", "speedup_vs_eager"}
+                 "peak_rss_mib", "memory_method", "baseline", "speedup_vs_eager", "label", "macs_per_lr_pixel",
+                 "gmac_s", "peak_fraction"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,17 @@ def test_report_fields_and_ratios(artifacts):
     for name in ("nano_fp32.onnx", "nano_int8.onnx"):
         assert rows[name]["speedup_vs_eager"] == pytest.approx(base["median_ms"] / rows[name]["median_ms"])
     assert [rows[n]["precision"] for n in rows] == ["fp32", "fp32", "int8"]
+    # the limit: MACs per LR pixel from the graph (checkpoint: its conv calls), GMAC/s, fraction of the probed peak
+    peak = report["peak"]["fp32_gmac_s"]
+    assert peak > 0 and report["peak"]["isa"]
+    for r in rows.values():
+        assert r["label"] == r["name"]  # names are distinct here
+        assert r["gmac_s"] == pytest.approx(r["macs_per_lr_pixel"] * 24 * 40 / r["median_ms"] / 1e6, rel=1e-3)
+        assert r["peak_fraction"] == pytest.approx(r["gmac_s"] / peak, rel=1e-2)
+    # int8 (ConvInteger) and fp32 graphs have the same convs; the unfused checkpoint's static path is the
+    # same network (its identity channels are not convolved, so slightly fewer MACs)
+    assert rows["nano_int8.onnx"]["macs_per_lr_pixel"] == rows["nano_fp32.onnx"]["macs_per_lr_pixel"]
+    assert 0.8 < rows["nano.safetensors"]["macs_per_lr_pixel"] / rows["nano_fp32.onnx"]["macs_per_lr_pixel"] <= 1
     assert rows["nano_fp32.onnx"]["runtime"] == "onnxruntime"
     # The int8 artifact really runs: its output is close to, but not equal to, fp32's.
     from paragon_export.upscale import open_model
@@ -74,6 +86,39 @@ def test_report_fields_and_ratios(artifacts):
     with open_model(artifacts["onnx"], threads=1) as a, open_model(artifacts["int8"], threads=1) as b:
         diff = np.abs(a(x) - b(x)).max()
     assert 0 < diff < 0.2
+
+
+def test_same_file_names_get_distinct_labels(artifacts, tmp_path):
+    import shutil
+
+    other = tmp_path / "qat" / "nano_fp32.onnx"
+    other.parent.mkdir()
+    shutil.copy(artifacts["onnx"], other)
+    report = bench([artifacts["onnx"], other], sizes=[(16, 16)], threads=1, runs=1, warmup=0)
+    labels = [r["label"] for r in report["results"]]
+    assert len(set(labels)) == 2 and labels[1] == "qat/nano_fp32.onnx"
+    assert all(lb.endswith("nano_fp32.onnx") for lb in labels)
+    table = format_table(report)
+    assert "qat/nano_fp32.onnx" in table and "% peak" in table and "kMAC/px" in table
+
+
+def test_graph_mac_counter_on_a_known_graph():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from paragon_export.onnx_graph import graph_macs, macs_per_pixel
+
+    w1 = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w1")  # 3 -> 4, 3x3
+    w2 = numpy_helper.from_array(np.ones((4, 1, 4, 4), np.float32), "w2")  # depthwise ConvTranspose x2
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["a", "w2"], ["b"], name="up", group=4, strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["b"], ["output"], name="d2s", blocksize=2)]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], [w1, w2])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    # Conv: 4 outputs x 8x8 x (3*3*3); ConvTranspose: 4 inputs x 8x8 x (1*4*4); DepthToSpace moves data only
+    assert graph_macs(model, (8, 8)) == {"conv": 4 * 64 * 27, "up": 4 * 64 * 16}
+    assert macs_per_pixel(model, (8, 8)) == 4 * 27 + 4 * 16
 
 
 def test_cli_table_json_and_errors(artifacts):

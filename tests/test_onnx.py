@@ -56,6 +56,24 @@ def _assert_plain_graph(g: onnx.ModelProto, upsampler: str) -> None:
     assert all(i in inits or i in produced for n in g.graph.node for i in n.input if i)
 
 
+@pytest.mark.parametrize("upsampler,scale", [("mks2021", 2), ("legacy", 3), ("mks2021", 4)])
+def test_polyphase_magic_form_exports_plain_and_equal(tmp_path, upsampler, scale):
+    """The opt-in polyphase form: plain Pad/Conv/ConvTranspose, dynamic H/W, same output as the default."""
+    fused = make_model(scale=scale, upsampler=upsampler, seed=scale, fused=True)
+    paths = {}
+    for form in ("transpose", "polyphase"):
+        fused.magic_upsampler.form = form
+        paths[form] = eo.export_model(fused, tmp_path / f"{form}.onnx", meta={"scale": str(scale)}).path
+    g = onnx.load(str(paths["polyphase"]))
+    _assert_plain_graph(g, upsampler)
+    magic = collections.Counter(n.op_type for n in g.graph.node if n.name.startswith("/magic_upsampler/"))
+    assert magic["ConvTranspose"] == 1 and magic["Conv"] == 3  # polyphase Conv + one-hot interleave + 2 sharpen
+    x = _photo(scale, (21, 18))
+    a, b = (run_session(ort_session(paths[f], threads=1), x) for f in ("transpose", "polyphase"))
+    assert a.shape == b.shape == (1, 3, 21 * scale, 18 * scale)
+    assert np.abs(a - b).max() <= 1e-6 * max(1.0, float(np.abs(a).max()))
+
+
 @pytest.mark.parametrize("variant,upsampler,scale", [
     ("paragonsr2_nano", "mks2021", 2), ("paragonsr2_nano", "legacy", 2),
     ("paragonsr2_anime", "mks2021", 3), ("paragonsr2_anime", "legacy", 3),
