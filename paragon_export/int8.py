@@ -22,10 +22,7 @@ through `quantize_static`, no exclusions) runs on the same model and data for co
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import math
 import re
 import tempfile
@@ -44,7 +41,8 @@ from paragon_export.calibration.ranges import USER_METHODS, Ranges, calibration_
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
-from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, trt_blockers, trt_int8_exclusions
+from .int8_check import WEIGHTED_OPS, brief, inspect_qdq, mac_shares, quiet_quantizer, trt_blockers, trt_int8_exclusions
+from .int8_compare import comparisons
 from .int8_cache import load_search, search_cache_base, store_search
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference, run, session
 from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, Remainder, dtype_mac_shares, plan_remainder
@@ -68,42 +66,13 @@ TRT_EXTRA_OPTIONS = {
     "QDQOpTypePerChannelSupportToAxis": dict(WEIGHTED_OPS),
     "DedicatedQDQPair": False,
 }
-PEER_RECIPE = ("QUInt8 asymmetric activations, QInt8 per-tensor weights, all op types, "
-               "quantize_static(calibrate_method=Entropy), no exclusions")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ORT's quantizer prints progress and warns on every call through the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def quantize_symmetric(fp32: Path, out: Path, ranges: Ranges, exclude: list[str] = ()) -> None:
     """The TensorRT recipe, reading activation ranges from the calibration cache (no inference)."""
-    with _quiet():
+    with quiet_quantizer():
         quantize_static(str(fp32), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=TRT_OPS,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(exclude), calibrate_method=ranges.ort_method,
                         extra_options=dict(TRT_EXTRA_OPTIONS), calibration_cache_path=str(ranges.cache_path))
-
-
-def quantize_peer(fp32: Path, out: Path, calib: CalibrationSet, cache_dir: Path | str | None) -> Ranges:
-    """The original deploy script's recipe on the same calibration crops. Its ranges come from the
-    calibrator `quantize_static` itself builds for Entropy (ORT defaults), collected batch by batch:
-    handed the whole reader at once, ORT holds every activation of every batch in memory."""
-    ranges = calibration_ranges(fp32, calib, "ort-entropy", cache_dir=cache_dir)
-    with _quiet():
-        quantize_static(str(fp32), str(out), None, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=ranges.ort_method,
-                        calibration_cache_path=str(ranges.cache_path))
-    return ranges
 
 
 # ---------------------------------------------------------------- input model
@@ -471,15 +440,10 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         models = {"fp32": fp32, "int8": tmp / "int8.onnx"}
         native = native_vs_reference(tmp / "int8.onnx", [h.lr for h in calib.holdout], threads)
 
-        peer_report = None
+        rows: dict = {}
         if peer:
-            progress("running the original deploy recipe for comparison")
-            quantize_peer(fp32, tmp / "peer.onnx", calib, cache_dir)
-            models["peer"] = tmp / "peer.onnx"
-            peer_checks = inspect_qdq(onnx.load(str(tmp / "peer.onnx")))
-            peer_report = {"recipe": PEER_RECIPE, "trt_compatible": False,
-                           "trt_blockers": trt_blockers(peer_checks), "quality": ev.quality(tmp / "peer.onnx"),
-                           "checks": _brief(peer_checks)}
+            rows, more = comparisons(fp32, calib, tmp, ev, mac_shares(prepared), cache_dir, progress)
+            models.update(more)
         progress("timing on ONNX Runtime CPU")
         lat = latency(models, calib.holdout[0].lr, threads=threads)
         ms = lat["median_ms"]
@@ -493,12 +457,13 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
                        "bias": "float" + (", corrected for the int8 weights' mean error" if bias_correction else ""),
                        "quantized_ops": TRT_OPS, "output_quantization": False,
                        "method": method, "trt_compatible": True},
-            "checks": _brief(checks),
+            "checks": brief(checks),
             "mixed_precision": mp,
             "quality": {"fp32": ev.fp32, "int8": int8_quality},
             "latency": lat,
             "native_kernels": native,
-            "peer": peer_report,
+            "peer": rows.get("peer"),
+            "modelopt": rows.get("modelopt"),
         }
         with atomic_output(model_path, force=force) as t:
             t.write_bytes(int8_bytes)
@@ -506,10 +471,6 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         with atomic_output(report_path, force=force) as t:
             t.write_text(json.dumps(report, indent=2, default=_json_default))
     return Artifact(model_path, "onnx-int8", report)
-
-
-def _brief(checks: dict) -> dict:
-    return {k: v for k, v in checks.items() if k != "quantized_nodes"} | {"quantized_nodes": len(checks["quantized_nodes"])}
 
 
 def _json_default(o):

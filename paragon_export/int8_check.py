@@ -5,6 +5,9 @@ the output-channel axis, opset >= 13, no int32 bias DequantizeLinear, no ORT-onl
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
+import logging
 
 import numpy as np
 import onnx
@@ -145,3 +148,21 @@ def trt_int8_exclusions(model: onnx.ModelProto) -> dict[str, str]:
             out[n.name] = (f"{kind} {ic * group}->{oc} channels, kernel {'x'.join(map(str, kernel))}: "
                            "no TensorRT int8 kernel (ModelOpt's small-channel rule)")
     return out
+
+
+@contextlib.contextmanager
+def quiet_quantizer():
+    """ORT's quantizer prints progress and warns on every call through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def brief(checks: dict) -> dict:
+    """`inspect_qdq`'s figures with the quantized node list as its length (for reports)."""
+    return {k: v for k, v in checks.items() if k != "quantized_nodes"} | {"quantized_nodes": len(checks["quantized_nodes"])}

@@ -134,27 +134,39 @@ def format_table(report: dict) -> str:
     """The report as a fixed-width table plus the mixed-precision steps."""
     q, lat, mp = report["quality"], report["latency"], report["mixed_precision"]
     ms, ratio = lat["median_ms"], lat["ratio_vs_fp32"]
-    rows = [("fp32", q["fp32"]["mean"], "fp32", {"q_nodes": 0, "dq_nodes": 0}, "-", "-"),
+    none = {"q_nodes": 0, "dq_nodes": 0}
+    rows = [("fp32", q["fp32"]["mean"], "fp32", none, None, "fp32", "-"),
             (f"int8 symmetric ({report['recipe']['method']})", q["int8"]["mean"], "int8", report["checks"],
-             str(len(mp["kept_float"]) + len(mp["float_fixed"])), "yes")]
-    peer = report.get("peer")
-    if peer:
-        rows.append(("peer: QUInt8 asym, ORT entropy", peer["quality"]["mean"], "peer", peer["checks"], "0", "NO"))
-    head = f"{'model':34} {'Y-PSNR':>7} {'SSIM':>7} {'PSNR/fp32':>9} {'ms':>8} {'x fp32':>6} {'Q/DQ':>9} {'float':>5}  TensorRT"
+             mp.get("mac_share"), mp.get("remainder", {}).get("dtype", "fp32"), "yes")]
+    for key, label in (("peer", "original: QUInt8 asym, ORT entropy"), ("modelopt", "NVIDIA ModelOpt ONNX PTQ")):
+        r = report.get(key)
+        if r and "quality" in r:
+            rows.append((label, r["quality"]["mean"], key, r["checks"], r.get("mac_share"), r["remainder"],
+                         "yes" if r["trt_compatible"] else "NO"))
+    head = (f"{'model':34} {'Y-PSNR':>7} {'drop':>6} {'SSIM':>7} {'PSNR/fp32':>9} {'ms':>8} {'x fp32':>6} "
+            f"{'Q/DQ':>9} {'int8 MACs':>9} {'rest':>4}  TensorRT")
     lines = [head, "-" * len(head)]
-    for name, m, key, chk, kept, trt in rows:
+    fp32_y = q["fp32"]["mean"].get("y_psnr")
+    for name, m, key, chk, share, rest, trt in rows:
         vs = "-" if key == "fp32" else f"{m['psnr_vs_fp32']:.2f}"
         y = f"{m['y_psnr']:.3f}" if "y_psnr" in m else "-"
+        drop = f"{fp32_y - m['y_psnr']:.3f}" if key != "fp32" and "y_psnr" in m and fp32_y is not None else "-"
         s = f"{m['ssim']:.4f}" if "ssim" in m else "-"
         qdq = f"{chk['q_nodes']}/{chk['dq_nodes']}"
-        lines.append(f"{name:34} {y:>7} {s:>7} {vs:>9} {ms[key]:8.2f} {ratio[key]:6.2f} {qdq:>9} {kept:>5}  {trt}")
+        sh = f"{100 * share['int8']:.1f}%" if share else "-"
+        lines.append(f"{name:34} {y:>7} {drop:>6} {s:>7} {vs:>9} {ms[key]:8.2f} {ratio[key]:6.2f} {qdq:>9} "
+                     f"{sh:>9} {rest:>4}  {trt}")
     n = len(report["calibration"]["holdout_images"])
     lines.append(f"held-out: {n} images ({', '.join(report['calibration']['holdout_images'])}), "
                  f"latency: median of {lat['repeats']} at {lat['input'][2]}x{lat['input'][3]}, {lat['threads']} thread(s)")
     if report.get("native_kernels"):
         lines.append(format_native(report["native_kernels"]))
-    if peer:
-        lines.append(f"peer recipe is not TensorRT-compatible: {'; '.join(peer['trt_blockers'])}")
+    for key in ("peer", "modelopt"):
+        r = report.get(key) or {}
+        if r.get("skipped"):
+            lines.append(f"{key} row skipped: {r['skipped']}")
+        elif r.get("trt_blockers"):
+            lines.append(f"{key} recipe is not TensorRT-compatible: {'; '.join(r['trt_blockers'])}")
     goal = " and ".join(s for s in (f"PSNR vs fp32 >= {mp['target_psnr']} dB" if mp["target_psnr"] is not None else "",
                                      f"Y-PSNR drop <= {mp['max_drop']} dB" if mp["max_drop"] is not None else "") if s)
     lines.append(f"mixed precision ({goal or 'no target'}; budget {mp['node_budget']} of {mp['quantizable_nodes']} nodes): "

@@ -86,18 +86,59 @@ def _remainder(model: onnx.ModelProto) -> str:
     return "+".join(sorted(kinds)) if kinds else "none"
 
 
-def _recipe(version: str, defaults: dict, calib: CalibrationSet) -> str:
-    n, _, h, w = calib.crops.shape
+def _recipe(version: str, defaults: dict, crops) -> str:
+    n, _, h, w = crops.shape
     shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
     return (f"NVIDIA ModelOpt {version} ONNX PTQ, modelopt.onnx.quantization.quantize(calibration_eps=['cpu'], "
             f"calibration_data=<{n} crops {h}x{w}>); its defaults: {shown}, calibration_method='entropy', "
             "its own conv exclusions and Q/DQ placement")
 
 
+# Modules ModelOpt's ONNX quantizer imports beyond the core install (checked before starting it).
+EXTRA_MODULES = ("onnx_graphsurgeon", "onnxslim", "onnxscript", "onnx_ir", "lief")
+
+
 def modelopt_peer(fp32: Path, calib: CalibrationSet, out: Path) -> dict:
     """ModelOpt's ONNX PTQ (its defaults: int8, its calibration method, fp16 remainder) on the same
     calibration crops; writes `out` (the quantized ONNX, one self-contained file). Returns
-    {"recipe", "model", "remainder", "excluded_nodes"}; raises PeerUnavailable without the extras."""
+    {"recipe", "model", "remainder", "excluded_nodes"}; raises PeerUnavailable without the extras.
+
+    It runs in a child process: importing `modelopt.onnx.quantization` patches ONNX Runtime's
+    calibrators for the whole process, which would change every later calibration of ours."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    for name in EXTRA_MODULES:
+        try:
+            __import__(name)
+        except ImportError as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PeerUnavailable(f"ModelOpt's ONNX quantizer cannot be imported ({why}); "
+                                  f"install its extras: {INSTALL_HINT}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".modelopt-crops-", dir=out.parent) as work:
+        crops = Path(work) / "crops.npy"
+        np.save(crops, calib.crops)
+        proc = subprocess.run([sys.executable, "-m", "paragon_export.int8_peer", str(fp32), str(crops), str(out)],
+                              capture_output=True, text=True)
+    try:
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise ParagonError(f"ModelOpt's ONNX PTQ failed: {tail}") from None
+    if "unavailable" in doc:
+        raise PeerUnavailable(doc["unavailable"])
+    if "error" in doc:
+        raise ParagonError(doc["error"])
+    return doc
+
+
+def _quantize_here(fp32: Path, crops, out: Path) -> dict:
+    """The body of `modelopt_peer`, run in a child process."""
     quantize = _import_quantize()
     import modelopt
 
@@ -113,7 +154,7 @@ def modelopt_peer(fp32: Path, calib: CalibrationSet, out: Path) -> dict:
         try:
             with _quiet(log):
                 # One numpy array: ModelOpt splits it along the (dynamic) batch axis, one crop a step.
-                quantize(str(src), calibration_data=calib.crops, output_path=str(dst), **OPTIONS)
+                quantize(str(src), calibration_data=crops, output_path=str(dst), **OPTIONS)
         except Exception as e:  # ModelOpt and ORT raise their own types; the user gets one line
             raise ParagonError(f"ModelOpt's ONNX PTQ failed: {type(e).__name__}: "
                                f"{(str(e).strip().splitlines() or [''])[0]}") from None
@@ -125,7 +166,7 @@ def modelopt_peer(fp32: Path, calib: CalibrationSet, out: Path) -> dict:
         # Loaded with any external data it chose, saved as one file (our models are far below 2 GB).
         model = onnx.load(str(dst))
         onnx.save(model, str(out))
-    return {"recipe": _recipe(modelopt.__version__, _defaults(quantize), calib), "model": str(out),
+    return {"recipe": _recipe(modelopt.__version__, _defaults(quantize), crops), "model": str(out),
             "remainder": _remainder(model), "excluded_nodes": inspect_qdq(model)["float_nodes"]}
 
 
@@ -137,3 +178,25 @@ def _detach_modelopt_logger() -> None:
     lg = logging.getLogger("modelopt.onnx")
     for h in lg.handlers[:]:
         lg.removeHandler(h)
+
+
+def _main(argv: list[str]) -> int:
+    import json
+
+    import numpy as np
+
+    fp32, crops, out = argv
+    try:
+        doc = _quantize_here(Path(fp32), np.load(crops), Path(out))
+    except PeerUnavailable as e:
+        doc = {"unavailable": str(e)}
+    except ParagonError as e:
+        doc = {"error": str(e)}
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

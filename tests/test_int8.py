@@ -217,12 +217,16 @@ def test_report_figures(default_run):
     assert r["quality"]["int8"]["mean"]["y_psnr_drop"] == pytest.approx(
         r["quality"]["fp32"]["mean"]["y_psnr"] - r["quality"]["int8"]["mean"]["y_psnr"])
     lat = r["latency"]
-    assert set(lat["median_ms"]) == {"fp32", "int8", "peer"} and lat["ratio_vs_fp32"]["fp32"] == 1.0
+    assert set(lat["median_ms"]) == {"fp32", "int8", "peer", "modelopt"} and lat["ratio_vs_fp32"]["fp32"] == 1.0
     peer = r["peer"]
     assert peer["trt_compatible"] is False
     assert any("zero points" in b for b in peer["trt_blockers"])
     assert any("per-channel" in b for b in peer["trt_blockers"])
     assert 20 < peer["quality"]["mean"]["psnr_vs_fp32"] < 80
+    mo = r["modelopt"]  # ModelOpt's own ONNX PTQ: TensorRT-compatible, fp16 remainder, our exclusions
+    assert mo["trt_compatible"] is True and mo["remainder"] == "fp16"
+    assert set(mo["excluded_nodes"]) == set(r["mixed_precision"]["trt_excluded"])
+    assert abs(sum(mo["mac_share"].values()) - 1) < 1e-6 and mo["mac_share"]["fp32"] == 0
     assert r["mixed_precision"]["steps"][0]["kept_float"] == []
     saved = default_run.path.with_name("nano_x2_int8_report.json")
     assert saved.is_file() and "\"peer\"" in saved.read_text()
