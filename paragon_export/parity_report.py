@@ -92,6 +92,11 @@ def _fmt(v, spec: str, none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
+def _db(v: float | None) -> str:
+    # null = infinite PSNR: identical to the ground truth (bicubic at x1, where LR is the HR crop)
+    return "identical (inf dB)" if v is None else f"{v:.2f} dB"
+
+
 def markdown(report: dict) -> str:
     r = report["reference"]
     q = report["reference_quality"]
@@ -103,8 +108,9 @@ def markdown(report: dict) -> str:
         f"Reference: `{Path(r['path']).name}` ({r['variant']} x{r['scale']}, {r['upsampler']}, "
         f"{r['runner']}), sha256 `{r['sha256'][:12]}`",
         f"Images: {imgs} ({report['image_source']}) at LR {sizes}: {len(report['cases'])} cases. "
-        f"Ground truth (HR): reference Y-PSNR {q['y_psnr']:.2f} dB / SSIM {q['ssim']:.4f}; "
-        f"bicubic {q['bicubic_y_psnr']:.2f} dB / {q['bicubic_ssim']:.4f}.",
+        f"Ground truth (HR): reference Y-PSNR {_db(q['y_psnr'])} / SSIM {q['ssim']:.4f}; "
+        f"bicubic {_db(q['bicubic_y_psnr'])} / {q['bicubic_ssim']:.4f}"
+        + (" (at x1 bicubic is the identity: LR = HR)." if r["scale"] == 1 else "."),
         "",
         "| result | artifact | runner | precision | max abs (limit) | min PSNR dB (limit) | Y-PSNR dB (Δ ref) | SSIM | NaN/Inf |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -62,3 +62,15 @@ def test_release_refuses_foreign_folder_and_bad_precisions(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ParagonError, match="no release manifest"):
         run(ckpt, foreign, precisions=("fp32",), engine=False)
+
+
+def test_release_of_a_scale_1_checkpoint_passes_parity_and_writes_a_card(tmp_path):
+    # Issue 18 item 1: at x1 bicubic is the identity (LR = HR crop), so its PSNR is infinite.
+    ckpt = write_model(tmp_path / "nano_x1.safetensors", scale=1, seed=2)
+    out = tmp_path / "rel"
+    run(ckpt, out, precisions=("fp32",), engine=False)
+    report = json.loads((out / "parity" / "parity.json").read_text())
+    assert report["passed"] and report["reference"]["scale"] == 1
+    assert all(c["bicubic_y_psnr"] is None for c in report["cases"])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "x1 release" in card and "Parity: PASS" in card and "bicubic is the identity" in card
