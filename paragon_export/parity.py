@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +280,9 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
 
     Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
     `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux)."""
-    out_dir = check_output(out_dir, force=force)
     paths = [Path(a) for a in artifacts]
+    inputs = [*paths, ref, images]  # the report folder replaces DIR as a whole: never over an input
+    out_dir = check_output(Path(os.path.abspath(out_dir)), force=force, inputs=inputs)
     if not paths:
         raise ParagonError("no artifacts given")
     for p in paths:
@@ -379,7 +381,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
 
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
                      case_info, ref_y)
-    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops)
+    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
 
 
 def _worst_case(e: Entry) -> int:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifact import atomic_output
+from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
 from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
@@ -312,6 +312,9 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ParagonError(f"{existing[0]} already exists{more} (use --force to overwrite)")
+    sources = [artifact, *(j.src for j in jobs)]  # no output may land on an input, --force or not
+    for j in jobs:
+        check_output(j.dst, force=force, inputs=sources)
     for j in jobs:
         j.size = image_size(j.src)
     records = []
@@ -332,7 +335,7 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
                     else:
                         a = bicubic_upscale(pic.alpha[..., None], model.scale)[..., 0]
                 result = Picture(rgb, a, pic.bits, pic.gray)
-                with atomic_output(j.dst, force=force) as tmp:
+                with atomic_output(j.dst, force=force, inputs=sources) as tmp:
                     write_picture(result, tmp, suffix=j.dst.suffix)
                 records.append(dict(input=str(j.src), output=str(j.dst), size_in=list(pic.rgb.shape[:2]),
                                     size_out=list(rgb.shape[:2]), bits=pic.bits, alpha=pic.alpha is not None,
