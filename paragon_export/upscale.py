@@ -317,6 +317,8 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
         check_output(j.dst, force=force, inputs=sources)
     for j in jobs:
         j.size = image_size(j.src)
+    for j in jobs:  # decode every input once before any output: a truncated file fails the batch up front
+        read_picture(j.src)
     records = []
     with open_model(artifact, threads=threads, scale=scale) as model:
         total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)
