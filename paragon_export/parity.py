@@ -303,6 +303,10 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     taken: set = set()
     loaded, fused, entries = _reference_entries(ref, taken, scale)
     scale = loaded.scale
+    smallest = 2 + -(-7 // scale)  # SSIM's 7x7 window must fit after the metrics' border of `scale` px
+    if any(min(sz) < smallest for sz in size_list):
+        raise ParagonError(f"--sizes: every LR side must be >= {smallest} px at x{scale} (SSIM needs a 7x7 window "
+                           f"inside the {scale}-px border), got {','.join(f'{h}x{w}' for h, w in size_list)}")
     for p in paths:
         entries.append(_artifact_entry(p, scale, taken))
         if entries[-1].kind == "onnx" and entries[-1].precision == "int8" and not entries[-1].error:

@@ -47,6 +47,9 @@ def _guarded(cmd: click.Command) -> click.Command:
     @functools.wraps(callback)
     def run(*args, **kwargs):
         from ..artifact import refuse_inputs
+        from .options import check
+
+        check(kwargs)
 
         paths = lambda v: [p for p in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(p, Path)]  # noqa: E731
         inputs = [p for k, v in kwargs.items() if k not in OUTPUT_PARAMS for p in paths(v)]
