@@ -65,7 +65,7 @@ def refuse_inputs(out: Path | str, inputs=(), *, contains: bool = True) -> None:
             raise ParagonError(f"output {out} contains the input {i}: choose another output")
 
 
-def check_output(path: Path | str, *, force: bool = False, inputs=()) -> Path:
+def check_output(path: Path | str, *, force: bool = False, inputs=(), update: bool = False) -> Path:
     """Refuse to clobber an existing output (with --force: anything the toolkit did not write) or an
     input, fail early on an unwritable folder, and clear this folder of our dead runs' temps."""
     path = Path(path)
@@ -73,7 +73,7 @@ def check_output(path: Path | str, *, force: bool = False, inputs=()) -> Path:
     if path.exists() or path.is_symlink():
         if not force:
             raise ParagonError(f"{path} already exists (use --force to overwrite)")
-        if not ownership.toolkit_wrote(path):
+        if not update and not ownership.toolkit_wrote(path):
             raise ParagonError(f"{path} exists and was not written by paragon-export (or was changed since): "
                                "--force replaces only the toolkit's own outputs; move it away or choose another output")
     try:
@@ -93,10 +93,11 @@ def write_error(e: OSError, path: Path) -> ParagonError:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path | str, *, force: bool = False, inputs=()) -> Iterator[Path]:
+def atomic_output(path: Path | str, *, force: bool = False, inputs=(), update: bool = False) -> Iterator[Path]:
     """Yield a temp path next to `path`; fsync and rename it into place only if the block succeeds.
-    `force` replaces only what the toolkit wrote; `inputs` may never be overwritten."""
-    path = check_output(path, force=force, inputs=inputs)
+    `force` replaces only what the toolkit wrote; `inputs` may never be overwritten. `update`: the
+    file is one the caller reads and rewrites by design (a TensorRT timing cache), whoever wrote it."""
+    path = check_output(path, force=force, inputs=inputs, update=update)
     if path.is_dir():
         raise ParagonError(f"{path} is a folder: give a file name to write")
     try:

@@ -1,9 +1,9 @@
 """What the toolkit wrote, and its own leftovers.
 
 `--force` may replace only files the toolkit wrote. The proof is a per-folder ledger
-(`.paragon-export.json`: name -> sha256 of what was renamed into place, or the file listing of a
-folder written as a whole) kept by the atomic writers in `artifact`, with the file's own metadata
-as a fallback for checkpoints and ONNX files written before the ledger existed. A file the user
+(`.paragon-export.json`, only where needed: name -> sha256 of what was renamed into place, or the file listing of a
+folder written as a whole) kept by the atomic writers in `artifact` for files whose own metadata cannot prove it (images,
+some reports); checkpoints, ONNX files, tagged JSON, our markdown and parity folders prove it themselves. A file the user
 changed after we wrote it no longer matches its hash, so it counts as theirs.
 
 Temp files and folders carry the writer's PID (`.NAME.paragon-PID.XXXX[.tmp]`); the next writer
@@ -120,6 +120,9 @@ def record(path: Path) -> None:
     """Note that the toolkit just wrote `path` (a file, or a folder written as a whole)."""
     path = Path(path)
     folder = path.parent
+    if _is_our_parity_folder(path) if path.is_dir() else _has_our_metadata(path):
+        forget(path)  # its own metadata proves it (and the folder stays free of bookkeeping)
+        return
     entry = {"folder": listing(path)} if path.is_dir() else {"sha256": _sha(path)}
     try:
         with _locked(folder):
@@ -134,6 +137,8 @@ def record(path: Path) -> None:
 
 def forget(path: Path) -> None:
     folder = Path(path).parent
+    if not (folder / LEDGER).is_file():
+        return
     with contextlib.suppress(OSError), _locked(folder):
         data = _read(folder)
         if data.pop(Path(path).name, None) is not None:

@@ -14,13 +14,13 @@ from ..images import parse_sizes
 # Every float option must also be finite.
 RULES: dict[str, tuple[float | None, float | None, bool]] = {
     "threads": (1, None, True), "train_threads": (1, None, True),
-    "scale": (1, None, True), "opset": (13, None, True),
+    "scale": (1, None, True),
     "tile": (0, None, True), "overlap": (0, None, True),
     "runs": (1, None, True), "warmup": (0, None, True),
     "steps": (0, None, True), "batch": (1, None, True), "patch": (8, None, True),
     "batch_size": (1, None, True), "crops_per_image": (1, None, True), "node_budget": (0, None, True),
     "eval_every": (1, None, True), "save_every": (1, None, True),
-    "lr": (0, None, False), "gt_weight": (0, None, True),
+    "lr": (None, None, True), "gt_weight": (0, None, True),  # qat says "lr > 0" itself
     "atol": (0, None, False), "min_psnr": (0, None, True), "target_psnr": (0, None, False),
     "fp16_min_psnr": (0, None, False), "max_drop": (0, None, True),
     "holdout": (0, 1, False), "workspace": (0, None, False),
