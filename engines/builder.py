@@ -100,7 +100,7 @@ def _attach_timing_cache(config, path: Path, fallback: Path, echo: Echo) -> Path
 
 def _save_timing_cache(config, path: Path, echo: Echo) -> None:
     data = config.get_timing_cache().serialize()
-    with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True, update=True) as tmp:  # the user's cache, read and grown in place
         with open(tmp, "wb") as f:
             f.write(data)
     echo(f"timing cache: saved {path}")

@@ -73,7 +73,7 @@ def verify_fusion(unfused, fused, scale: int, hr_paths: list[Path] | None = None
 
 def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale: int | None = None,
          calibrate_dir: Path | None = None, hr_dir: Path | None = None, force: bool = False) -> tuple[Artifact, dict]:
-    out = check_output(out, force=force)
+    out = check_output(out, force=force, inputs=[src, calibrate_dir, hr_dir])
     loaded: LoadedModel = load_model(src, variant=variant, scale=scale)
     if loaded.fused:
         raise ParagonError(f"{src} is already fused")

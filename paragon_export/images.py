@@ -5,11 +5,15 @@ Arrays are HxWx3 float32 in [0, 1]; tensors are 1x3xHxW.
 
 from __future__ import annotations
 
+import contextlib
+import struct
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ParagonError
 
@@ -38,6 +42,35 @@ def list_images(folder: Path | str) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def max_pixels() -> int:
+    """Pillow's decompression-bomb limit (about 89 Mpx by default), for every reader alike."""
+    return int(Image.MAX_IMAGE_PIXELS or 1 << 62)
+
+
+def check_pixels(path: Path, height: int, width: int) -> None:
+    if height * width > max_pixels():
+        raise ParagonError(f"cannot read image {path}: {width}x{height} = {height * width / 1e6:.0f} Mpx is above "
+                           f"the {max_pixels() / 1e6:.0f} Mpx limit (a decompression bomb, or too large to process)")
+
+
+@contextlib.contextmanager
+def open_image(path: Path | str) -> Iterator[Image.Image]:
+    """The one way to open an image with Pillow: header read, size checked against the bomb limit
+    before any pixel is decoded, EXIF orientation applied (a portrait phone photo stays upright),
+    and every decoder failure (truncation, corrupt data, bombs) one ParagonError."""
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decoder chatter and DecompressionBombWarning: we check ourselves
+        try:
+            with Image.open(path) as im:
+                check_pixels(path, im.height, im.width)
+                im.load()
+                yield ImageOps.exif_transpose(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                struct.error, EOFError) as e:
+            raise ParagonError(f"cannot read image {path}: {e}") from None
+
+
 def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     """Decode 8/16-bit gray, RGB, RGBA or palette images to float32 RGB(A) in [0, 1]."""
     path = Path(path)
@@ -47,21 +80,13 @@ def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     if pic is not None:
         a = pic.rgb if pic.alpha is None or not keep_alpha else np.concatenate([pic.rgb, pic.alpha[..., None]], -1)
         return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float32) / 65535.0
-            elif im.mode == "F":
-                a = np.asarray(im, dtype=np.float32)
-            elif im.mode in ("L", "LA", "RGB", "RGBA"):
-                a = np.asarray(im, dtype=np.float32) / 255.0
-            else:
-                a = np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ParagonError(f"cannot read image {path}: {e}") from None
+    with open_image(path) as im:
+        a = pixels(im)
+    return rgb_array(a, keep_alpha=keep_alpha)
+
+
+def rgb_array(a: np.ndarray, *, keep_alpha: bool) -> np.ndarray:
+    """Gray, gray+alpha, RGB or RGBA pixels -> float32 RGB(A) in [0, 1]."""
     if a.ndim == 2:
         a = a[..., None]
     if a.shape[-1] in (1, 2):  # gray or gray+alpha
@@ -69,6 +94,19 @@ def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     if not keep_alpha:
         a = a[..., :3]
     return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
+
+
+def pixels(im: Image.Image) -> np.ndarray:
+    """Pixels as float32 in [0, 1], keeping 16-bit gray at full depth."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode == "F":
+        return np.asarray(im, dtype=np.float32)
+    if im.mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(im, dtype=np.float32) / 255.0
+    return np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"), dtype=np.float32) / 255.0
 
 
 def sample_photo_paths(split: str = "all") -> list[Path]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .artifact import sha256_file
+from .artifact import atomic_output, sha256_file
 
 SCHEMA_VERSION = 1
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxconverter-common", "polygraphy", "nvidia-modelopt",
@@ -71,7 +69,5 @@ class Manifest:
     def save(self) -> None:
         self.data["tool_versions"] = tool_versions()
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.root)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, self.path)
+        with atomic_output(self.path, force=True) as tmp:  # fsynced, temp cleaned if a later run finds it
+            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,8 +286,9 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux).
     Every ONNX artifact also gets a row per other runtime that can run it (OpenVINO), or only for
     those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing)."""
-    out_dir = check_output(out_dir, force=force)
     paths = [Path(a) for a in artifacts]
+    inputs = [*paths, ref, images]  # the report folder replaces DIR as a whole: never over an input
+    out_dir = check_output(Path(os.path.abspath(out_dir)), force=force, inputs=inputs)
     if not paths:
         raise ParagonError("no artifacts given")
     for p in paths:
@@ -307,6 +309,10 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     taken: set = set()
     loaded, fused, entries = _reference_entries(ref, taken, scale)
     scale = loaded.scale
+    smallest = 2 + -(-7 // scale)  # SSIM's 7x7 window must fit after the metrics' border of `scale` px
+    if any(min(sz) < smallest for sz in size_list):
+        raise ParagonError(f"--sizes: every LR side must be >= {smallest} px at x{scale} (SSIM needs a 7x7 window "
+                           f"inside the {scale}-px border), got {','.join(f'{h}x{w}' for h, w in size_list)}")
     for p in paths:
         entries.append(_artifact_entry(p, scale, taken))
         art = entries[-1]
@@ -389,7 +395,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
 
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
                      case_info, ref_y)
-    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops)
+    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
 
 
 def _worst_case(e: Entry) -> int:

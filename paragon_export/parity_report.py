@@ -4,16 +4,13 @@ that appears atomically (built in a temp folder next to it, then renamed into pl
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .artifact import check_output
+from .artifact import atomic_folder
 from .errors import ParagonError
 from .images import bicubic_upscale, to_image
 
@@ -92,6 +89,11 @@ def _fmt(v, spec: str, none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
+def _db(v: float | None) -> str:
+    # null = infinite PSNR: identical to the ground truth (bicubic at x1, where LR is the HR crop)
+    return "identical (inf dB)" if v is None else f"{v:.2f} dB"
+
+
 def markdown(report: dict) -> str:
     r = report["reference"]
     q = report["reference_quality"]
@@ -106,8 +108,9 @@ def markdown(report: dict) -> str:
         f"Reference: `{Path(r['path']).name}` ({r['variant']} x{r['scale']}, {r['upsampler']}, "
         f"{r['runner']}), sha256 `{r['sha256'][:12]}`",
         f"Images: {imgs} ({report['image_source']}) at LR {sizes}: {len(report['cases'])} cases. "
-        f"Ground truth (HR): reference Y-PSNR {q['y_psnr']:.2f} dB / SSIM {q['ssim']:.4f}; "
-        f"bicubic {q['bicubic_y_psnr']:.2f} dB / {q['bicubic_ssim']:.4f}.",
+        f"Ground truth (HR): reference Y-PSNR {_db(q['y_psnr'])} / SSIM {q['ssim']:.4f}; "
+        f"bicubic {_db(q['bicubic_y_psnr'])} / {q['bicubic_ssim']:.4f}"
+        + (" (at x1 bicubic is the identity: LR = HR)." if r["scale"] == 1 else "."),
         "",
         "| result | artifact | runner | precision | max abs (limit) | min PSNR dB (limit) | Y-PSNR dB (Δ ref) | SSIM | NaN/Inf |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -211,11 +214,9 @@ def _pick_crops(cases: list, n: int) -> list[int]:
 
 
 def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir: Path, *, force: bool,
-                  png_crops: int) -> dict:
+                  png_crops: int, inputs=()) -> dict:
     """Render and write everything; returns the report as written (non-finite numbers as null)."""
-    out_dir = check_output(out_dir, force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, force=force, inputs=inputs) as tmp:
         reference = entries[0]
         shown = [e for e in entries[1:] if e.outputs]
         pngs = []
@@ -233,15 +234,4 @@ def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir:
         validate(report)
         (tmp / "parity.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         (tmp / "parity.md").write_text(markdown(report))
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

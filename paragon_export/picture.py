@@ -34,20 +34,33 @@ def _png_header(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">BB", head[24:26])
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    w, h = struct.unpack(">II", head[16:24])
+    return h, w
+
+
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the header only; one clear error line for anything unreadable."""
+    """(height, width) as the pixels will be read (EXIF orientation applied), from the header only;
+    one clear error line for anything unreadable or above the decompression-bomb limit."""
     from PIL import Image, UnidentifiedImageError
+
+    from .images import check_pixels
 
     # Decoder chatter about corrupt files would break the one-line error.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with Image.open(path) as im:
-                return im.height, im.width
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                check_pixels(path, im.height, im.width)
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+                return (im.width, im.height) if turned else (im.height, im.width)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if path.suffix.lower() in (".tif", ".tiff"):  # 16-bit gray+alpha and others Pillow cannot open
                 size = _tiff_size(path)
                 if size:
+                    check_pixels(path, *size)
                     return size
             raise ParagonError(f"cannot read image {path}: {e}") from None
 
@@ -76,6 +89,9 @@ def read_16bit(path: Path) -> Picture | None:
     except OSError as e:
         raise ParagonError(f"cannot read image {path}: {e.strerror}") from None
     if png_head and png_head[0] == 16:
+        from .images import check_pixels
+
+        check_pixels(path, *_png_size(path))  # pypng has no bomb limit of its own
         return _read_png16(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff16(path)
@@ -87,13 +103,11 @@ def read_picture(path: Path | str) -> Picture:
     pic = read_16bit(path)
     if pic is not None:
         return pic
-    from PIL import Image
+    from .images import open_image, pixels, rgb_array
 
-    with Image.open(path) as im:  # already opened once by image_size, so this cannot fail here
+    with open_image(path) as im:
         mode = im.mode
-    from .images import load_image
-
-    a = load_image(path, keep_alpha=True)
+        a = rgb_array(pixels(im), keep_alpha=True)
     gray = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
     bits = 16 if mode.startswith("I") else 8
     return Picture(a[..., :3], a[..., 3] if a.shape[-1] == 4 else None, bits, gray)
@@ -131,8 +145,13 @@ def _read_tiff16(path: Path) -> Picture | None:
             page = tf.pages[0]
             if page.bitspersample != 16:
                 return None
+            from .images import check_pixels
+
+            check_pixels(path, int(page.imagelength), int(page.imagewidth))  # before decoding
             a = page.asarray()
             extra = len(page.extrasamples)
+    except ParagonError:
+        raise
     except Exception as e:  # tifffile raises many types (TiffFileError, codec errors, ValueError)
         raise ParagonError(f"cannot read image {path}: {e}") from None
     if a.ndim == 3 and a.shape[0] in (2, 3, 4) and a.shape[-1] not in (2, 3, 4):  # planar layout

@@ -8,14 +8,17 @@ steps before it stay recorded and their files stay valid, the failing step leave
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .artifact import check_output_dir, sha256_file
+from . import ownership
+from .artifact import atomic_output, check_output_dir, sha256_file
 from .checkpoint import load_model
 from .defaults import default_checkpoint
 from .errors import ParagonError
@@ -71,7 +74,7 @@ class _Run:
         if rec:
             self.echo(f"{tag}: unchanged, skipped")
             return rec
-        self.manifest.drop(name)
+        self.remove(name)  # inputs or options changed: the old outputs go before the new run
         self.echo(f"{tag} ...")
         t0 = time.perf_counter()
         try:
@@ -90,16 +93,74 @@ class _Run:
         self.echo(f"{tag}: done in {rec['seconds']:.1f} s")
         return rec
 
+    def remove(self, name: str) -> None:
+        """Drop a step's record and delete its files: the manifest names them as this release's own
+        paths (a tampered one is rebuilt, as before the manifest listed it)."""
+        rec = self.manifest.data["steps"].get(name)
+        if rec is None:
+            return
+        for art in rec.get("artifacts", []):
+            p = self.root / art["path"]
+            if p.is_file() and p.resolve().is_relative_to(self.root.resolve()):
+                p.unlink()
+                ownership.forget(p)
+                _remove_empty_dirs(p.parent, self.root)
+        self.manifest.drop(name)
+
+    def keep_only(self, names: set[str]) -> None:
+        """Remove the steps of an earlier run that this run does not request."""
+        for name in [n for n in self.manifest.data["steps"] if n not in names]:
+            self.echo(f"removing {name}: not requested by this run")
+            self.remove(name)
+
     def path(self, rec: dict, kind: str) -> Path:
         return self.root / next(a["path"] for a in rec["artifacts"] if a["kind"] == kind)
+
+
+def _remove_empty_dirs(folder: Path, root: Path) -> None:
+    while folder.resolve() != root.resolve() and folder.is_dir() and not any(
+            n for n in os.listdir(folder) if n != ownership.LEDGER):
+        shutil.rmtree(folder)
+        folder = folder.parent
 
 
 def _check_folder(root: Path, force: bool) -> None:
     if root.exists() and not root.is_dir():
         raise ParagonError(f"{root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").is_file() and not force:
-        raise ParagonError(f"{root} is not empty and holds no release manifest (use --force to release into it)")
-    check_output_dir(root)
+    if root.is_dir():
+        ownership.clean_stale_temps(root)
+        theirs = [n for n in os.listdir(root) if not ownership.hidden_own(n)]
+        if theirs and not (root / "manifest.json").is_file() and not force:
+            raise ParagonError(f"{root} is not empty and holds no release manifest (use --force to release into it)")
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path) -> Iterator[None]:
+    """One release per folder at a time: a second run refuses, naming the holder's PID. flock is
+    released by the kernel when the holder dies, so a killed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    path = root / ownership.LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ParagonError(f"another release is running in {root} (PID {holder}); wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
@@ -114,21 +175,36 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     calib = Path(calib) if calib else None
     root = Path(out_dir)
     _check_folder(root, force)
+    if engine and not _tensorrt_ready():  # a precondition: check it before hours of other steps
+        from .runners import tensorrt_unavailable
+
+        raise ParagonError(f"--engine needs TensorRT and an NVIDIA GPU: {tensorrt_unavailable() or 'no usable GPU'}")
     loaded = load_model(src, scale=scale)  # fail fast on a bad checkpoint, before any step
+    if calib is not None:
+        list_images(calib)  # a missing folder fails now, not after fuse/onnx/parity
+    want_engine = _tensorrt_ready() if engine is None else engine
+    check_output_dir(root)
+    with _folder_lock(root):
+        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo)
+
+
+def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
-    want_engine = _tensorrt_ready() if engine is None else engine
+    run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
+                  | ({"engine"} if want_engine else set()))
     total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
-                                   "upsampler": loaded.upsampler, "default_model": ckpt is None}
+                                   "upsampler": loaded.upsampler, "default_model": default_model}
     run.manifest.data["precisions"] = list(precisions)
 
     fused_path = root / f"{variant}_x{s}_fused.safetensors"
 
     def do_fuse():
         if loaded.fused:
-            shutil.copyfile(src, fused_path)
+            with atomic_output(fused_path, force=True, inputs=[src]) as tmp:
+                shutil.copyfile(src, tmp)
             return [{"path": fused_path, "kind": "fused", "parent": str(src), "meta": {"note": "source already fused"}}]
         from .fuse import fuse
 
@@ -190,7 +266,10 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
         report = parity(artifacts, root / "parity", ref=src, scale=s, force=True)
         return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
                  "meta": {"passed": report["passed"]}},
-                {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None}]
+                {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
+                # every file of the folder, so a later run can prove it ours and remove it whole
+                *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
+                  for png in report["outputs"]["pngs"])]
 
     inputs = {"reference": src, **{p.name: p for p in artifacts}}
     rec = run.step("parity", total, inputs, {}, do_parity)
@@ -210,8 +289,8 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     else:
         echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 
-    _write_card(root, run.manifest)
     run.manifest.save()
+    _write_card(root, run.manifest)
     if not parity_ok:
         raise ParagonError(f"parity failed: see {root / 'parity' / 'parity.md'}")
     return run.manifest.data
@@ -234,7 +313,9 @@ def _write_card(root: Path, manifest: Manifest) -> None:
         lines += ["", f"Fusion: exact to {fuse['exactness_max_abs']:.1e} max abs; params {fuse['params_before']:,} -> "
                       f"{fuse['params_after']:,}; held-out Y-PSNR dynamic {g['y_psnr_dynamic']:.2f} dB, "
                       f"fused {g['y_psnr_fused']:.2f} dB."]
-    par = root / "parity" / "parity.md"
-    if par.is_file():
-        lines += ["", "## Parity", "", par.read_text().strip()]
-    (root / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    par = [a for a in d["steps"].get("parity", {}).get("artifacts", []) if a["kind"] == "parity-md"]
+    if par:  # the report this manifest records (its sha256 says it is that file), not whatever lies there
+        text = (root / par[0]["path"]).read_text()
+        lines += ["", "## Parity", "", text.strip()]
+    with atomic_output(root / "MODEL_CARD.md", force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .artifact import atomic_output
+from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
 from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
@@ -289,17 +289,22 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ParagonError(f"{existing[0]} already exists{more} (use --force to overwrite)")
+    sources = [artifact, *(j.src for j in jobs)]  # no output may land on an input, --force or not
+    for j in jobs:
+        check_output(j.dst, force=force, inputs=sources)
     for j in jobs:
         j.size = image_size(j.src)
+    for j in jobs:  # decode every input once before any output: a truncated file fails the batch up front
+        read_picture(j.src)
     try:
         return _upscale_jobs(artifact, jobs, tile=tile, overlap=overlap, alpha=alpha, force=force, threads=threads,
-                             scale=scale, progress=progress, runtime=runtime)
+                             scale=scale, progress=progress, runtime=runtime, sources=sources)
     except EngineNotRunnable as e:  # raised only while loading: nothing was written
         raise ParagonError(f"skipped {artifact}: {e}") from None
 
 
 def _upscale_jobs(artifact, jobs: list[Job], *, tile, overlap, alpha, force, threads, scale, progress,
-                  runtime) -> list[dict]:
+                  runtime, sources) -> list[dict]:
     from tqdm import tqdm
 
     records = []
@@ -320,7 +325,7 @@ def _upscale_jobs(artifact, jobs: list[Job], *, tile, overlap, alpha, force, thr
                     else:
                         a = bicubic_upscale(pic.alpha[..., None], model.scale)[..., 0]
                 result = Picture(rgb, a, pic.bits, pic.gray)
-                with atomic_output(j.dst, force=force) as tmp:
+                with atomic_output(j.dst, force=force, inputs=sources) as tmp:
                     write_picture(result, tmp, suffix=j.dst.suffix)
                 records.append(dict(input=str(j.src), output=str(j.dst), size_in=list(pic.rgb.shape[:2]),
                                     size_out=list(rgb.shape[:2]), bits=pic.bits, alpha=pic.alpha is not None,

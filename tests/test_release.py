@@ -62,3 +62,68 @@ def test_release_refuses_foreign_folder_and_bad_precisions(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ParagonError, match="no release manifest"):
         run(ckpt, foreign, precisions=("fp32",), engine=False)
+
+
+def test_release_of_a_scale_1_checkpoint_passes_parity_and_writes_a_card(tmp_path):
+    # Issue 18 item 1: at x1 bicubic is the identity (LR = HR crop), so its PSNR is infinite.
+    ckpt = write_model(tmp_path / "nano_x1.safetensors", scale=1, seed=2)
+    out = tmp_path / "rel"
+    run(ckpt, out, precisions=("fp32",), engine=False)
+    report = json.loads((out / "parity" / "parity.json").read_text())
+    assert report["passed"] and report["reference"]["scale"] == 1
+    assert all(c["bicubic_y_psnr"] is None for c in report["cases"])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "x1 release" in card and "Parity: PASS" in card and "bicubic is the identity" in card
+
+
+def _listed(out):
+    m = json.loads((out / "manifest.json").read_text())
+    return m, {a["path"] for s in m["steps"].values() for a in s["artifacts"]}
+
+
+def test_rerun_with_another_checkpoint_and_fewer_precisions_leaves_no_stale_artifact(tmp_path):
+    # Issue 18 item 4: the folder, the manifest and the card describe the last run only.
+    out = tmp_path / "rel"
+    run(write_model(tmp_path / "a.safetensors", seed=1), out, precisions=("fp32", "fp16"), engine=False)
+    assert (out / "paragonsr2_nano_x2_fp16_op17.onnx").is_file()
+    run(write_model(tmp_path / "b.safetensors", scale=1, seed=2), out, precisions=("fp32",), engine=False)
+    m, listed = _listed(out)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert files == listed | {"manifest.json", "MODEL_CARD.md"}
+    assert not any("x2" in f for f in files) and m["source"]["scale"] == 1
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "x2" not in card.split("## Parity")[0] and "fp16" not in card.split("## Parity")[0]
+
+
+def test_release_leftovers_and_stale_temps_do_not_block_a_rerun(tmp_path):
+    # A full disk during the first manifest write left only a temp: the rerun is not refused, and cleans it.
+    out = tmp_path / "rel"
+    out.mkdir()
+    (out / ".manifest.json.paragon-999999999.x1y2.tmp").write_text("{")
+    with pytest.raises(ParagonError, match="TensorRT"):  # --engine without TensorRT: before any step
+        run(write_model(tmp_path / "a.safetensors"), out, precisions=("fp32",), engine=True)
+    assert not (out / "paragonsr2_nano_x2_fused.safetensors").exists()
+    assert not (out / ".manifest.json.paragon-999999999.x1y2.tmp").exists()
+
+
+def test_second_concurrent_release_refuses_with_the_holders_pid(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "rel"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from paragon_export.release import _folder_lock\n"
+        "with _folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"), str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        with pytest.raises(ParagonError, match=f"another release is running in .*PID {holder.pid}"):
+            run(write_model(tmp_path / "a.safetensors"), out, precisions=("fp32",), engine=False)
+        assert time.time() - t0 < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "paragonsr2_nano_x2_fused.safetensors").exists()
