@@ -5,17 +5,15 @@ Arrays are HxWx3 float32 in [0, 1]; tensors are 1x3xHxW.
 
 from __future__ import annotations
 
-import contextlib
-import struct
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .errors import ParagonError
+# The file layer (decoders, bomb limit, EXIF, 16-bit) lives in picture; these names are re-exported.
+from .picture import Picture, check_pixels, open_image, pixels, read_16bit, rgb_array, write_picture  # noqa: F401
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -42,39 +40,9 @@ def list_images(folder: Path | str) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def max_pixels() -> int:
-    """Pillow's decompression-bomb limit (about 89 Mpx by default), for every reader alike."""
-    return int(Image.MAX_IMAGE_PIXELS or 1 << 62)
-
-
-def check_pixels(path: Path, height: int, width: int) -> None:
-    if height * width > max_pixels():
-        raise ParagonError(f"cannot read image {path}: {width}x{height} = {height * width / 1e6:.0f} Mpx is above "
-                           f"the {max_pixels() / 1e6:.0f} Mpx limit (a decompression bomb, or too large to process)")
-
-
-@contextlib.contextmanager
-def open_image(path: Path | str) -> Iterator[Image.Image]:
-    """The one way to open an image with Pillow: header read, size checked against the bomb limit
-    before any pixel is decoded, EXIF orientation applied (a portrait phone photo stays upright),
-    and every decoder failure (truncation, corrupt data, bombs) one ParagonError."""
-    path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # decoder chatter and DecompressionBombWarning: we check ourselves
-        try:
-            with Image.open(path) as im:
-                check_pixels(path, im.height, im.width)
-                im.load()
-                yield ImageOps.exif_transpose(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                struct.error, EOFError) as e:
-            raise ParagonError(f"cannot read image {path}: {e}") from None
-
-
 def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     """Decode 8/16-bit gray, RGB, RGBA or palette images to float32 RGB(A) in [0, 1]."""
     path = Path(path)
-    from .picture import read_16bit  # Pillow would silently cut 16-bit RGB(A) to 8 bits
 
     pic = read_16bit(path)
     if pic is not None:
@@ -83,30 +51,6 @@ def load_image(path: Path | str, *, keep_alpha: bool = False) -> np.ndarray:
     with open_image(path) as im:
         a = pixels(im)
     return rgb_array(a, keep_alpha=keep_alpha)
-
-
-def rgb_array(a: np.ndarray, *, keep_alpha: bool) -> np.ndarray:
-    """Gray, gray+alpha, RGB or RGBA pixels -> float32 RGB(A) in [0, 1]."""
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] in (1, 2):  # gray or gray+alpha
-        a = np.concatenate([np.repeat(a[..., :1], 3, -1), a[..., 1:]], -1)
-    if not keep_alpha:
-        a = a[..., :3]
-    return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
-
-
-def pixels(im: Image.Image) -> np.ndarray:
-    """Pixels as float32 in [0, 1], keeping 16-bit gray at full depth."""
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(im, dtype=np.float32) / 65535.0
-    if im.mode == "F":
-        return np.asarray(im, dtype=np.float32)
-    if im.mode in ("L", "LA", "RGB", "RGBA"):
-        return np.asarray(im, dtype=np.float32) / 255.0
-    return np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"), dtype=np.float32) / 255.0
 
 
 def sample_photo_paths(split: str = "all") -> list[Path]:
@@ -146,8 +90,6 @@ def to_image(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def save_image(img: np.ndarray, path: Path | str, *, bits: int = 8) -> None:
     """HxWx3 (or x4 with alpha) float image to a file; 16-bit needs .png or .tif."""
-    from .picture import Picture, write_picture
-
     alpha = img[..., 3] if img.shape[-1] == 4 else None
     write_picture(Picture(img[..., :3], alpha, bits, False), Path(path), suffix=Path(path).suffix)
 

@@ -5,12 +5,15 @@ Pillow cannot hold 16-bit RGB(A), so 16-bit PNGs go through pypng and 16-bit TIF
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ParagonError
 
@@ -44,10 +47,6 @@ def _png_size(path: Path) -> tuple[int, int]:
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) as the pixels will be read (EXIF orientation applied), from the header only;
     one clear error line for anything unreadable or above the decompression-bomb limit."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .images import check_pixels
-
     # Decoder chatter about corrupt files would break the one-line error.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -89,8 +88,6 @@ def read_16bit(path: Path) -> Picture | None:
     except OSError as e:
         raise ParagonError(f"cannot read image {path}: {e.strerror}") from None
     if png_head and png_head[0] == 16:
-        from .images import check_pixels
-
         check_pixels(path, *_png_size(path))  # pypng has no bomb limit of its own
         return _read_png16(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -103,8 +100,6 @@ def read_picture(path: Path | str) -> Picture:
     pic = read_16bit(path)
     if pic is not None:
         return pic
-    from .images import open_image, pixels, rgb_array
-
     with open_image(path) as im:
         mode = im.mode
         a = rgb_array(pixels(im), keep_alpha=True)
@@ -145,8 +140,6 @@ def _read_tiff16(path: Path) -> Picture | None:
             page = tf.pages[0]
             if page.bitspersample != 16:
                 return None
-            from .images import check_pixels
-
             check_pixels(path, int(page.imagelength), int(page.imagewidth))  # before decoding
             a = page.asarray()
             extra = len(page.extrasamples)
@@ -191,8 +184,6 @@ def write_picture(pic: Picture, path: Path, *, suffix: str) -> None:
             tifffile.imwrite(path, a[..., 0] if c == 1 else a, photometric="minisblack" if pic.gray else "rgb",
                              extrasamples=("unassalpha",) if pic.alpha is not None else None)
         return
-    from PIL import Image
-
     a = (planes * 255.0 + 0.5).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
     fmt = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}[suffix]
@@ -200,3 +191,54 @@ def write_picture(pic: Picture, path: Path, *, suffix: str) -> None:
     Image.fromarray(a[..., 0] if c == 1 else a, mode=mode).save(path, format=fmt, **extra)
 
 
+def max_pixels() -> int:
+    """Pillow's decompression-bomb limit (about 89 Mpx by default), for every reader alike."""
+    return int(Image.MAX_IMAGE_PIXELS or 1 << 62)
+
+
+def check_pixels(path: Path, height: int, width: int) -> None:
+    if height * width > max_pixels():
+        raise ParagonError(f"cannot read image {path}: {width}x{height} = {height * width / 1e6:.0f} Mpx is above "
+                           f"the {max_pixels() / 1e6:.0f} Mpx limit (a decompression bomb, or too large to process)")
+
+
+@contextlib.contextmanager
+def open_image(path: Path | str) -> Iterator[Image.Image]:
+    """The one way to open an image with Pillow: header read, size checked against the bomb limit
+    before any pixel is decoded, EXIF orientation applied (a portrait phone photo stays upright),
+    and every decoder failure (truncation, corrupt data, bombs) one ParagonError."""
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decoder chatter and DecompressionBombWarning: we check ourselves
+        try:
+            with Image.open(path) as im:
+                check_pixels(path, im.height, im.width)
+                im.load()
+                yield ImageOps.exif_transpose(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                struct.error, EOFError) as e:
+            raise ParagonError(f"cannot read image {path}: {e}") from None
+
+
+def rgb_array(a: np.ndarray, *, keep_alpha: bool) -> np.ndarray:
+    """Gray, gray+alpha, RGB or RGBA pixels -> float32 RGB(A) in [0, 1]."""
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] in (1, 2):  # gray or gray+alpha
+        a = np.concatenate([np.repeat(a[..., :1], 3, -1), a[..., 1:]], -1)
+    if not keep_alpha:
+        a = a[..., :3]
+    return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
+
+
+def pixels(im: Image.Image) -> np.ndarray:
+    """Pixels as float32 in [0, 1], keeping 16-bit gray at full depth."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode == "F":
+        return np.asarray(im, dtype=np.float32)
+    if im.mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(im, dtype=np.float32) / 255.0
+    return np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"), dtype=np.float32) / 255.0
