@@ -99,6 +99,10 @@ def test_clip_loss_properties(tmp_path):
     loss_fn(sr, hr, lr).backward()
     assert all(p.grad is None and not p.requires_grad for p in loss_fn.parameters())
     assert not loss_fn.train().training  # stays in eval mode
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # AMP: bf16 encoder, fp32 similarities and loss
+        amp = loss_fn(sr, hr, lr)
+    assert amp.dtype == torch.float32 and abs(float(amp.detach()) - float(loss.detach())) < 0.05
+    assert torch.autograd.grad(amp, sr)[0].abs().sum() > 0
 
     with torch.no_grad():
         perm = torch.tensor([2, 0, 3, 1])
