@@ -48,10 +48,14 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
     },
     "loss": {
-        "l1": 1.0, "msssim": 0.0, "ffl": 0.0, "hsluv": 0.0, "perceptual": 0.0, "dists": 0.0, "gan": 0.0,
+        "l1": 1.0, "msssim": 0.0, "ffl": 0.0, "hsluv": 0.0, "perceptual": 0.0, "dists": 0.0, "clip": 0.0,
+        "gan": 0.0,
         "r1_gamma": 1.0, "r2_gamma": 1.0,
         "vgg_weights": None,  # local state dict for the perceptual loss (VGG19 features)
         "dists_weights": None,  # local state dict for DISTS (VGG16 features + alpha/beta)
+        # local Hugging Face CLIP folder (config.json + model.safetensors) or its weights file
+        "clip_weights": None,
+        "clip_temperature": 0.1,  # InfoNCE temperature of the clip loss
         "gan_start": 0,  # step at which the adversarial loss switches on
     },
     "discriminator": {"base_channels": 64, "lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.0},
@@ -158,9 +162,11 @@ def _validate(cfg: dict) -> None:
         raise ParagonError("train.static_from must be in [0, 1]")
     if t["amp"] not in ("auto", "off", "bf16", "fp16"):
         raise ParagonError("train.amp must be auto, off, bf16 or fp16")
-    for k in ("l1", "msssim", "ffl", "hsluv", "perceptual", "dists", "gan"):
+    for k in ("l1", "msssim", "ffl", "hsluv", "perceptual", "dists", "clip", "gan"):
         if float(cfg["loss"][k]) < 0:
             raise ParagonError(f"loss.{k} must be >= 0")
+    if not float(cfg["loss"]["clip_temperature"]) > 0:
+        raise ParagonError("loss.clip_temperature must be > 0")
     for k in ("every",):
         if int(cfg["checkpoint"][k]) < 1 or int(cfg["val"][k]) < 0:
             raise ParagonError(f"checkpoint.{k} must be >= 1 and val.{k} >= 0")

@@ -199,7 +199,7 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
             for p in disc.parameters():
                 p.requires_grad_(False)
         with autocast():
-            loss, parts = loss_fn(sr.float(), hr, disc=disc if gan_on else None, step=step)
+            loss, parts = loss_fn(sr.float(), hr, lr=lr, disc=disc if gan_on else None, step=step)
         if not torch.isfinite(loss):
             raise ParagonError(f"loss became {float(loss)} at step {step}; lower train.lr or check the data")
         opt_g.zero_grad(set_to_none=True)

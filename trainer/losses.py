@@ -60,13 +60,18 @@ class GeneratorLoss(nn.Module):
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
-        self.w = {k: float(cfg[k]) for k in ("l1", "msssim", "ffl", "hsluv", "perceptual", "dists", "gan")}
+        self.w = {k: float(cfg[k]) for k in ("l1", "msssim", "ffl", "hsluv", "perceptual", "dists", "clip", "gan")}
         self.gan_start = int(cfg["gan_start"])
         self.vgg = VGGPerceptual(cfg["vgg_weights"]) if self.w["perceptual"] > 0 else None
         self.dists = DISTS(cfg["dists_weights"]) if self.w["dists"] > 0 else None
+        self.clip = None
+        if self.w["clip"] > 0:  # lazy: the [clip] extra (transformers) is only needed when the loss is on
+            from .clip import ClipContrastive
 
-    def forward(self, sr: torch.Tensor, hr: torch.Tensor, *, disc: nn.Module | None = None,
-                step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+            self.clip = ClipContrastive(cfg["clip_weights"], float(cfg["clip_temperature"]))
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor, *, lr: torch.Tensor | None = None,
+                disc: nn.Module | None = None, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         terms: dict[str, torch.Tensor] = {}
         if self.w["l1"]:
             terms["l1"] = l1_loss(sr, hr)
@@ -80,6 +85,10 @@ class GeneratorLoss(nn.Module):
             terms["perceptual"] = self.vgg(sr, hr)
         if self.dists is not None:
             terms["dists"] = self.dists(sr, hr)
+        if self.clip is not None:
+            if lr is None:
+                raise ValueError("the clip loss needs the LR batch (its bicubic upscale is the negative)")
+            terms["clip"] = self.clip(sr, hr, lr)
         if self.w["gan"] and disc is not None and step >= self.gan_start:
             terms["gan"] = generator_adv_loss(disc, sr, hr)
         if not terms:
