@@ -50,8 +50,8 @@ from .metrics import psnr, psnr_y, ssim_y
 from .qat_export import export_qdq, verify_qdq
 from .verify import VERIFY_SIZES, describe
 
-DEFAULT_STEPS = 600
-DEFAULT_LR = 2e-4
+DEFAULT_STEPS = 1500
+DEFAULT_LR = 5e-4
 DEFAULT_BATCH = 8
 DEFAULT_PATCH = 48  # LR pixels
 PATCHES_PER_IMAGE = 16
