@@ -46,7 +46,7 @@ from .int8_compare import comparisons
 from .int8_cache import load_search, search_cache_base, store_search
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference, run, session
 from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, Remainder, dtype_mac_shares, plan_remainder
-from .onnx_graph import set_metadata
+from .onnx_graph import graph_precision, set_metadata
 
 DEFAULT_METHOD = "percentile"
 DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
@@ -89,8 +89,13 @@ def _load_fp32(path: Path) -> onnx.ModelProto:
         raise ParagonError(f"{path}: expected one NCHW image input, found {len(g.input)} inputs")
     if g.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise ParagonError(f"{path}: input is not float32 (give the FP32 ONNX, not an FP16 or INT8 one)")
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in g.node):
-        raise ParagonError(f"{path} is already quantized")
+    precision = graph_precision(model)
+    if precision != "fp32":  # an fp16 file has fp32 I/O (keep_io_types): the graph says what it is
+        raise ParagonError(f"{path} is {'already quantized' if precision == 'int8' else 'an ' + precision + ' model'}: "
+                           "give the FP32 ONNX")
+    channels = g.input[0].type.tensor_type.shape.dim[1]
+    if channels.HasField("dim_value") and channels.dim_value != 3:
+        raise ParagonError(f"{path}: expected an RGB image input (N x 3 x H x W), found {channels.dim_value} channels")
     return model
 
 
@@ -125,9 +130,17 @@ def _static_dims(model: onnx.ModelProto) -> tuple[int | None, tuple[int, int] | 
 
 def _infer_scale(fp32: Path, hw: tuple[int, int] | None) -> int:
     h, w = hw or (16, 20)
-    y = run(session(fp32), np.zeros((1, 3, h, w), np.float32))
+    try:
+        y = run(session(fp32), np.zeros((1, 3, h, w), np.float32))
+    except ParagonError:
+        raise
+    except Exception as e:  # ORT's own failure types: the model does not take a 1x3xHxW image
+        raise ParagonError(f"{fp32}: a 1x3x{h}x{w} image does not run through it "
+                           f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]})") from None
+    if y.ndim != 4 or y.shape[1] != 3:
+        raise ParagonError(f"{fp32}: a 1x3x{h}x{w} image gives an output of shape {list(y.shape)}, not an image")
     sh, sw = y.shape[2] / h, y.shape[3] / w
-    if y.ndim != 4 or sh != sw or sh != int(sh) or sh < 1:
+    if sh != sw or sh != int(sh) or sh < 1:
         raise ParagonError(f"cannot infer the upscale factor: {h}x{w} in, {y.shape[2]}x{y.shape[3]} out")
     return int(sh)
 

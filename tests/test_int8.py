@@ -351,6 +351,30 @@ def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
         quantize_int8(fp32, tmp_path / "o", method="kl")
 
 
+def test_foreign_and_fp16_onnx_are_one_line_errors(fp32, tmp_path):
+    from onnx import helper
+
+    from paragon_export.fp16 import convert
+
+    fp16 = tmp_path / "nano_fp16.onnx"  # our own fp16 file: fp32 I/O, fp16 inside
+    onnx.save(convert(onnx.load(str(fp32)), [], keep_io_types=True), str(fp16))
+    gray = tmp_path / "gray.onnx"  # a 1-channel model
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(gray))
+    clf = tmp_path / "classifier.onnx"  # image in, class scores out
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, 1, 1])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(clf))
+    for path, what in ((fp16, "an fp16 model"), (gray, "found 1 channels"), (clf, "upscale factor")):
+        r = CliRunner().invoke(main, ["int8", str(path), "-o", str(tmp_path / "o"), "--no-peer"])
+        assert r.exit_code == 1 and what in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, tmp_path):
     art = quantize_int8(nano_fused_ckpt, tmp_path / "o", calib=calib, cache_dir=cache_dir, peer=False)
     assert art.path.name == "paragonsr2_nano_x2_int8_op19.onnx"  # fp16 Q/DQ scales need opset 19
