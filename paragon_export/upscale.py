@@ -88,7 +88,7 @@ class ModelRunner:
         self.input_name = name
         self.input_dtype = np.dtype(DataType.to_dtype(info.dtype, "numpy"))
         dims = list(info.shape)
-        if len(dims) != 4:
+        if len(dims) != 4 or (isinstance(dims[1], int) and dims[1] > 0 and dims[1] != 3):  # gray, RGBA, ...
             raise ParagonError(f"{self.path}: expected a 1x3xHxW input, found shape {dims}")
         fixed = [d if isinstance(d, int) and d > 0 else None for d in dims[2:]]
         if all(fixed):

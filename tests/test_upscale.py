@@ -214,7 +214,16 @@ def test_errors_are_one_line(tmp_path, photo):
     save_file({k: v.contiguous() for k, v in make_model(upsampler="legacy").state_dict().items()}, str(golden))
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"\0" * 64)
+    import onnx
+    from onnx import helper
+
+    gray = tmp_path / "gray.onnx"  # a foreign 1-channel model
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(gray))
     cases = [
+        ([str(gray), str(img), "-o", str(tmp_path / "o")], "expected a 1x3xHxW input"),
         ([str(ckpt), str(bad), "-o", str(tmp_path / "o")], "cannot read image"),
         ([str(engine), str(img), "-o", str(tmp_path / "o")], "TensorRT"),
         ([str(tmp_path / "model.xyz"), str(img), "-o", str(tmp_path / "o")], "unknown artifact type"),
