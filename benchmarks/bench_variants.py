@@ -31,6 +31,7 @@ from paragon_export.checkpoint import save_model
 from paragon_export.defaults import default_checkpoint
 from paragon_export.images import parse_sizes
 from paragon_export.int8 import quantize_int8
+from paragon_export.int8_recipe import Int8Recipe
 from paragon_export.release import release
 
 
@@ -46,7 +47,7 @@ def artifacts(variant: str, work: Path, fit_steps: int) -> tuple[list[Path], dic
     ckpt = save_model(model, work / f"{variant}.safetensors", variant=variant, force=True).path
     info = {"weights": f"stand-in, fitted {fit_steps} steps (held-out Y-PSNR {fit_y:.2f} dB)"}
     arts, info["fp16_gate"] = export_gated(ckpt, work / "onnx")
-    q = quantize_int8(arts["fp32"].path, work / "int8", max_drop=None, target_psnr=None, peer=False, force=True)
+    q = quantize_int8(arts["fp32"].path, work / "int8", Int8Recipe(max_drop=None), peer=False, force=True)
     info["int8"] = f"all {q.meta['mixed_precision']['quantizable_nodes']} quantizable convs int8 (no target)"
     return [ckpt, arts["fp32"].path, arts["fp16"].path, q.path], info
 

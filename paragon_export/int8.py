@@ -35,8 +35,8 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from paragon_export.calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE, CalibrationSet, build_calibration_set
-from paragon_export.calibration.ranges import USER_METHODS, Ranges, calibration_ranges
+from paragon_export.calibration import CalibrationSet, build_calibration_set
+from paragon_export.calibration.ranges import Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
@@ -45,11 +45,10 @@ from .int8_check import WEIGHTED_OPS, brief, inspect_qdq, mac_shares, quiet_quan
 from .int8_compare import comparisons
 from .int8_cache import load_search, search_cache_base, store_search
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference, run, session
-from .int8_remainder import FP16_QDQ_OPSET, REMAINDERS, Remainder, dtype_mac_shares, plan_remainder
+from .int8_recipe import Int8Recipe
+from .int8_remainder import FP16_QDQ_OPSET, Remainder, dtype_mac_shares, plan_remainder
 from .onnx_graph import graph_precision, set_metadata
 
-DEFAULT_METHOD = "percentile"
-DEFAULT_MAX_DROP = 0.10  # dB of held-out Y-PSNR against fp32
 DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
 RERANK_LEADERS = 8  # candidates from the top of the last ranking re-measured after each node kept
 COST_FLOOR = 0.02  # added to every node's MAC share in the ranking
@@ -362,23 +361,18 @@ def output_paths(out_dir: Path, stem: str, opset: int | None = None) -> tuple[Pa
     return out_dir / f"{base}.onnx", out_dir / f"{base}_report.json"
 
 
-def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | str | None = None,
-                  calib: CalibrationSet | None = None, method: str = DEFAULT_METHOD,
-                  target_psnr: float | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
-                  node_budget: int | None = None, lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
-                  crops_per_image: int = 4, batch_size: int = 2, eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE,
-                  holdout: float = 0.25, seed: int = 0, cache_dir: Path | str | None = None, peer: bool = True,
-                  threads: int = 1, bias_correction: bool = True, variant: str | None = None,
-                  scale: int | None = None, force: bool = False, remainder: str = "fp16",
+def quantize_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | None = None, *,
+                  calib_dir: Path | str | None = None, calib: CalibrationSet | None = None,
+                  cache_dir: Path | str | None = None, peer: bool = True, threads: int = 1,
+                  variant: str | None = None, scale: int | None = None, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> Artifact:
-    """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<variant>_x<s>_int8_op<N>.onnx` + `..._report.json`.
+    """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<variant>_x<s>_int8_op<N>.onnx` + `..._report.json`,
+    made as `recipe` says (default `Int8Recipe()`); `calib` replaces the set the recipe would build.
 
     Returns the model's Artifact; its meta is the report (also written as JSON)."""
     progress = progress or (lambda _msg: None)
-    if method not in USER_METHODS:
-        raise ParagonError(f"unknown calibration method {method!r} (choose {', '.join(USER_METHODS)})")
-    if node_budget is not None and node_budget < 0:
-        raise ParagonError("node budget must be >= 0")
+    r = (recipe or Int8Recipe()).check()
+    method = r.method
     src = Path(model)
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="paragon-int8-") as tmp_name:
@@ -388,10 +382,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         else:
             progress(f"exporting {src} to FP32 ONNX")
             fp32_src = _from_checkpoint(src, tmp, variant, scale)
-        if remainder not in REMAINDERS:
-            raise ParagonError(f"--remainder must be one of {', '.join(REMAINDERS)}, got {remainder!r}")
         model_path, report_path = output_paths(out_dir, fp32_src.stem,
-                                               FP16_QDQ_OPSET if remainder == "fp16" else None)
+                                               FP16_QDQ_OPSET if r.remainder == "fp16" else None)
         check_output(model_path, force=force)
         check_output(report_path, force=force)
         proto = _load_fp32(fp32_src)
@@ -401,14 +393,14 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         if scale is not None and scale != found:
             raise ParagonError(f"--scale {scale} does not match the model (x{found})")
         if calib is None:
-            calib = build_calibration_set(calib_dir, scale=found, lr_size=static_hw or lr_size,
-                                          crops_per_image=crops_per_image, batch_size=batch or batch_size,
-                                          seed=seed, holdout=holdout, eval_size=static_hw or eval_size)
+            calib = build_calibration_set(calib_dir, scale=found, lr_size=static_hw or r.lr_size,
+                                          crops_per_image=r.crops_per_image, batch_size=batch or r.batch_size,
+                                          seed=r.seed, holdout=r.holdout, eval_size=static_hw or r.eval_size)
         elif calib.params["scale"] != found:
             raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{found}")
         if not calib.holdout:
             raise ParagonError("the calibration set has no held-out images to evaluate on")
-        if max_drop is not None and not all(h.hr is not None for h in calib.holdout):
+        if r.max_drop is not None and not all(h.hr is not None for h in calib.holdout):
             raise ParagonError("held-out images have no HR ground truth: use --target-psnr instead of --max-drop")
         for s in calib.skipped:
             progress(f"warning: skipped {s}")
@@ -418,9 +410,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         progress(f"calibration ranges: cache {'hit (no inference run)' if ranges.hit else 'miss'} ({ranges.cache_path})")
         ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
         prepared = onnx.load(str(fp32))
-        rest = plan_remainder(remainder, prepared, [calib.batch(i) for i in range(min(len(calib), CALIB_PROBES))])
-        search = dict(target_psnr=target_psnr, max_drop=max_drop, node_budget=node_budget,
-                      bias_correction=bias_correction)
+        rest = plan_remainder(r.remainder, prepared, [calib.batch(i) for i in range(min(len(calib), CALIB_PROBES))])
+        search = r.search_options()
         base = search_cache_base(ranges.cache_path, {**search, "remainder": rest.summary(), "rank_crops": RANK_CROPS,
                                                      "static_batch": batch is not None})
         mp = load_search(base)
@@ -438,7 +429,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
         mp["remainder"] = rest.summary()
         # Downstream steps (engine, parity) read the precision from metadata and cross-check the graph.
         set_metadata(int8_proto, {"precision": "int8", "quantization": "qdq int8 symmetric, per-channel weights",
-                                  "remainder": remainder, "calibration_method": method,
+                                  "remainder": r.remainder, "calibration_method": method,
                                   "calibration_fingerprint": calib.fingerprint,
                                   "float_nodes": ",".join(mp["float_fixed"] + mp["kept_float"]),
                                   "fp32_nodes": ",".join(sorted(rest.kept_fp32)),
@@ -467,9 +458,9 @@ def quantize_int8(model: Path | str, out_dir: Path | str, *, calib_dir: Path | s
             "calibration": {**calib.summary(), **ranges.summary()},
             "recipe": {"format": "QDQ", "activations": "int8 symmetric (zero point 0)",
                        "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
-                       "bias": "float" + (", corrected for the int8 weights' mean error" if bias_correction else ""),
+                       "bias": "float" + (", corrected for the int8 weights' mean error" if r.bias_correction else ""),
                        "quantized_ops": TRT_OPS, "output_quantization": False,
-                       "method": method, "trt_compatible": True},
+                       "method": method, "trt_compatible": True, "options": r.as_dict()},
             "checks": brief(checks),
             "mixed_precision": mp,
             "quality": {"fp32": ev.fp32, "int8": int8_quality},

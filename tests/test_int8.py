@@ -21,6 +21,7 @@ from paragon_export.cli import main
 from paragon_export.errors import ParagonError
 from paragon_export.int8 import RERANK_LEADERS, TRT_OPS, keep_float, neighbours, quantize_int8, quantize_symmetric, rerank
 from paragon_export.int8_eval import run, session
+from paragon_export.int8_recipe import Int8Recipe
 from paragon_export.metrics import psnr
 
 SENSITIVE = "/body/body.0/blocks/blocks.1/transformer/project_out/Conv"
@@ -141,7 +142,7 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
     assert sh["fp16"] == pytest.approx(mp["float_mac_share"])  # the float nodes are the fp16 ones
     assert mp["remainder"] == {"dtype": "fp16", "kept_fp32": {}}
     # The same search with an fp32 remainder: same int8 set, no fp16 anywhere, and fp16 costs little.
-    art = quantize_int8(fp32, tmp_path, calib=calib, cache_dir=cache_dir, peer=False, remainder="fp32")
+    art = quantize_int8(fp32, tmp_path, Int8Recipe(remainder="fp32"), calib=calib, cache_dir=cache_dir, peer=False)
     m32 = onnx.load(str(art.path))
     assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in m32.graph.initializer)
     assert art.meta["mixed_precision"]["mac_share"]["fp16"] == 0
@@ -150,7 +151,7 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
     a, b = run(session(default_run.path), x), run(session(art.path), x)
     assert psnr(np.clip(a, 0, 1), np.clip(b, 0, 1)) > 40
     with pytest.raises(ParagonError, match="remainder"):
-        quantize_int8(fp32, tmp_path / "bad", calib=calib, cache_dir=cache_dir, remainder="bf16")
+        quantize_int8(fp32, tmp_path / "bad", Int8Recipe(remainder="bf16"), calib=calib, cache_dir=cache_dir)
 
 
 def test_search_outcome_is_cached_and_replayed_identically(default_run, fp32, calib, cache_dir, tmp_path):
@@ -160,7 +161,7 @@ def test_search_outcome_is_cached_and_replayed_identically(default_run, fp32, ca
     assert again.path.read_bytes() == default_run.path.read_bytes()
     assert again.meta["quality"]["int8"] == default_run.meta["quality"]["int8"]
     # another option is another search
-    other = quantize_int8(fp32, tmp_path / "b", calib=calib, cache_dir=cache_dir, peer=False, max_drop=0.5)
+    other = quantize_int8(fp32, tmp_path / "b", Int8Recipe(max_drop=0.5), calib=calib, cache_dir=cache_dir, peer=False)
     assert other.meta["mixed_precision"]["search_cache"] == "miss"
 
 
@@ -292,8 +293,8 @@ def test_entropy_is_a_real_kl_search(fp32, tmp_path):
 
 def test_mixed_precision_keeps_the_sensitive_layer_in_float(tmp_path, calib, cache_dir):
     fp32 = export_fp32(sensitive_model(), tmp_path / "sens_x2_fp32.onnx")
-    art = quantize_int8(fp32, tmp_path / "out", calib=calib, cache_dir=cache_dir, target_psnr=80.0, max_drop=None,
-                        node_budget=1, peer=False)
+    art = quantize_int8(fp32, tmp_path / "out", Int8Recipe(target_psnr=80.0, max_drop=None, node_budget=1),
+                        calib=calib, cache_dir=cache_dir, peer=False)
     mp = art.meta["mixed_precision"]
     assert mp["ranking"][0]["node"] == SENSITIVE
     assert mp["kept_float"] == [SENSITIVE] and not mp["met"]
@@ -348,7 +349,7 @@ def test_cli_bad_inputs_are_one_line_errors(fp32, tmp_path):
     with pytest.raises(ParagonError, match="not a readable ONNX model"):
         quantize_int8(junk, tmp_path / "o")
     with pytest.raises(ParagonError, match="unknown calibration method"):
-        quantize_int8(fp32, tmp_path / "o", method="kl")
+        quantize_int8(fp32, tmp_path / "o", Int8Recipe(method="kl"))
 
 
 def test_foreign_and_fp16_onnx_are_one_line_errors(fp32, tmp_path):

@@ -46,14 +46,16 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
+    from ..int8_recipe import Int8Recipe
 
-    art = quantize_int8(model, out_dir, calib_dir=calib_dir, method=method, target_psnr=target_psnr,
+    recipe = Int8Recipe(method=method, target_psnr=target_psnr,
                         max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
-                        lr_size=_size(crop), crops_per_image=crops_per_image, batch_size=batch_size,
-                        eval_size=_size(eval_size),
-                        holdout=holdout, seed=seed, cache_dir=cache_dir, peer=not no_peer, threads=threads,
-                        bias_correction=not no_bias_correction, remainder=remainder,
-                        variant=variant, scale=scale, force=force, progress=lambda m: click.echo(m, err=True))
+                        bias_correction=not no_bias_correction, remainder=remainder, lr_size=_size(crop),
+                        crops_per_image=crops_per_image, batch_size=batch_size, eval_size=_size(eval_size),
+                        holdout=holdout, seed=seed)
+    art = quantize_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, peer=not no_peer,
+                        threads=threads, variant=variant, scale=scale, force=force,
+                        progress=lambda m: click.echo(m, err=True))
     click.echo(format_table(art.meta))
     mp = art.meta["mixed_precision"]
     if mp["kept_float"]:
