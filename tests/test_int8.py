@@ -459,3 +459,20 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(fp32, calib, cac
     x = calib.batch(0)
     np.testing.assert_allclose(run(session(shortcut.SerializeToString()), x),
                                run(session(tmp_path / "corr2.onnx"), x), atol=1e-5)
+
+
+def test_native_kernels_are_reported_apart_and_never_gate(default_run, fp32, tmp_path):
+    from paragon_export.checkpoint import save_model
+    from paragon_export.cpu import isa
+    from paragon_export.parity import parity
+
+    native = default_run.meta["native_kernels"]  # ISA-dependent numbers: only their form is asserted
+    assert native["isa"] == isa() and native["images"] == 4
+    assert native["psnr_vs_reference"] is None or native["psnr_vs_reference"] > 0
+    ckpt = tmp_path / "nano_x2.safetensors"
+    save_model(seeded_fused(0), ckpt, variant="paragonsr2_nano", force=True)
+    rep = parity([ckpt, fp32, default_run.path], tmp_path / "parity", sizes="32x32,19x23")
+    rows = {a["runner"]: a for a in rep["artifacts"] if a["precision"] == "int8"}
+    assert rows["onnxrt-cpu"]["status"] == "pass" and rows["onnxrt-cpu"]["gated"]
+    assert rows["onnxrt-cpu-native"]["status"] == "info" and not rows["onnxrt-cpu-native"]["gated"]
+    assert f"[native {isa()}]" in rows["onnxrt-cpu-native"]["name"]
