@@ -6,7 +6,7 @@ folder written as a whole) kept by the atomic writers in `artifact` for files wh
 some reports); checkpoints, ONNX files, tagged JSON, our markdown and parity folders prove it themselves. A file the user
 changed after we wrote it no longer matches its hash, so it counts as theirs.
 
-Temp files and folders carry the writer's PID (`.NAME.paragon-PID.XXXX[.tmp]`); the next writer
+Temp files and folders carry the writer's PID (`.NAME.paragon-PID.<random>[.tmp]`); the next writer
 in that folder removes those whose process is gone (a SIGKILL or a full disk leaves them behind).
 """
 
