@@ -155,3 +155,31 @@ def test_failed_commands_leave_no_empty_output_folder(tmp_path, args):
     r = cli(*[a.format(bad=bad, out=out) for a in args])
     one_line_failure(r)
     assert not out.parent.exists(), sorted(out.parent.rglob("*"))
+
+
+def test_full_disk_and_out_of_memory_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from paragon_export import artifact
+    from paragon_export.cli import fuse as fuse_cli
+
+    ckpt = write_model(tmp_path / "nano.safetensors")
+    out = tmp_path / "fused.safetensors"
+
+    def full(_path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "_fsync", full)
+    r = CliRunner().invoke(main, ["fuse", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 1 and "no space left on the device while writing" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nano.safetensors"]  # no output, no temp
+    monkeypatch.undo()
+
+    def oom(*_a, **_k):
+        raise MemoryError
+
+    monkeypatch.setattr(fuse_cli, "fuse", oom)
+    r = CliRunner().invoke(main, ["fuse", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 1 and r.output.startswith("Error: out of memory") and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
