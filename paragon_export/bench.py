@@ -35,7 +35,7 @@ import numpy as np
 from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import load_image, sample_photo_paths
-from .roofline import macs_per_pixel, peak_info
+from .roofline import artifact_macs_per_pixel, peak_info
 from .runners import RUNTIMES, artifact_kind, resolve_runtime, runtime_unavailable
 from .upscale import ModelRunner, open_model
 
@@ -217,7 +217,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
     results, skipped = [], []
     for h, w in sizes:
         x = bench_input(h, w)
-        entries = [_Entry(p, rt, labels[p], macs_per_pixel(p, (h, w)))
+        entries = [_Entry(p, rt, labels[p], artifact_macs_per_pixel(p, (h, w)))
                    for p in order for rt in runtimes_for(p, runtimes)]
         try:
             for e in entries:

@@ -40,9 +40,8 @@ from .artifact import Artifact, atomic_output, check_output
 from .checkpoint import LoadedModel, load_model
 from .errors import ParagonError
 from .fuse import EXACT_ATOL, verify_fusion
-from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, ort_session,
-                         set_metadata, simplify)
-from .verify import LIMITS, VERIFY_SIZES, VERIFY_THREADS, describe, verify_against
+from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, set_metadata, simplify)
+from .verify import LIMITS, VERIFY_SIZES, describe, verify_against
 
 OPSETS = range(13, 21)
 DEFAULT_OPSET = 17
@@ -158,7 +157,7 @@ def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, s
 def verify_onnx(model: onnx.ModelProto | Path | str, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES,
                 *, atol: float = FP32_ATOL, paths=None) -> dict:
     """ORT CPU vs the fp32 PyTorch reference on real photos. Returns the report with "ok"."""
-    report = verify_against(ort_session(model, threads=VERIFY_THREADS), reference, scale, sizes, paths=paths)
+    report = verify_against(model, reference, scale, sizes, paths=paths)
     report["atol"] = atol
     report["ok"] = bool(report["max_abs"] <= atol)
     return report

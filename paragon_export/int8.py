@@ -280,7 +280,8 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
     fp32_proto = onnx.load(str(fp32))
     # Convs TensorRT has no int8 kernel for start (and stay) in float: int8 there buys no speed.
     excluded = trt_int8_exclusions(fp32_proto)
-    fixed = [*computed_weights(fp32_proto), *(n for n in excluded if n not in computed_weights(fp32_proto))]
+    computed = computed_weights(fp32_proto)
+    fixed = [*computed, *(n for n in excluded if n not in computed)]
     shares = mac_shares(fp32_proto)
     quantize_symmetric(fp32, path, ranges, fixed)
     plain = onnx.load(str(path))

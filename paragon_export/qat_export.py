@@ -92,7 +92,6 @@ def export_qdq(student: torch.nn.Module, *, opset: int = 17):
 def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
     """ORT CPU (Q/DQ reference semantics, the same on every CPU) vs the torch fake-quant student on
     real photos: per size max abs, mean abs and PSNR (`verify.compare_groups`)."""
-    from .onnx_graph import ort_session
-    from .verify import VERIFY_THREADS, verify_against
+    from .verify import verify_against
 
-    return verify_against(ort_session(model, threads=VERIFY_THREADS), student, scale, sizes, paths=paths)
+    return verify_against(model, student, scale, sizes, paths=paths)

@@ -79,7 +79,7 @@ def torch_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:
     return flops / 2 / (hw[0] * hw[1]) if flops else None  # FlopCounter counts 2 FLOPs per MAC
 
 
-def macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:
+def artifact_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:
     """MACs per LR pixel of one inference at `hw`; None for engines and NCNN (no graph to count here)."""
     from .runners import artifact_kind
 

@@ -157,11 +157,13 @@ def describe(report: dict, metric: str = "max_abs") -> str:
     return ", ".join(parts)
 
 
-def verify_against(model_session, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES, *,
+def verify_against(model, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES, *,
                    paths=None, dtype=torch.float32) -> dict:
-    """Run `model_session` (an ORT session) and the torch `reference` on the verification inputs and
-    compare them group by group (`compare_groups`)."""
+    """Run the ONNX `model` (proto or path; ORT CPU, Q/DQ reference semantics) and the torch
+    `reference` on the verification inputs and compare them group by group (`compare_groups`)."""
+    from .onnx_graph import ort_session
+
     inputs = verification_inputs(scale, sizes, paths=paths)
     refs = {(g, n): run_torch(reference, x, dtype) for g, n, x in inputs}
-    outputs, errors = run_onnx(model_session, inputs)
+    outputs, errors = run_onnx(ort_session(model, threads=VERIFY_THREADS), inputs)
     return compare_groups(outputs, refs, errors)
