@@ -112,17 +112,8 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
               "precision_note": model.precision_note,
               "profile": str(prof), "check": None, "others": _others(out, key, target)}
 
-    manifest = read_manifest(out)
-    known = manifest["engines"].get(key.digest)
     if path.exists() and not force:
-        if known is None or known.get("file") != path.name or sha256_file(path) != known.get("engine_sha256"):
-            raise ParagonError(f"{path} exists but does not match its manifest entry; use --force to rebuild it")
-        report["status"] = "up to date"
-        if check:
-            report["check"] = check_fn(path.read_bytes(), model, prof, reference)
-            if not report["check"]["passed"]:
-                raise ParagonError(f"{path.name} fails its check: {_worst(report['check'])}")
-        return Artifact(path, "engine", known), report
+        return _up_to_date(out, path, key, report, check_fn if check else None, model, prof, reference)
 
     echo(f"building {path.name}: {model.precision}, profile {prof}, {target.gpu.name} ({target.gpu.sm}), "
          f"TensorRT {target.trt_version}")
@@ -145,6 +136,19 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     put_entry(out, key.digest, entry)
     report["build_seconds"] = seconds
     return Artifact(path, "engine", entry), report
+
+
+def _up_to_date(out: Path, path: Path, key, report: dict, check_fn, model, prof, reference) -> tuple[Artifact, dict]:
+    """The engine already in `out` for this key, proved by its manifest entry (and checked again with `check_fn`)."""
+    known = read_manifest(out)["engines"].get(key.digest)
+    if known is None or known.get("file") != path.name or sha256_file(path) != known.get("engine_sha256"):
+        raise ParagonError(f"{path} exists but does not match its manifest entry; use --force to rebuild it")
+    report["status"] = "up to date"
+    if check_fn is not None:
+        report["check"] = check_fn(path.read_bytes(), model, prof, reference)
+        if not report["check"]["passed"]:
+            raise ParagonError(f"{path.name} fails its check: {_worst(report['check'])}")
+    return Artifact(path, "engine", known), report
 
 
 def _default_cache(target: Target) -> Path:

@@ -216,32 +216,10 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
     labels = dict(zip(order, distinct_labels(order)))
     results, skipped = [], []
     for h, w in sizes:
-        x = bench_input(h, w)
-        entries = [_Entry(p, rt, labels[p], artifact_macs_per_pixel(p, (h, w)))
-                   for p in order for rt in runtimes_for(p, runtimes)]
-        try:
-            for e in entries:
-                _prepare(e, x, threads=threads, warmup=warmup)
-                if e.skipped:
-                    skipped.append(dict(artifact=str(e.path), size=f"{h}x{w}", reason=e.skipped))
-                if progress:
-                    progress(f"{h}x{w} {e.path.name}: " + (f"skipped ({e.skipped})" if e.skipped else "ready"))
-            live = [e for e in entries if not e.skipped]
-            for _ in range(runs):
-                for e in live:
-                    e.runner(x)
-                    e.times.append(e.runner.last_inference_time())
-        finally:
-            for e in entries:
-                if e.runner is not None and not e.skipped:
-                    e.runner.__exit__(None, None, None)
-        ref = next((e for e in entries if e.path == base and not e.skipped), None)
-        ref_median = float(np.median(ref.times)) if ref else None
-        for e in entries:
-            if not e.skipped:
-                results.append(_result(e, h, w, ref_median, is_baseline=e is ref, peak=peak["fp32_gmac_s"]))
-            e.runner = None
-        _release_free_heap()
+        r, s = _bench_size(order, (h, w), runtimes, labels, base, threads=threads, runs=runs, warmup=warmup,
+                           peak=peak, progress=progress)
+        results += r
+        skipped += s
 
     report = dict(
         format=FORMAT, version=VERSION, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -258,6 +236,40 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         with atomic_output(json_path, force=force) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _bench_size(order: list[Path], size: tuple[int, int], runtimes, labels: dict, base: Path | None, *, threads: int,
+                runs: int, warmup: int, peak: dict, progress) -> tuple[list[dict], list[dict]]:
+    """Every artifact on every runtime at one LR size, timed round-robin. Returns (results, skipped)."""
+    h, w = size
+    results, skipped = [], []
+    x = bench_input(h, w)
+    entries = [_Entry(p, rt, labels[p], artifact_macs_per_pixel(p, (h, w)))
+               for p in order for rt in runtimes_for(p, runtimes)]
+    try:
+        for e in entries:
+            _prepare(e, x, threads=threads, warmup=warmup)
+            if e.skipped:
+                skipped.append(dict(artifact=str(e.path), size=f"{h}x{w}", reason=e.skipped))
+            if progress:
+                progress(f"{h}x{w} {e.path.name}: " + (f"skipped ({e.skipped})" if e.skipped else "ready"))
+        live = [e for e in entries if not e.skipped]
+        for _ in range(runs):
+            for e in live:
+                e.runner(x)
+                e.times.append(e.runner.last_inference_time())
+    finally:
+        for e in entries:
+            if e.runner is not None and not e.skipped:
+                e.runner.__exit__(None, None, None)
+    ref = next((e for e in entries if e.path == base and not e.skipped), None)
+    ref_median = float(np.median(ref.times)) if ref else None
+    for e in entries:
+        if not e.skipped:
+            results.append(_result(e, h, w, ref_median, is_baseline=e is ref, peak=peak["fp32_gmac_s"]))
+        e.runner = None
+    _release_free_heap()
+    return results, skipped
 
 
 def _absorb_one_time_costs(paths: list[Path], threads: int, runtimes: tuple[str, ...] | None) -> None:

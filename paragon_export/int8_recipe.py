@@ -43,7 +43,7 @@ class Int8Recipe:
         return self
 
     def search_options(self) -> dict:
-        """The options of the mixed-precision search (`int8.mixed_precision`'s keywords)."""
+        """The options of the mixed-precision search (`int8_search.mixed_precision`'s keywords)."""
         return {"target_psnr": self.target_psnr, "max_drop": self.max_drop, "node_budget": self.node_budget,
                 "bias_correction": self.bias_correction}
 

@@ -12,185 +12,29 @@ import contextlib
 import datetime
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.exception import PolygraphyException
 from polygraphy.logger import G_LOGGER
 
-from .artifact import check_output, sha256_file
-from .checkpoint import load_model
+from .artifact import check_output
 from .errors import ParagonError
 from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
 from .localize import localize as localize_onnx
 from .manifest import tool_versions
 from .metrics import psnr_y, ssim_y
 from .parity_report import write_outputs
-from .cpu import isa
-from .runners import (INPUT_NAME, RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision,
-                      onnx_precision, onnx_runner, open_runner, resolve_runtime)
+from .parity_rows import (Entry, artifact_entry, classify, first_line, native_int8_entry, reference_entries,
+                          runtime_entries)
+from .runners import INPUT_NAME, onnx_precision
+from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 __all__ = ["parity", "classify", "onnx_precision", "DEFAULT_SIZES"]
-from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 SCHEMA_VERSION = 1
 DEFAULT_SIZES = ",".join(f"{h}x{w}" for h, w in VERIFY_SIZES)
-RUNNER_LABELS = {"torch": "torch-cpu", "onnxruntime": "onnxrt-cpu", "openvino": "openvino-cpu",
-                 "tensorrt": "tensorrt", "ncnn": "ncnn-cpu"}
-
-
-@dataclass
-class Entry:
-    """One thing that runs and gets compared: the reference, a derived torch model or an artifact."""
-
-    name: str
-    role: str  # reference | derived | artifact | runtime (the same file on another runtime)
-    kind: str  # torch | checkpoint | onnx | engine | ncnn
-    runner: str  # RUNNER_LABELS values | onnxrt-cpu-native
-    precision: str
-    precision_source: str
-    gated: bool = True
-    path: Path | None = None
-    sha256: str | None = None
-    make_runner: Callable | None = None
-    note: str = ""
-    skip: str | None = None
-    error: str | None = None
-    outputs: list = field(default_factory=list)
-    status: str = ""
-    reasons: list = field(default_factory=list)
-    results: list = field(default_factory=list)
-    summary: dict | None = None
-    polygraphy: dict | None = None
-    localization: dict | None = None
-    limits: Limits | None = None
-    compat: bool = False  # a runtime row: judged PASS/FAIL, gating only when its runtime is required
-    context: str = ""  # appended to a failing row's reasons (what the failure is attributed to)
-
-
-def classify(path: Path) -> str:
-    """checkpoint | onnx | engine | ncnn, from the one suffix table (`runners.SUFFIXES`)."""
-    return artifact_kind(path)
-
-
-def _unique(name: str, taken: set) -> str:
-    out, i = name, 2
-    while out in taken:
-        out, i = f"{name}#{i}", i + 1
-    taken.add(out)
-    return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
-
-
-def _artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None = None, *,
-                    role: str = "artifact", gated: bool = True) -> Entry:
-    """One row: the artifact on `runtime` (default: its own). A runtime that cannot run here makes the
-    row skipped with the install hint; a file that cannot be opened makes it an error row."""
-    kind = classify(path)
-    rt = resolve_runtime(path, runtime)
-    if not path.is_file():
-        raise ParagonError(f"artifact {path} does not exist")
-    name = _unique(path.name if role == "artifact" else f"{path.name} [{rt}]", taken)
-    e = Entry(name, role, kind, RUNNER_LABELS[rt], "fp32", "", gated=gated, path=path, sha256=sha256_file(path))
-    try:
-        runner = open_runner(path, rt, name=name)
-    except RuntimeUnavailable as ex:
-        e.skip = str(ex)
-        if kind == "engine":
-            e.precision, e.precision_source = engine_precision(path)
-        return e
-    except ParagonError as ex:
-        e.error = str(ex)
-        return e
-    info = runner.info
-    e.precision, e.precision_source = info.precision, info.precision_source
-    e.make_runner = lambda r=runner: r
-    if kind == "checkpoint":
-        loaded = runner.loaded
-        if loaded.scale != ref_scale:
-            e.error = f"x{loaded.scale} model, but the reference is x{ref_scale}"
-        e.note = f"{loaded.variant}, {'fused' if loaded.fused else 'unfused (static kernels)'}"
-    elif rt == "onnxruntime" and e.precision == "int8":
-        e.note = "Q/DQ reference semantics (the same on every CPU)"
-    elif rt == "openvino":
-        e.note, e.context = _openvino_context(e.precision)
-    return e
-
-
-def _openvino_context(precision: str) -> tuple[str, str]:
-    """(note, what a failure is attributed to) for an OpenVINO row."""
-    from .openvino_runner import openvino_version
-
-    where = f"OpenVINO {openvino_version()} CPU on {isa()}"
-    if precision != "int8":
-        return f"{where}, f32 inference precision", ""
-    vnni = "vnni" in isa() or isa() == "amx"
-    cause = ("" if vnni else "; without VNNI its u8s8 int8 kernels saturate")
-    return (f"{where}: OpenVINO's own int8 kernels (numerics depend on the ISA)",
-            f"OpenVINO int8 on this CPU ({isa()}{cause}): do not ship this file to OpenVINO on such CPUs")
-
-
-def _runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required) -> list[Entry]:
-    """Rows for the same file on the other runtimes that can run it (OpenVINO for ONNX): compatibility
-    rows, judged with the same limits; they gate only when their runtime is `required`."""
-    if art.error or art.path is None:
-        return []
-    out = []
-    for rt in RUNTIMES[art.kind][1:]:
-        if runtimes is not None and rt not in runtimes:
-            continue
-        e = _artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required)
-        e.compat = True
-        out.append(e)
-    return out
-
-
-def _native_int8_entry(art: Entry, taken: set) -> Entry:
-    """The same int8 file through ONNX Runtime's fused integer kernels: what this CPU's runtime does,
-    reported (not gated), because those numbers depend on the ISA."""
-    name = _unique(f"{art.name} [native {isa()}]", taken)
-    return Entry(name, "derived", "onnx", "onnxrt-cpu-native", "int8", art.precision_source, gated=False,
-                 path=art.path, sha256=art.sha256,
-                 make_runner=lambda p=art.path, n=name: onnx_runner(p, name=n, native_int8=True),
-                 note=f"ONNX Runtime's native integer kernels on this CPU ({isa()}); differs between ISAs")
-
-
-def _reference_entries(ref: Path, taken: set, scale: int | None = None):
-    loaded = load_model(ref, scale=scale)
-    if loaded.fused:
-        fused, dynamic = loaded.model, None
-    else:
-        missing = loaded.model.uninitialized_kernels()
-        if missing:
-            raise ParagonError(f"reference {ref}: {len(missing)} tracked kernels were never initialised; "
-                               "fuse it with `paragon-export fuse --calibrate-kernels DIR` and use the fused file")
-        fused = loaded.model.fuse_for_release().eval()
-        dynamic = loaded.model
-        dynamic.set_dynamic_inference(True)
-    sha = loaded.sha256
-    name = _unique(f"reference ({ref.name})", taken)
-    entries = [Entry(name, "reference", "torch", "torch-cpu", "fp32", "reference", gated=False, path=ref,
-                     sha256=sha, make_runner=lambda: TorchCpuRunner(fused, name=name),
-                     note="fp32 torch, fused (deploy form)")]
-    half = _unique("torch fp16", taken)
-    entries.append(Entry(half, "derived", "torch", "torch-cpu", "fp16", "torch .half() arithmetic",
-                         make_runner=lambda: TorchCpuRunner(fused, name=half, dtype=torch.float16),
-                         note="fused reference in torch half precision (ORT CPU fp16 upcasts internally)"))
-    if dynamic is not None:
-        dyn = _unique("torch dynamic (unfused)", taken)
-        entries.append(Entry(dyn, "derived", "torch", "torch-cpu", "fp32", "unfused, per-image kernels", gated=False,
-                             make_runner=lambda: TorchCpuRunner(dynamic, name=dyn),
-                             note="per-image generated kernels as in training; the gap to the fused reference is the train/deploy gap"))
-    return loaded, fused, entries
 
 
 def _case_metrics(out: np.ndarray, ref: np.ndarray, hr: np.ndarray, scale: int) -> dict:
@@ -269,9 +113,9 @@ def _run(entry: Entry, feeds: list) -> RunResults | None:
     try:
         return Comparator.run([entry.make_runner()], data_loader=feeds)
     except (PolygraphyException, ParagonError, RuntimeError, ValueError, OSError) as e:
-        entry.error = f"{entry.runner} could not run it: {_first_line(e)}"
+        entry.error = f"{entry.runner} could not run it: {first_line(e)}"
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
-        entry.error = f"{entry.runner} could not run it: {type(e).__name__}: {_first_line(e)}"
+        entry.error = f"{entry.runner} could not run it: {type(e).__name__}: {first_line(e)}"
     return None
 
 
@@ -289,6 +133,41 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     paths = [Path(a) for a in artifacts]
     inputs = [*paths, ref, images]  # the report folder replaces DIR as a whole: never over an input
     out_dir = check_output(Path(os.path.abspath(out_dir)), force=force, inputs=inputs)
+    ref = _reference_path(paths, ref)
+    paths = [p for p in paths if not (p.exists() and ref.exists() and p.resolve() == ref.resolve())]
+    size_list = parse_sizes(sizes) if isinstance(sizes, str) else [tuple(s) for s in sizes]
+    thresholds = {k: Limits(atol if atol is not None else v.max_abs, min_psnr if min_psnr is not None else v.min_psnr)
+                  for k, v in LIMITS.items()}
+
+    taken: set = set()
+    loaded, fused, entries = reference_entries(ref, taken, scale)
+    scale = loaded.scale
+    _check_sizes(size_list, scale)
+    entries += _artifact_entries(paths, scale, taken, runtimes, require)
+    for e in entries:
+        if e.gated and e.skip and e.role == "runtime":
+            e.error, e.skip = f"required runtime: {e.skip}", None
+        e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
+
+    image_paths = list_images(images) if images else sample_photo_paths("eval")
+    if not image_paths:
+        raise ParagonError(f"no images in {images}")
+    cases = [(name, size, lr, hr) for size in size_list for name, lr, hr in lr_hr_crops(image_paths, scale, size)]
+    feeds = [OrderedDict([(INPUT_NAME, to_tensor(lr).numpy())]) for _, _, lr, _ in cases]
+    with _quiet_polygraphy():
+        _run_all(entries, feeds)
+    case_info = _case_info(cases, entries[0], scale)
+    ref_y = float(np.mean([c["reference_y_psnr"] for c in case_info]))
+    _judge(entries, cases, ref_y, scale)
+    if localize:
+        _localize(entries, feeds, cases, fused)
+    report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
+                     case_info, ref_y)
+    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
+
+
+def _reference_path(paths: list[Path], ref: Path | str | None) -> Path:
+    """--ref, or the first checkpoint among the artifacts; every path must have a known suffix."""
     if not paths:
         raise ParagonError("no artifacts given")
     for p in paths:
@@ -301,68 +180,69 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     ref = Path(ref)
     if classify(ref) != "checkpoint":
         raise ParagonError(f"--ref must be a .safetensors or .pth checkpoint, not {ref.name}")
-    paths = [p for p in paths if not (p.exists() and ref.exists() and p.resolve() == ref.resolve())]
-    size_list = parse_sizes(sizes) if isinstance(sizes, str) else [tuple(s) for s in sizes]
-    thresholds = {k: Limits(atol if atol is not None else v.max_abs, min_psnr if min_psnr is not None else v.min_psnr)
-                  for k, v in LIMITS.items()}
+    return ref
 
-    taken: set = set()
-    loaded, fused, entries = _reference_entries(ref, taken, scale)
-    scale = loaded.scale
+
+def _check_sizes(size_list: list[tuple[int, int]], scale: int) -> None:
     smallest = 2 + -(-7 // scale)  # SSIM's 7x7 window must fit after the metrics' border of `scale` px
     if any(min(sz) < smallest for sz in size_list):
         raise ParagonError(f"--sizes: every LR side must be >= {smallest} px at x{scale} (SSIM needs a 7x7 window "
                            f"inside the {scale}-px border), got {','.join(f'{h}x{w}' for h, w in size_list)}")
+
+
+def _artifact_entries(paths: list[Path], scale: int, taken: set, runtimes, require) -> list[Entry]:
+    """Each artifact's row, its native-int8 row and its other-runtime rows."""
+    entries: list[Entry] = []
     for p in paths:
-        entries.append(_artifact_entry(p, scale, taken))
-        art = entries[-1]
+        art = artifact_entry(p, scale, taken)
+        entries.append(art)
         if art.kind == "onnx" and art.precision == "int8" and not art.error:
-            entries.append(_native_int8_entry(art, taken))
-        entries += _runtime_entries(art, scale, taken, runtimes, set(require))
+            entries.append(native_int8_entry(art, taken))
+        entries += runtime_entries(art, scale, taken, runtimes, set(require))
+    return entries
+
+
+def _run_all(entries: list[Entry], feeds: list) -> None:
+    """Every row through `Comparator.run` on the same feeds, then Polygraphy's max-abs check of each
+    judged row against the reference (the first row)."""
+    results = RunResults()
     for e in entries:
-        if e.gated and e.skip and e.role == "runtime":
-            e.error, e.skip = f"required runtime: {e.skip}", None
-        e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
+        if e.skip or e.error:
+            continue
+        rr = _run(e, feeds)
+        if rr is None:
+            if e.role == "reference":
+                raise ParagonError(f"the reference failed to run: {e.error}")
+            continue
+        for name, iters in rr.items():
+            results.append((name, iters))
+            e.outputs = [np.asarray(next(iter(it.values())), np.float32) for it in iters]
+    names = list(results.keys())
+    for e in entries:
+        if e.role == "reference" or not e.outputs or not (e.gated or e.compat):
+            continue
+        func = SimpleCompareFunc(check_error_stat="max", atol=e.limits.max_abs, rtol=0.0)
+        acc = Comparator.compare_accuracy(results, comparisons=[(0, names.index(e.name))], compare_func=func)
+        matched, _, total = acc[0].stats((names[0], e.name))
+        e.polygraphy = {"compare_func": f"SimpleCompareFunc(check_error_stat=max, atol={e.limits.max_abs:g})",
+                        "passed": bool(acc), "iterations_passed": int(matched), "iterations": int(total)}
 
-    image_paths = list_images(images) if images else sample_photo_paths("eval")
-    if not image_paths:
-        raise ParagonError(f"no images in {images}")
-    cases = [(name, size, lr, hr) for size in size_list for name, lr, hr in lr_hr_crops(image_paths, scale, size)]
-    feeds = [OrderedDict([(INPUT_NAME, to_tensor(lr).numpy())]) for _, _, lr, _ in cases]
 
-    with _quiet_polygraphy():
-        results = RunResults()
-        for e in entries:
-            if e.skip or e.error:
-                continue
-            rr = _run(e, feeds)
-            if rr is None:
-                if e.role == "reference":
-                    raise ParagonError(f"the reference failed to run: {e.error}")
-                continue
-            for name, iters in rr.items():
-                results.append((name, iters))
-                e.outputs = [np.asarray(next(iter(it.values())), np.float32) for it in iters]
-        names = list(results.keys())
-        for e in entries:
-            if e.role == "reference" or not e.outputs or not (e.gated or e.compat):
-                continue
-            func = SimpleCompareFunc(check_error_stat="max", atol=e.limits.max_abs, rtol=0.0)
-            acc = Comparator.compare_accuracy(results, comparisons=[(0, names.index(e.name))], compare_func=func)
-            matched, _, total = acc[0].stats((names[0], e.name))
-            e.polygraphy = {"compare_func": f"SimpleCompareFunc(check_error_stat=max, atol={e.limits.max_abs:g})",
-                            "passed": bool(acc), "iterations_passed": int(matched), "iterations": int(total)}
-
-    reference = entries[0]
-    case_info = []
+def _case_info(cases: list, reference: Entry, scale: int) -> list[dict]:
+    """Per case: bicubic's and the reference's Y-PSNR/SSIM against the HR crop."""
+    out = []
     for k, (name, size, lr, hr) in enumerate(cases):
         bic = bicubic_upscale(lr, scale)
         ref_img = np.clip(to_image(reference.outputs[k]), 0.0, 1.0)
-        case_info.append({"image": name, "lr_size": list(size),
-                          "bicubic_y_psnr": psnr_y(bic, hr, scale), "bicubic_ssim": ssim_y(bic, hr, scale),
-                          "reference_y_psnr": psnr_y(ref_img, hr, scale), "reference_ssim": ssim_y(ref_img, hr, scale)})
-    ref_y = float(np.mean([c["reference_y_psnr"] for c in case_info]))
+        out.append({"image": name, "lr_size": list(size),
+                    "bicubic_y_psnr": psnr_y(bic, hr, scale), "bicubic_ssim": ssim_y(bic, hr, scale),
+                    "reference_y_psnr": psnr_y(ref_img, hr, scale), "reference_ssim": ssim_y(ref_img, hr, scale)})
+    return out
 
+
+def _judge(entries: list[Entry], cases: list, ref_y: float, scale: int) -> None:
+    """Per-case metrics, summary and verdict of every row."""
+    reference = entries[0]
     for e in entries:
         if e.skip:
             e.status, e.reasons = "skipped", [e.skip]
@@ -378,24 +258,23 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
         else:
             _verdict(e)
 
-    if localize:
-        passing_fp32_onnx = [e.path for e in entries if e.kind == "onnx" and e.status == "pass" and e.precision == "fp32"]
-        for e in entries:
-            if e.kind == "onnx" and e.status == "fail":
-                worst = _worst_case(e)
-                try:
-                    with _quiet_polygraphy():
-                        e.localization = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused,
-                                                       ref_onnx=passing_fp32_onnx)
-                except Exception as ex:  # the verdict stands without it; say why it is missing
-                    e.localization = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0,
-                                      "ratio": 0.0, "culprit": None, "sharp_jump": False, "top": [],
-                                      "note": f"localization failed: {type(ex).__name__}: {_first_line(ex)}"}
-                e.localization["case"] = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
 
-    report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
-                     case_info, ref_y)
-    return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
+def _localize(entries: list[Entry], feeds: list, cases: list, fused) -> None:
+    """For each failing ONNX row: the layer where it departs from the reference, on its worst case."""
+    passing_fp32_onnx = [e.path for e in entries if e.kind == "onnx" and e.status == "pass" and e.precision == "fp32"]
+    for e in entries:
+        if e.kind != "onnx" or e.status != "fail":
+            continue
+        worst = _worst_case(e)
+        try:
+            with _quiet_polygraphy():
+                e.localization = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused,
+                                               ref_onnx=passing_fp32_onnx)
+        except Exception as ex:  # the verdict stands without it; say why it is missing
+            e.localization = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0,
+                              "ratio": 0.0, "culprit": None, "sharp_jump": False, "top": [],
+                              "note": f"localization failed: {type(ex).__name__}: {first_line(ex)}"}
+        e.localization["case"] = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
 
 
 def _worst_case(e: Entry) -> int:

@@ -132,30 +132,7 @@ def markdown(report: dict) -> str:
             delta = "" if s["y_psnr_delta"] is None or a["role"] == "reference" else f" ({s['y_psnr_delta']:+.2f})"
             cells = [max_abs, psnr_txt, _fmt(s["y_psnr"], ".2f") + delta, _fmt(s["ssim"], ".4f"), str(s["nonfinite"])]
         lines.append(f"| {result} | {a['name']} | {a['runner']} | {a['precision']} | " + " | ".join(cells) + " |")
-    notes = []
-    for a in report["artifacts"]:
-        if a["status"] in ("fail", "error", "skipped") or (a["status"] == "info" and a["reasons"]):
-            notes.append(f"- **{a['name']}** ({a['status']}): " + "; ".join(a["reasons"]))
-        elif a["status"] == "info":
-            notes.append(f"- {a['name']}: not gated, {a['note']}")
-        loc = a["localization"]
-        if loc and loc["culprit"]:
-            c = loc["culprit"]
-            weights = f", weights {', '.join(f'`{w}`' for w in c['weights'])}" if c["weights"] else ""
-            module = f" (module `{c['module']}`{weights})" if c["module"] else weights
-            err = "NaN/Inf" if c["rel_err"] is None else f"{c['rel_err']:.2e}"
-            against = (f"passing fp32 ONNX `{Path(loc['reference']).name}`" if loc["method"] == "onnx-reference"
-                       else "the fp32 torch reference (forward hooks)")
-            where = (f"{loc['layers_compared']} tensors compared with {against} on "
-                     f"{loc['case']['image']} {loc['case']['lr_size'][0]}x{loc['case']['lr_size'][1]}")
-            if loc["sharp_jump"]:
-                notes.append(f"  - first layer whose error jumps: `{c['node']}`{module}: relative error {err}, "
-                             f"at most {c['prev_max_rel_err']:.1e} before it; {where}")
-            else:
-                notes.append(f"  - no single layer's error jumps {loc['ratio']:g}x above {loc['floor']:g} (the error "
-                             f"builds up); largest increase at `{c['node']}`{module}: {err}; {where}")
-        elif loc:
-            notes.append(f"  - localization: {loc['note']}")
+    notes = [n for a in report["artifacts"] for n in _notes(a)]
     if notes:
         lines += ["", *notes]
     lines += verified_on(report)
@@ -166,6 +143,35 @@ def markdown(report: dict) -> str:
     tv = report["tool_versions"]
     lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in tv.items() if v), ""]
     return "\n".join(lines)
+
+
+def _notes(a: dict) -> list[str]:
+    """The lines under the table for one row: why it failed, was skipped or is not gated, and where
+    localization puts the error."""
+    notes = []
+    if a["status"] in ("fail", "error", "skipped") or (a["status"] == "info" and a["reasons"]):
+        notes.append(f"- **{a['name']}** ({a['status']}): " + "; ".join(a["reasons"]))
+    elif a["status"] == "info":
+        notes.append(f"- {a['name']}: not gated, {a['note']}")
+    loc = a["localization"]
+    if loc and loc["culprit"]:
+        c = loc["culprit"]
+        weights = f", weights {', '.join(f'`{w}`' for w in c['weights'])}" if c["weights"] else ""
+        module = f" (module `{c['module']}`{weights})" if c["module"] else weights
+        err = "NaN/Inf" if c["rel_err"] is None else f"{c['rel_err']:.2e}"
+        against = (f"passing fp32 ONNX `{Path(loc['reference']).name}`" if loc["method"] == "onnx-reference"
+                   else "the fp32 torch reference (forward hooks)")
+        where = (f"{loc['layers_compared']} tensors compared with {against} on "
+                 f"{loc['case']['image']} {loc['case']['lr_size'][0]}x{loc['case']['lr_size'][1]}")
+        if loc["sharp_jump"]:
+            notes.append(f"  - first layer whose error jumps: `{c['node']}`{module}: relative error {err}, "
+                         f"at most {c['prev_max_rel_err']:.1e} before it; {where}")
+        else:
+            notes.append(f"  - no single layer's error jumps {loc['ratio']:g}x above {loc['floor']:g} (the error "
+                         f"builds up); largest increase at `{c['node']}`{module}: {err}; {where}")
+    elif loc:
+        notes.append(f"  - localization: {loc['note']}")
+    return notes
 
 
 def verified_on(report: dict) -> list[str]:

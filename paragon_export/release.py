@@ -198,94 +198,27 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
     run.manifest.data["precisions"] = list(precisions)
+    sub = lambda m: echo(f"    {m}")  # noqa: E731  (a step's own progress, indented under its line)
 
     fused_path = root / f"{variant}_x{s}_fused.safetensors"
-
-    def do_fuse():
-        if loaded.fused:
-            with atomic_output(fused_path, force=True, inputs=[src]) as tmp:
-                shutil.copyfile(src, tmp)
-            return [{"path": fused_path, "kind": "fused", "parent": str(src), "meta": {"note": "source already fused"}}]
-        from .fuse import fuse
-
-        art, report = fuse(src, fused_path, scale=scale, force=True)
-        return [{"path": art.path, "kind": "fused", "parent": str(src),
-                 "meta": {"exactness_max_abs": report["exactness_max_abs"], "gap": report["gap"],
-                          "params_before": report["params_before"], "params_after": report["params_after"]}}]
-
-    rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s}, do_fuse)
+    rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s}, lambda: _fuse_step(src, loaded, fused_path, scale))
     fused = run.path(rec, "fused")
-
-    def do_onnx():
-        from .export_onnx import export_onnx
-
-        arts = export_onnx(fused, root, opset=OPSET, fp16="fp16" in precisions, force=True)
-        outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": _rel(root, fused),
-                 "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
-        if "fp16" in arts:
-            outs.append({"path": arts["fp16"].path, "kind": "onnx-fp16", "parent": _rel(root, arts["fp32"].path)})
-        return outs
-
-    rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions}, do_onnx)
+    rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions},
+                   lambda: _onnx_step(root, fused, "fp16" in precisions))
     fp32 = run.path(rec, "onnx-fp32")
     artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
-
     if "int8" in precisions:
-        def do_int8():
-            from .int8 import quantize_int8
-
-            # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
-            # ships only the TensorRT recipe, and the comparison costs a second calibration.
-            art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True,
-                                progress=lambda m: echo(f"    {m}"))
-            q = art.meta["quality"]
-            report_path = Path(art.meta["output"]["report"])
-            return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),
-                     "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
-                              "kept_float": art.meta["mixed_precision"].get("kept_float"),
-                              "mac_share": art.meta["mixed_precision"].get("mac_share")}},
-                    {"path": report_path, "kind": "int8-report", "parent": _rel(root, art.path)}]
-
-        rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, do_int8)
+        rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, lambda: _int8_step(root, fp32, calib, sub))
         artifacts.append(run.path(rec, "onnx-int8"))
-
     if "qat" in precisions:
-        def do_qat():
-            from .qat import qat
-
-            art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=False,
-                              say=lambda m: echo(f"    {m}"))
-            return [{"path": art.path, "kind": "onnx-qat", "parent": _rel(root, fused)}]
-
-        rec = run.step("qat", total, {"fused": fused}, {"calib": calib_digest}, do_qat)
+        rec = run.step("qat", total, {"fused": fused}, {"calib": calib_digest}, lambda: _qat_step(root, fused, calib, sub))
         artifacts.append(run.path(rec, "onnx-qat"))
 
-    def do_parity():
-        from .parity import parity
-
-        report = parity(artifacts, root / "parity", ref=src, scale=s, force=True)
-        return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
-                 "meta": {"passed": report["passed"]}},
-                {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
-                # every file of the folder, so a later run can prove it ours and remove it whole
-                *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
-                  for png in report["outputs"]["pngs"])]
-
     inputs = {"reference": src, **{p.name: p for p in artifacts}}
-    rec = run.step("parity", total, inputs, {}, do_parity)
+    rec = run.step("parity", total, inputs, {}, lambda: _parity_step(root, artifacts, src, s))
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
-
     if want_engine:
-        def do_engine():
-            from paragon_export.engines.build import build_engine
-
-            outs = []
-            for p in artifacts[1:]:
-                art, _ = build_engine(p, root / "engines", check=True, force=True, echo=lambda m: echo(f"    {m}"))
-                outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
-            return outs
-
-        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, do_engine)
+        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, lambda: _engine_step(root, artifacts[1:], sub))
     else:
         echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 
@@ -294,6 +227,76 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     if not parity_ok:
         raise ParagonError(f"parity failed: see {root / 'parity' / 'parity.md'}")
     return run.manifest.data
+
+
+# ---------------------------------------------------------------- the steps (each returns its artifacts)
+
+def _fuse_step(src: Path, loaded, fused_path: Path, scale: int | None) -> list[dict]:
+    if loaded.fused:
+        with atomic_output(fused_path, force=True, inputs=[src]) as tmp:
+            shutil.copyfile(src, tmp)
+        return [{"path": fused_path, "kind": "fused", "parent": str(src), "meta": {"note": "source already fused"}}]
+    from .fuse import fuse
+
+    art, report = fuse(src, fused_path, scale=scale, force=True)
+    return [{"path": art.path, "kind": "fused", "parent": str(src),
+             "meta": {"exactness_max_abs": report["exactness_max_abs"], "gap": report["gap"],
+                      "params_before": report["params_before"], "params_after": report["params_after"]}}]
+
+
+def _onnx_step(root: Path, fused: Path, fp16: bool) -> list[dict]:
+    from .export_onnx import export_onnx
+
+    arts = export_onnx(fused, root, opset=OPSET, fp16=fp16, force=True)
+    outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": _rel(root, fused),
+             "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
+    if "fp16" in arts:
+        outs.append({"path": arts["fp16"].path, "kind": "onnx-fp16", "parent": _rel(root, arts["fp32"].path)})
+    return outs
+
+
+def _int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
+    from .int8 import quantize_int8
+
+    # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
+    # ships only the TensorRT recipe, and the comparison costs a second calibration.
+    art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
+    q = art.meta["quality"]
+    report_path = Path(art.meta["output"]["report"])
+    return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),
+             "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
+                      "kept_float": art.meta["mixed_precision"].get("kept_float"),
+                      "mac_share": art.meta["mixed_precision"].get("mac_share")}},
+            {"path": report_path, "kind": "int8-report", "parent": _rel(root, art.path)}]
+
+
+def _qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
+    from .qat import qat
+
+    art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=False, say=progress)
+    return [{"path": art.path, "kind": "onnx-qat", "parent": _rel(root, fused)}]
+
+
+def _parity_step(root: Path, artifacts: list[Path], src: Path, scale: int) -> list[dict]:
+    from .parity import parity
+
+    report = parity(artifacts, root / "parity", ref=src, scale=scale, force=True)
+    return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
+             "meta": {"passed": report["passed"]}},
+            {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
+            # every file of the folder, so a later run can prove it ours and remove it whole
+            *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
+              for png in report["outputs"]["pngs"])]
+
+
+def _engine_step(root: Path, models: list[Path], progress: Callable[[str], None]) -> list[dict]:
+    from paragon_export.engines.build import build_engine
+
+    outs = []
+    for p in models:
+        art, _ = build_engine(p, root / "engines", check=True, force=True, echo=progress)
+        outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
+    return outs
 
 
 def _write_card(root: Path, manifest: Manifest) -> None:

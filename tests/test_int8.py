@@ -19,7 +19,8 @@ from paragon_export.calibration.ranges import calibration_ranges
 from conftest import make_model
 from paragon_export.cli import main
 from paragon_export.errors import ParagonError
-from paragon_export.int8 import RERANK_LEADERS, TRT_OPS, keep_float, neighbours, quantize_int8, quantize_symmetric, rerank
+from paragon_export.int8 import quantize_int8
+from paragon_export.int8_search import RERANK_LEADERS, TRT_OPS, keep_float, neighbours, quantize_symmetric, rerank
 from paragon_export.int8_eval import run, session
 from paragon_export.int8_recipe import Int8Recipe
 from paragon_export.metrics import psnr

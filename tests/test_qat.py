@@ -40,13 +40,13 @@ def calib(photos):
 
 @pytest.fixture(scope="module")
 def patches(photos, calib):
-    from paragon_export.qat import calibration_image_paths, train_patches
+    from paragon_export.qat_data import calibration_image_paths, train_patches
 
     return train_patches(calibration_image_paths(photos, calib.calib_images), scale=2, patch=16, seed=0)
 
 
 def _run(calib, settings, seed=0):
-    from paragon_export.qat import QATRun
+    from paragon_export.qat_run import QATRun
 
     return QATRun.create(make_model(fused=True, seed=seed), calib.forward_loop, settings, 2)
 
@@ -108,7 +108,8 @@ def test_short_qat_reduces_distillation_loss(calib, patches):
 
 
 def test_resume_matches_an_uninterrupted_run(calib, patches, tmp_path):
-    from paragon_export.qat import QATRun, Settings, read_state, save_state
+    from paragon_export.qat_recipe import Settings
+    from paragon_export.qat_run import QATRun, read_state, save_state
 
     settings = Settings(steps=5, lr=5e-4, batch=2, patch=16)
     straight = _run(calib, settings)
@@ -229,7 +230,8 @@ def test_onnx_node_names_map_to_every_quantizer(upsampler, tmp_path, calib):
     import onnx
 
     from paragon_export.export_onnx import export_model
-    from paragon_export.qat import QATRun, Settings
+    from paragon_export.qat_recipe import Settings
+    from paragon_export.qat_run import QATRun
     from paragon_export.qat_quant import quantizers, quantizers_for_nodes
 
     fused = make_model(fused=True, upsampler=upsampler)

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,23 +126,41 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         dist.close()
 
 
-def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
-    mc, tc, lc = cfg["model"], cfg["train"], cfg["loss"]
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    out = Path(cfg["out_dir"])
-    torch.manual_seed(cfg["seed"])
-    device = dist.device
-    scale, steps = mc["scale"], tc["steps"]
+@dataclass
+class _Nets:
+    """The generator with its EMA, optimizer and schedule, the optional discriminator, the loss and AMP."""
 
-    model = build(mc["variant"], scale=scale, upsampler=mc["upsampler"]).to(device)
+    model: nn.Module
+    ema: EMA
+    opt_g: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    disc: nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    loss_fn: GeneratorLoss
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    channels_last: bool
+    device: torch.device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def state(self) -> dict:
+        """What a checkpoint holds (`state.save_run` / `load_run` keywords)."""
+        return {"model": self.model, "ema": self.ema, "opt_g": self.opt_g, "sched": self.sched, "disc": self.disc,
+                "opt_d": self.opt_d, "scaler": self.scaler}
+
+
+def _nets(cfg: dict, device: torch.device) -> _Nets:
+    mc, tc, lc = cfg["model"], cfg["train"], cfg["loss"]
+    model = build(mc["variant"], scale=mc["scale"], upsampler=mc["upsampler"]).to(device)
     channels_last = tc["channels_last"] is True or (tc["channels_last"] == "auto" and device.type == "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, tc["ema_decay"])
     opt_g = torch.optim.AdamW(_param_groups(model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: lr_factor(
-        s, total=steps, warmup=tc["warmup_steps"], min_ratio=tc["min_lr_ratio"]))
+        s, total=tc["steps"], warmup=tc["warmup_steps"], min_ratio=tc["min_lr_ratio"]))
     disc = opt_d = None
     if float(lc["gan"]) > 0:
         from paragon_export.arch.munet import MUNet
@@ -153,17 +172,70 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
     loss_fn = GeneratorLoss(lc).to(device)
     amp_dtype = _amp_dtype(tc["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    return _Nets(model, ema, opt_g, sched, disc, opt_d, loss_fn, amp_dtype, scaler, channels_last, device)
 
-    start = 0
+
+def _start_step(nets: _Nets, out: Path, resume: bool) -> int:
+    """0 for a new run (refused where one already is), or the step of the latest checkpoint."""
     if resume:
         ck = latest_checkpoint(out)
         if ck is None:
             raise ParagonError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        start = load_run(ck, model=model, ema=ema, opt_g=opt_g, sched=sched, disc=disc, opt_d=opt_d,
-                         scaler=scaler)
-    elif latest_checkpoint(out) is not None:
+        return load_run(ck, **nets.state())
+    if latest_checkpoint(out) is not None:
         raise ParagonError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
+    return 0
+
+
+def _generator_step(nets: _Nets, net: nn.Module, lr, hr, step: int, gan_on: bool, grad_clip) -> tuple:
+    """One generator update. Returns (its output, the loss, the loss parts)."""
+    with nets.autocast():
+        sr = net(lr)
+    if nets.disc is not None:
+        for p in nets.disc.parameters():
+            p.requires_grad_(False)
+    with nets.autocast():
+        loss, parts = nets.loss_fn(sr.float(), hr, lr=lr, disc=nets.disc if gan_on else None, step=step)
+    if not torch.isfinite(loss):
+        raise ParagonError(f"loss became {float(loss)} at step {step}; lower train.lr or check the data")
+    nets.opt_g.zero_grad(set_to_none=True)
+    nets.scaler.scale(loss).backward()
+    if grad_clip:
+        nets.scaler.unscale_(nets.opt_g)
+        parts["grad_norm"] = float(nn.utils.clip_grad_norm_(nets.model.parameters(), grad_clip))
+    nets.scaler.step(nets.opt_g)
+    nets.scaler.update()
+    nets.sched.step()
+    return sr, loss, parts
+
+
+def _discriminator_step(nets: _Nets, dist: _Dist, sr, hr, lc: dict) -> dict:
+    for p in nets.disc.parameters():
+        p.requires_grad_(True)
+    # R1/R2 differentiate gradients; under fp16 that needs loss scaling inside the
+    # penalty, so the discriminator step uses autocast only for bf16.
+    with nets.autocast() if nets.amp_dtype == torch.bfloat16 else contextlib.nullcontext():
+        d_loss, d_parts = discriminator_loss(nets.disc, sr.detach().float(), hr, r1_gamma=lc["r1_gamma"],
+                                             r2_gamma=lc["r2_gamma"])
+    nets.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    # R1/R2 need double backward, which DDP does not support: average D's grads by hand.
+    dist.average_grads(nets.disc)
+    nets.opt_d.step()
+    return d_parts
+
+
+def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
+    mc, tc, lc = cfg["model"], cfg["train"], cfg["loss"]
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    out = Path(cfg["out_dir"])
+    torch.manual_seed(cfg["seed"])
+    device = dist.device
+    scale, steps = mc["scale"], tc["steps"]
+    nets = _nets(cfg, device)
+    model, ema = nets.model, nets.ema
+    start = _start_step(nets, out, resume)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -174,56 +246,22 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=static_start < steps)
-
     ds = PatchBatches(cfg["data"], scale, seed=cfg["seed"], rank=dist.rank)
     pairs = val_pairs(cfg["val"]["hr_dir"], scale, cfg["val"]["max_lr_size"]) if dist.main else []
     log_path = out / "metrics.jsonl"
-    bar = None
-    if dist.main and cfg["log"]["progress"]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=start, unit="it", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = _progress_bar(steps, start) if dist.main and cfg["log"]["progress"] else None
     result: dict = {}
     t0, t_last, s_last = time.time(), time.time(), start
     model.train()
     for step, (lr, hr) in batch_loader(ds, start, steps, cfg["data"]["num_workers"]):
         lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
-        if channels_last:
+        if nets.channels_last:
             lr, hr = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
         set_static_path(model, step >= static_start)
-        with autocast():
-            sr = net(lr)
-        gan_on = disc is not None and step >= int(lc["gan_start"])
-        if disc is not None:
-            for p in disc.parameters():
-                p.requires_grad_(False)
-        with autocast():
-            loss, parts = loss_fn(sr.float(), hr, lr=lr, disc=disc if gan_on else None, step=step)
-        if not torch.isfinite(loss):
-            raise ParagonError(f"loss became {float(loss)} at step {step}; lower train.lr or check the data")
-        opt_g.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc["grad_clip"]:
-            scaler.unscale_(opt_g)
-            parts["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"]))
-        scaler.step(opt_g)
-        scaler.update()
-        sched.step()
+        gan_on = nets.disc is not None and step >= int(lc["gan_start"])
+        sr, loss, parts = _generator_step(nets, net, lr, hr, step, gan_on, tc["grad_clip"])
         if gan_on:
-            for p in disc.parameters():
-                p.requires_grad_(True)
-            # R1/R2 differentiate gradients; under fp16 that needs loss scaling inside the
-            # penalty, so the discriminator step uses autocast only for bf16.
-            with autocast() if amp_dtype == torch.bfloat16 else contextlib.nullcontext():
-                d_loss, d_parts = discriminator_loss(disc, sr.detach().float(), hr, r1_gamma=lc["r1_gamma"],
-                                                     r2_gamma=lc["r2_gamma"])
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            # R1/R2 need double backward, which DDP does not support: average D's grads by hand.
-            dist.average_grads(disc)
-            opt_d.step()
-            parts.update(d_parts)
+            parts.update(_discriminator_step(nets, dist, sr, hr, lc))
         ema.update(model, step + 1)
         done = step + 1
         parts["loss"] = float(loss.detach())
@@ -232,37 +270,58 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
             bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
         if dist.main and (done % cfg["log"]["every"] == 0 or done == steps):
             now = time.time()
-            rec = {"step": done, "lr": opt_g.param_groups[0]["lr"], "static": step >= static_start,
+            rec = {"step": done, "lr": nets.opt_g.param_groups[0]["lr"], "static": step >= static_start,
                    "it_s": (done - s_last) / max(1e-9, now - t_last), "elapsed_s": now - t0, **parts}
             _log(log_path, rec)
             t_last, s_last = now, done
             if bar is None:
                 print(json.dumps(rec), flush=True)
-        is_ckpt = done % cfg["checkpoint"]["every"] == 0 or done == steps
-        is_val = cfg["val"]["every"] and (done % cfg["val"]["every"] == 0 or done == steps)
-        if is_ckpt or is_val:
-            dist.broadcast_buffers(model)
-            dist.broadcast_buffers(ema.module)
-        if is_ckpt and dist.main:
-            save_run(out, done, variant=mc["variant"], model=model, ema=ema, opt_g=opt_g, sched=sched,
-                     disc=disc,
-                     opt_d=opt_d, config=cfg, keep=cfg["checkpoint"]["keep"], scaler=scaler)
-        if is_val and dist.main:
-            result = evaluate(ema.module, pairs, device=device)
-            _log(log_path, {"step": done, "val": result["mean"]})
-            msg = "  ".join(f"{k}={v:.4f}" for k, v in result["mean"].items() if k.endswith("psnr"))
-            (bar.write if bar is not None else print)(f"[val step {done}] Y-PSNR {msg}")
-        if is_ckpt or is_val:
-            dist.barrier()
+        result = _checkpoint_and_validate(cfg, dist, nets, done, pairs, bar, log_path) or result
     if bar is not None:
         bar.close()
-    if dist.world > 1 and start < steps:
-        sums = dist.gather_checksums(model, ema.module, disc)
+    if start < steps:
+        _finish(cfg, dist, nets, out, log_path)
+    return result
+
+
+def _checkpoint_and_validate(cfg: dict, dist: _Dist, nets: _Nets, done: int, pairs, bar, log_path: Path) -> dict | None:
+    """Every `checkpoint.every` steps (and at the end) a resumable checkpoint; every `val.every` steps
+    the EMA model's validation figures (returned). Ranks agree on buffers first and wait for rank 0."""
+    steps, out = cfg["train"]["steps"], Path(cfg["out_dir"])
+    is_ckpt = done % cfg["checkpoint"]["every"] == 0 or done == steps
+    is_val = cfg["val"]["every"] and (done % cfg["val"]["every"] == 0 or done == steps)
+    result = None
+    if is_ckpt or is_val:
+        dist.broadcast_buffers(nets.model)
+        dist.broadcast_buffers(nets.ema.module)
+    if is_ckpt and dist.main:
+        save_run(out, done, variant=cfg["model"]["variant"], **nets.state(), config=cfg, keep=cfg["checkpoint"]["keep"])
+    if is_val and dist.main:
+        result = evaluate(nets.ema.module, pairs, device=nets.device)
+        _log(log_path, {"step": done, "val": result["mean"]})
+        msg = "  ".join(f"{k}={v:.4f}" for k, v in result["mean"].items() if k.endswith("psnr"))
+        (bar.write if bar is not None else print)(f"[val step {done}] Y-PSNR {msg}")
+    if is_ckpt or is_val:
+        dist.barrier()
+    return result
+
+
+def _progress_bar(steps: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, unit="it", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+
+def _finish(cfg: dict, dist: _Dist, nets: _Nets, out: Path, log_path: Path) -> None:
+    """All ranks agree on the weights; rank 0 saves the EMA generator."""
+    steps = cfg["train"]["steps"]
+    if dist.world > 1:
+        sums = dist.gather_checksums(nets.model, nets.ema.module, nets.disc)
         if dist.main:
             _log(log_path, {"step": steps, "world_size": dist.world, "ranks": sums})
         if len(set(sums)) > 1:
             raise ParagonError(f"DDP ranks ended with different weights: {sums}")
-    if dist.main and start < steps:
-        save_model(ema.module, out / "ema_final.safetensors", variant=mc["variant"], force=True,
+    if dist.main:
+        save_model(nets.ema.module, out / "ema_final.safetensors", variant=cfg["model"]["variant"], force=True,
                    extra={"step": str(steps), "trainer": "paragon-train", "ema": "true"})
-    return result
