@@ -1,6 +1,6 @@
 """qat: quantization-aware fine-tuning with NVIDIA ModelOpt, exported as a Q/DQ INT8 ONNX.
 
-    qat(ckpt, out_dir, settings=Settings(steps=, lr=, batch=, patch=, gt_weight=, magic=), *,
+    qat(ckpt, out_dir, QATRecipe(steps=, lr=, batch=, patch=, gt_weight=, magic=, ...), *,
         data_dir=None, resume=False, force=False, ptq_baseline=True, ...) -> (Artifact, report)
 
 Flow: load the checkpoint and fuse it (QAT trains the deployed graph, the one TensorRT runs); keep
@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,12 +45,12 @@ from .checkpoint import load_model
 from .errors import ParagonError
 from .qat_data import TrainPatches, calibration_image_paths, train_patches
 from .qat_export import export_qdq, verify_qdq
-from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, Settings
-from .qat_report import _json_default, build_report, format_table, torch_quality, with_drop
+from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, QATRecipe
+from .qat_report import build_report, format_table, json_default, torch_quality, with_drop
 from .qat_run import STATE_JSON, QATRun, read_state, save_state
 from .verify import VERIFY_SIZES, describe
 
-__all__ = ["qat", "Settings", "format_table", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH", "DEFAULT_PATCH"]
+__all__ = ["qat", "QATRecipe", "format_table", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH", "DEFAULT_PATCH"]
 
 REPORT_NAME = "qat_report.json"
 VERIFY_MIN_PSNR = 40.0  # ORT's int8 kernels vs torch fake quant differ by rounding flips only
@@ -59,20 +60,21 @@ def onnx_name(variant: str, scale: int, opset: int) -> str:
     return f"{variant}_x{scale}_int8_qat_op{opset}.onnx"
 
 
-def qat(ckpt: Path | str, out_dir: Path | str, *, data_dir: Path | str | None = None, settings: Settings | None = None,
-        resume: bool = False, force: bool = False, opset: int = 17, verify_sizes=VERIFY_SIZES, ptq_baseline: bool = True,
-        threads: int = 1, train_threads: int | None = None, progress: bool = True,
-        calib_options: dict | None = None, say=None) -> tuple[Artifact, dict]:
-    """Checkpoint + images -> QAT fine-tuned, verified Q/DQ INT8 ONNX in `out_dir` (module docstring).
-    Returns the ONNX Artifact (meta: metadata + report) and the report (also `qat_report.json`).
-    `threads`: ORT threads for evaluation and timing; `train_threads`: torch threads (None: torch's
-    default; on a machine shared with other jobs, fewer threads are often faster)."""
+def qat(ckpt: Path | str, out_dir: Path | str, recipe: QATRecipe | None = None, *,
+        data_dir: Path | str | None = None, resume: bool = False, force: bool = False, opset: int = 17,
+        verify_sizes=VERIFY_SIZES, ptq_baseline: bool = True, threads: int = 1, train_threads: int | None = None,
+        progress: Callable[[str], None] | None = None, bar: bool = True) -> tuple[Artifact, dict]:
+    """Checkpoint + images -> QAT fine-tuned, verified Q/DQ INT8 ONNX in `out_dir` (module docstring),
+    made as `recipe` says (default `QATRecipe()`). Returns the ONNX Artifact (meta: metadata + report)
+    and the report (also `qat_report.json`). `threads`: ORT threads for evaluation and timing;
+    `train_threads`: torch threads (None: torch's default; on a machine shared with other jobs, fewer
+    threads are often faster). `progress` gets one line per stage; `bar`: a tqdm bar while training."""
     if train_threads is not None and train_threads < 1:
         raise ParagonError(f"train threads must be >= 1, got {train_threads}")
     with _torch_threads(train_threads):
-        return _qat(ckpt, out_dir, data_dir=data_dir, settings=settings, resume=resume, force=force, opset=opset,
-                    verify_sizes=verify_sizes, ptq_baseline=ptq_baseline, threads=threads, progress=progress,
-                    calib_options=calib_options, say=say)
+        return _qat(ckpt, Path(out_dir), (recipe or QATRecipe()).check(), data_dir=data_dir, resume=resume,
+                    force=force, opset=opset, verify_sizes=verify_sizes, ptq_baseline=ptq_baseline, threads=threads,
+                    progress=progress or (lambda _m: None), bar=bar)
 
 
 @contextlib.contextmanager
@@ -97,7 +99,7 @@ class _Job:
     fusion: dict
     cal: CalibrationSet
     patches: TrainPatches
-    settings: Settings
+    recipe: QATRecipe
     out_dir: Path
     onnx_path: Path
     report_path: Path
@@ -105,8 +107,7 @@ class _Job:
     saved: tuple | None  # (state JSON, tensors) when resuming
 
 
-def _job(ckpt, out_dir: Path, data_dir, settings: Settings, resume: bool, force: bool, opset: int,
-         calib_options: dict | None, say) -> _Job:
+def _job(ckpt, out_dir: Path, data_dir, recipe: QATRecipe, resume: bool, force: bool, opset: int, progress) -> _Job:
     from paragon_export.calibration import build_calibration_set
 
     from .export_onnx import fused_model
@@ -123,19 +124,19 @@ def _job(ckpt, out_dir: Path, data_dir, settings: Settings, resume: bool, force:
     saved = read_state(out_dir) if resume else None
     fused, fusion = fused_model(loaded)
     data_dir = Path(data_dir) if data_dir is not None else None
-    cal = build_calibration_set(data_dir, scale=loaded.scale, **(calib_options or {}))
+    cal = build_calibration_set(data_dir, scale=loaded.scale, **recipe.calibration())
     if not cal.holdout or any(h.hr is None for h in cal.holdout):
         raise ParagonError("qat needs held-out HR images to measure quality (give a folder of >= 2 HR photos)")
     for sk in cal.skipped:
-        say(f"warning: skipped {sk}")
+        progress(f"warning: skipped {sk}")
     patches = train_patches(calibration_image_paths(data_dir, cal.calib_images), scale=loaded.scale,
-                            patch=settings.patch, seed=settings.seed)
-    ident = {"source_sha256": loaded.sha256, "calibration_fingerprint": cal.fingerprint, **settings.identity()}
-    return _Job(loaded, fused, fusion, cal, patches, settings, out_dir, onnx_path, report_path, ident, saved)
+                            patch=recipe.patch, seed=recipe.seed)
+    ident = {"source_sha256": loaded.sha256, "calibration_fingerprint": cal.fingerprint, **recipe.identity()}
+    return _Job(loaded, fused, fusion, cal, patches, recipe, out_dir, onnx_path, report_path, ident, saved)
 
 
-def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_sizes, ptq_baseline, threads, progress,
-         calib_options, say) -> tuple[Artifact, dict]:
+def _qat(ckpt, out_dir: Path, recipe: QATRecipe, *, data_dir, resume, force, opset, verify_sizes, ptq_baseline,
+         threads, progress, bar) -> tuple[Artifact, dict]:
     import onnx
 
     from .int8 import CALIB_PROBES
@@ -143,15 +144,12 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
     from .int8_eval import Evaluator
     from .int8_remainder import plan_remainder
 
-    say = say or (lambda _m: None)
-    settings = settings or Settings()
-    settings.check()
     t_start = time.perf_counter()
-    job = _job(ckpt, Path(out_dir), data_dir, settings, resume, force, opset, calib_options, say)
+    job = _job(ckpt, out_dir, data_dir, recipe, resume, force, opset, progress)
     cal, loaded = job.cal, job.loaded
     with tempfile.TemporaryDirectory(prefix="paragon-qat-") as tmp_name:
         tmp = Path(tmp_name)
-        say("exporting the fused fp32 model to ONNX (reference)")
+        progress("exporting the fused fp32 model to ONNX (reference)")
         fp32_path = _fp32_onnx(job.fused, loaded, tmp, opset)
         ev = Evaluator(fp32_path, cal, loaded.scale, threads)
         fp32_graph = onnx.load(str(fp32_path))
@@ -159,35 +157,35 @@ def _qat(ckpt, out_dir, *, data_dir, settings, resume, force, opset, verify_size
         rest = plan_remainder("fp16", fp32_graph, [cal.batch(i) for i in range(min(len(cal), CALIB_PROBES))])
         job.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            run, extra = _resumed(job, say)
+            run, extra = _resumed(job, progress)
         else:
-            run, extra = _started(job, fp32_path, ev, excluded, tmp, ptq_baseline, threads, force, say)
+            run, extra = _started(job, fp32_path, ev, excluded, ptq_baseline, threads, force, progress)
             save_state(run, job.out_dir, extra)  # step 0: a run interrupted in its first steps resumes without PTQ
         start_step = run.step
-        train_s = _train(run, job.patches, cal.holdout, job.out_dir, extra, progress=progress)
+        train_s = _train(run, job.patches, cal.holdout, job.out_dir, extra, bar=bar)
 
-        say("exporting Q/DQ ONNX and verifying it on ONNX Runtime")
+        progress("exporting Q/DQ ONNX and verifying it on ONNX Runtime")
         graph, info, meta, verification = _export_verified(run, job, rest, opset, verify_sizes)
         qat_path = tmp / "qat.onnx"
         onnx.save(graph, str(qat_path))
         report = build_report(job=job, run=run, extra=extra, graph=graph, info=info, fp32_graph=fp32_graph,
                               fp32_path=fp32_path, qat_path=qat_path, ev=ev, excluded=excluded, rest=rest,
                               verification=verification, verify_min_psnr=VERIFY_MIN_PSNR, threads=threads,
-                              start_step=start_step if resume else None, train_s=train_s, say=say)
+                              start_step=start_step if resume else None, train_s=train_s, progress=progress)
         with atomic_output(job.onnx_path, force=force) as t:
             t.write_bytes(qat_path.read_bytes())
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     report["output"] = {"model": str(job.onnx_path), "sha256": sha256_file(job.onnx_path),
                         "report": str(job.report_path)}
     with atomic_output(job.report_path, force=force) as t:
-        t.write_text(json.dumps(report, indent=1, default=_json_default))
+        t.write_text(json.dumps(report, indent=1, default=json_default))
     return Artifact(job.onnx_path, "onnx-int8", {"metadata": meta, **report}), report
 
 
-def _resumed(job: _Job, say) -> tuple[QATRun, dict]:
-    """The saved run, checked against this call's checkpoint, images and settings."""
+def _resumed(job: _Job, progress) -> tuple[QATRun, dict]:
+    """The saved run, checked against this call's checkpoint, images and recipe."""
     doc, tensors = job.saved
-    s = job.settings
+    s = job.recipe
     changed = [k for k, v in job.ident.items() if doc.get(k) != v]
     if changed:
         raise ParagonError(f"--resume: the saved run differs in {', '.join(changed)} "
@@ -200,22 +198,22 @@ def _resumed(job: _Job, say) -> tuple[QATRun, dict]:
     run = QATRun.create(job.fused, lambda m: m(first), s, job.loaded.scale, keep_float)
     run.load_tensors(tensors)
     run.step, run.history = int(doc["step"]), list(doc.get("history", []))
-    say(f"resuming at step {run.step} of {s.steps}")
+    progress(f"resuming at step {run.step} of {s.steps}")
     ptq = doc.get("ptq")
     extra = {**job.ident, "ptq_baseline": ptq is not None, "ptq": ptq, "keep_float": keep_float,
              "unmatched_float_nodes": doc.get("unmatched_float_nodes", []), "ptq_modelopt": doc["ptq_modelopt"]}
     return run, extra
 
 
-def _started(job: _Job, fp32_path: Path, ev, excluded: dict, tmp: Path, ptq_baseline: bool, threads: int,
-             force: bool, say) -> tuple[QATRun, dict]:
+def _started(job: _Job, fp32_path: Path, ev, excluded: dict, ptq_baseline: bool, threads: int,
+             force: bool, progress) -> tuple[QATRun, dict]:
     """A new run: the PTQ baseline, then the student calibrated with TensorRT's float convs left float."""
     cal, scale = job.cal, job.loaded.scale
-    ptq = _ptq(fp32_path, cal, job.out_dir / "ptq", threads, force, say) if ptq_baseline else None
+    ptq = _ptq(fp32_path, cal, job.out_dir / "ptq", threads, force, progress) if ptq_baseline else None
     keep_float, unmatched = _float_quantizers(job.fused, excluded)
-    say(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops; "
+    progress(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops; "
         f"{len(excluded)} convs without a TensorRT int8 kernel stay fp16")
-    run = QATRun.create(job.fused, cal.forward_loop, job.settings, scale, keep_float)
+    run = QATRun.create(job.fused, cal.forward_loop, job.recipe, scale, keep_float)
     ptq_modelopt = with_drop(torch_quality(run.student, cal.holdout, scale, ev.ref), ev.fp32)
     run.history.append({"step": 0, "distill_l1": None, "heldout_y_psnr": ptq_modelopt["mean"]["y_psnr"]})
     extra = {**job.ident, "ptq_baseline": ptq is not None, "ptq": ptq, "keep_float": keep_float,
@@ -236,7 +234,7 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
             "upsampler": loaded.upsampler, "precision": "int8-qdq", "quantization": "qat (nvidia-modelopt)",
             "io_dtype": "float32", "opset": str(opset), "source_sha256": loaded.sha256,
             "calibration_fingerprint": cal.fingerprint, "qat_steps": str(run.step),
-            "magic_filters": job.settings.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
+            "magic_filters": job.recipe.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
     graph = rest.apply(graph)
     set_metadata(graph, meta)
     verification = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
@@ -246,33 +244,33 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
     return graph, info, meta, verification
 
 
-def _train(run: QATRun, patches: TrainPatches, holdout, out_dir: Path, extra: dict, *, progress: bool) -> float:
-    """Steps run.step..settings.steps with periodic held-out PSNR and state saves. Returns seconds."""
+def _train(run: QATRun, patches: TrainPatches, holdout, out_dir: Path, extra: dict, *, bar: bool) -> float:
+    """Steps run.step..recipe.steps with periodic held-out PSNR and state saves. Returns seconds."""
     from tqdm import tqdm
 
-    s = run.settings
+    s = run.recipe
     t0 = time.perf_counter()
-    bar = tqdm(total=s.steps, initial=run.step, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
+    shown = tqdm(total=s.steps, initial=run.step, desc="QAT", unit="step", disable=not bar, dynamic_ncols=True)
     losses: list[float] = []
     held = run.history[-1]["heldout_y_psnr"] if run.history else None
     try:
         while run.step < s.steps:
             losses.append(run.train_step(patches))
-            bar.update(1)
+            shown.update(1)
             if run.step % s.eval_every == 0 or run.step == s.steps:
                 held = torch_quality(run.student, holdout, run.scale, None)["mean"].get("y_psnr")
                 run.history.append({"step": run.step, "distill_l1": float(np.mean(losses)), "heldout_y_psnr": held})
                 losses = []
             recent = losses[-20:] or [run.history[-1]["distill_l1"]]
-            bar.set_postfix_str(f"distill L1 {np.mean(recent):.2e}" + (f", held-out Y-PSNR {held:.3f} dB" if held else ""))
+            shown.set_postfix_str(f"distill L1 {np.mean(recent):.2e}" + (f", held-out Y-PSNR {held:.3f} dB" if held else ""))
             if run.step % s.save_every == 0 and run.step < s.steps:
                 save_state(run, out_dir, extra)
     except KeyboardInterrupt:
-        bar.close()
+        shown.close()
         save_state(run, out_dir, extra)
         raise ParagonError(f"interrupted at step {run.step}/{s.steps}; state saved in {out_dir} "
                            "(run the same command with --resume to continue)") from None
-    bar.close()
+    shown.close()
     if s.steps > 0:
         save_state(run, out_dir, extra)
     return time.perf_counter() - t0
@@ -288,14 +286,14 @@ def _fp32_onnx(fused, loaded, tmp: Path, opset: int) -> Path:
     return path
 
 
-def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, say) -> dict:
+def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> dict:
     """The `int8` command with its defaults on the same FP32 graph and calibration set; its model and
     report are written to `out` (the user gets the PTQ artifact too)."""
     from .int8 import quantize_int8
 
-    say("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
+    progress("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
     art = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
-                        progress=lambda m: say(f"  {m}"))
+                        progress=lambda m: progress(f"  {m}"))
     r = art.meta
     return {"model": r["output"]["model"], "report": r["output"]["report"], "quality": r["quality"]["int8"],
             "checks": r["checks"], "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],

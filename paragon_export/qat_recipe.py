@@ -1,11 +1,14 @@
-"""qat_recipe: what decides a QAT model, as plain data stored in its report and resumable state
-(ModelOpt's config-as-data): steps, learning rate, batch, patch size, ground-truth weight, Magic-Conv
-filter precision, seed, and how often it measures and saves."""
+"""qat_recipe: what decides a QAT model, as plain data stored in its report (ModelOpt's config-as-data):
+steps, learning rate, batch, patch size, ground-truth weight, Magic-Conv filter precision, seed, how
+often it measures and saves, and the calibration set's crops and held-out split. Where the files go,
+threads and how much is printed are not part of it."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+from paragon_export.calibration import DEFAULT_EVAL_SIZE, DEFAULT_LR_SIZE
 
 from .errors import ParagonError
 
@@ -15,8 +18,8 @@ DEFAULT_BATCH = 8
 DEFAULT_PATCH = 48  # LR pixels
 
 
-@dataclass
-class Settings:
+@dataclass(frozen=True)
+class QATRecipe:
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
     batch: int = DEFAULT_BATCH
@@ -28,14 +31,25 @@ class Settings:
     save_every: int = 50
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lr_size: tuple[int, int] = DEFAULT_LR_SIZE  # calibration crops (LR)
+    eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE  # held-out centre crop (LR)
+    holdout: float = 0.25  # fraction of the folder's images held out
 
-    def check(self) -> None:
+    def check(self) -> QATRecipe:
         if self.steps < 0 or self.batch < 1 or self.patch < 8 or self.eval_every < 1 or self.save_every < 1:
             raise ParagonError("qat needs steps >= 0, batch >= 1, patch >= 8, eval/save intervals >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.gt_weight >= 0 and math.isfinite(self.gt_weight)):
             raise ParagonError(f"qat needs lr > 0 and gt weight >= 0 (got lr={self.lr}, gt weight={self.gt_weight})")
+        return self
 
     # What a resumed run must share with the saved one (steps and the learning rate may change).
     def identity(self) -> dict:
         return {"batch": self.batch, "patch": self.patch, "gt_weight": self.gt_weight, "magic": self.magic,
                 "seed": self.seed}
+
+    def calibration(self) -> dict:
+        """`calibration.build_calibration_set`'s keywords."""
+        return {"lr_size": self.lr_size, "eval_size": self.eval_size, "holdout": self.holdout, "seed": self.seed}
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -39,7 +39,7 @@ def with_drop(q: dict, fp32: dict) -> dict:
     return q
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, Path):
@@ -49,14 +49,14 @@ def _json_default(o):
 
 def build_report(*, job, run, extra: dict, graph, info: dict, fp32_graph, fp32_path: Path, qat_path: Path, ev,
                  excluded: dict, rest, verification: dict, verify_min_psnr: float, threads: int,
-                 start_step: int | None, train_s: float, say) -> dict:
+                 start_step: int | None, train_s: float, progress) -> dict:
     """The report of a finished run (`qat.qat`'s `_Job`, `qat_run.QATRun`): quality of every model on the
     held-out images, ORT CPU latency, the recipe, checks, training history and verification."""
     from .int8_check import inspect_qdq, mac_shares
     from .int8_eval import latency, native_vs_reference
     from .int8_remainder import dtype_mac_shares
 
-    loaded, cal, s = job.loaded, job.cal, job.settings
+    loaded, cal, s = job.loaded, job.cal, job.recipe
     ptq, ptq_modelopt = extra["ptq"], extra["ptq_modelopt"]
     info.pop("checks")
     checks = inspect_qdq(graph)
@@ -68,7 +68,7 @@ def build_report(*, job, run, extra: dict, graph, info: dict, fp32_graph, fp32_p
         quality["ptq_int8"] = ptq["quality"]
         if Path(ptq["model"]).is_file():
             models["ptq_int8"] = Path(ptq["model"])
-    say("timing on ONNX Runtime CPU")
+    progress("timing on ONNX Runtime CPU")
     lat = latency(models, cal.holdout[0].lr, threads=threads)
     lat["ratio_vs_fp32"] = {k: v / lat["median_ms"]["fp32"] for k, v in lat["median_ms"].items()}
     first = start_step if start_step is not None else 0
@@ -83,7 +83,8 @@ def build_report(*, job, run, extra: dict, graph, info: dict, fp32_graph, fp32_p
                    "bias": "float", "quantized_ops": ["Conv", "ConvTranspose"], "output_quantization": False,
                    "magic_filters": s.magic, "trt_excluded": excluded, "remainder": rest.summary(),
                    "mac_share": dtype_mac_shares(graph, mac_shares(fp32_graph)), "float_quantizers": extra["keep_float"],
-                   "unmatched_float_nodes": extra["unmatched_float_nodes"], "trt_compatible": True},
+                   "unmatched_float_nodes": extra["unmatched_float_nodes"], "trt_compatible": True,
+                   "options": s.as_dict()},
         "checks": {k: v for k, v in checks.items() if k != "quantized_nodes"}
                   | {"quantized_nodes": len(checks["quantized_nodes"])},
         "export": info,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .artifact import atomic_output, sha256_file
 from .errors import ParagonError
 from .qat_data import TrainPatches
-from .qat_recipe import Settings
+from .qat_recipe import QATRecipe
 
 WARMUP = 0.05  # fraction of the steps
 STATE_NAME, STATE_JSON = "qat_state.safetensors", "qat_state.json"
@@ -43,13 +43,13 @@ class QATRun:
     teacher: torch.nn.Module
     student: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    settings: Settings
+    recipe: QATRecipe
     scale: int
     step: int = 0
     history: list = field(default_factory=list)
 
     @classmethod
-    def create(cls, fused: torch.nn.Module, forward_loop, settings: Settings, scale: int,
+    def create(cls, fused: torch.nn.Module, forward_loop, recipe: QATRecipe, scale: int,
                keep_float: list[str] = ()) -> "QATRun":
         """Teacher = frozen copy of `fused`; student = a copy with int8 fake quantizers calibrated by
         `forward_loop`, minus the quantizers named in `keep_float` (those layers stay float)."""
@@ -58,24 +58,24 @@ class QATRun:
         teacher = copy.deepcopy(fused).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        student = quantize(copy.deepcopy(fused).eval(), forward_loop, magic=settings.magic)
+        student = quantize(copy.deepcopy(fused).eval(), forward_loop, magic=recipe.magic)
         enabled = quantizers(student)
         for name in keep_float:
             if name in enabled:
                 enabled[name].disable()
-        opt = torch.optim.Adam(student.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
-        return cls(teacher, student, opt, settings, scale)
+        opt = torch.optim.Adam(student.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+        return cls(teacher, student, opt, recipe, scale)
 
     def loss(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, float]:
         with torch.no_grad():
             target = self.teacher(lr)
         out = self.student(lr)
         distill = F.l1_loss(out, target)
-        total = distill + self.settings.gt_weight * F.l1_loss(out, hr) if self.settings.gt_weight else distill
+        total = distill + self.recipe.gt_weight * F.l1_loss(out, hr) if self.recipe.gt_weight else distill
         return total, float(distill.detach())
 
     def train_step(self, patches: TrainPatches) -> float:
-        s = self.settings
+        s = self.recipe
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(s.lr, self.step, s.steps)
         lr, hr = patches.batch(self.step, s.batch)
@@ -125,8 +125,8 @@ def save_state(run: QATRun, out_dir: Path, extra: dict) -> None:
     tensor_path, json_path = out_dir / STATE_NAME, out_dir / STATE_JSON
     with atomic_output(tensor_path, force=True) as tmp:
         save_file(run.state_tensors(), str(tmp), metadata={"format": STATE_FORMAT, "step": str(run.step)})
-    doc = {"format": STATE_FORMAT, "step": run.step, "steps": run.settings.steps, "lr": run.settings.lr,
-           "betas": list(run.settings.betas), "eps": run.settings.eps, **run.settings.identity(),
+    doc = {"format": STATE_FORMAT, "step": run.step, "steps": run.recipe.steps, "lr": run.recipe.lr,
+           "betas": list(run.recipe.betas), "eps": run.recipe.eps, **run.recipe.identity(),
            "history": run.history, "tensors_sha256": sha256_file(tensor_path), **extra}
     with atomic_output(json_path, force=True) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))

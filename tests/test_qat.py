@@ -92,9 +92,9 @@ def test_magic_quantizers_disabled_are_exact_and_enabled_quantize(upsampler):
 
 
 def test_short_qat_reduces_distillation_loss(calib, patches):
-    from paragon_export.qat import Settings
+    from paragon_export.qat_recipe import QATRecipe
 
-    run = _run(calib, Settings(steps=40, lr=2e-5, batch=4, patch=16))
+    run = _run(calib, QATRecipe(steps=40, lr=2e-5, batch=4, patch=16))
     probe = torch.from_numpy(np.concatenate([calib.batch(i) for i in range(len(calib))]))
     before = run.distill_loss(probe)
     teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
@@ -108,10 +108,10 @@ def test_short_qat_reduces_distillation_loss(calib, patches):
 
 
 def test_resume_matches_an_uninterrupted_run(calib, patches, tmp_path):
-    from paragon_export.qat_recipe import Settings
+    from paragon_export.qat_recipe import QATRecipe
     from paragon_export.qat_run import QATRun, read_state, save_state
 
-    settings = Settings(steps=5, lr=5e-4, batch=2, patch=16)
+    settings = QATRecipe(steps=5, lr=5e-4, batch=2, patch=16)
     straight = _run(calib, settings)
     for _ in range(5):
         straight.train_step(patches)
@@ -140,10 +140,10 @@ def test_resume_matches_an_uninterrupted_run(calib, patches, tmp_path):
 def test_qdq_export_symmetric_per_channel_and_ort_agrees(calib):
     from paragon_export.verify import run_torch, verification_inputs
     from paragon_export.onnx_graph import io_dims, ort_session, run_session
-    from paragon_export.qat import Settings
+    from paragon_export.qat_recipe import QATRecipe
     from paragon_export.qat_export import export_qdq, verify_qdq
 
-    run = _run(calib, Settings(magic="int8"))
+    run = _run(calib, QATRecipe(magic="int8"))
     graph, info = export_qdq(run.student)
     checks = info["checks"]
     assert checks["q_nodes"] > 0 and checks["q_nodes"] == checks["dq_nodes"]
@@ -230,7 +230,7 @@ def test_onnx_node_names_map_to_every_quantizer(upsampler, tmp_path, calib):
     import onnx
 
     from paragon_export.export_onnx import export_model
-    from paragon_export.qat_recipe import Settings
+    from paragon_export.qat_recipe import QATRecipe
     from paragon_export.qat_run import QATRun
     from paragon_export.qat_quant import quantizers, quantizers_for_nodes
 
@@ -240,6 +240,6 @@ def test_onnx_node_names_map_to_every_quantizer(upsampler, tmp_path, calib):
     nodes = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
     names, unmatched = quantizers_for_nodes(fused, nodes)
     assert not unmatched and len(names) == 2 * len(nodes) == len(set(names))
-    run = QATRun.create(fused, lambda m: m(torch.from_numpy(calib.batch(0))), Settings(magic="int8"), 2,
+    run = QATRun.create(fused, lambda m: m(torch.from_numpy(calib.batch(0))), QATRecipe(magic="int8"), 2,
                         keep_float=names[:4])
     assert set(quantizers(run.student)) == set(names[4:])

@@ -5,18 +5,19 @@ import click
 from ..bench import bench, format_table
 from ..images import parse_sizes
 from ..runners import ALL_RUNTIMES
+from .options import force_option, threads_option
 
 
 @click.command("bench")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--sizes", default="256x256", show_default=True, help="LR input sizes, HxW[,HxW...].")
-@click.option("--threads", type=int, help="CPU threads for torch and onnxruntime (default: all usable cores).")
+@threads_option("CPU threads for torch and onnxruntime (default: all usable cores).", default=None)
 @click.option("--runs", default=20, show_default=True, type=int, help="Timed runs per artifact and size.")
 @click.option("--warmup", default=3, show_default=True, type=int, help="Untimed runs first.")
 @click.option("--baseline", type=click.Path(path_type=Path),
               help="PyTorch checkpoint for the eager reference (default: the first unfused checkpoint given).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
-@click.option("--force", is_flag=True, help="Overwrite an existing JSON report.")
+@force_option("Overwrite an existing JSON report.")
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(ALL_RUNTIMES),
               help="Run each artifact on this runtime where it can (repeatable: --runtime onnxruntime "
                    "--runtime openvino times every .onnx on both). Default: each artifact's own runtime.")

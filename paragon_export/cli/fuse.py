@@ -3,18 +3,19 @@ from pathlib import Path
 import click
 
 from ..fuse import fuse
+from .options import force_option, output_option, scale_option, variant_option
 
 
 @click.command("fuse")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Fused .safetensors to write.")
-@click.option("--variant", help="Expected variant (checked against the weights).")
-@click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
+@output_option("Fused .safetensors to write.")
+@variant_option()
+@scale_option()
 @click.option("--calibrate-kernels", "calibrate", type=click.Path(path_type=Path),
               help="Image folder: set every tracked kernel to its mean generated kernel over these images.")
 @click.option("--hr", "hr_dir", type=click.Path(path_type=Path),
               help="HR image folder for the Y-PSNR gap figures (default: bundled held-out photos).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@force_option("Overwrite an existing output.")
 def command(checkpoint, output, variant, scale, calibrate, hr_dir, force):
     """Fuse CHECKPOINT for release and verify the fusion."""
     art, r = fuse(checkpoint, output, variant=variant, scale=scale, calibrate_dir=calibrate, hr_dir=hr_dir, force=force)

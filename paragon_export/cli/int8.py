@@ -2,57 +2,53 @@ from pathlib import Path
 
 import click
 
-from ..images import parse_sizes
+from .options import (calibration_fields, calibration_options, force_option, option_group, output_option, scale_option,
+                      threads_option, variant_option)
 
 
-def _size(text: str) -> tuple[int, int]:
-    return parse_sizes(text)[0]
+def _recipe(method, target_psnr, max_drop, node_budget, no_bias_correction, remainder, **calibration):
+    from ..int8_recipe import Int8Recipe
+
+    return Int8Recipe(method=method, target_psnr=target_psnr,
+                      max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
+                      bias_correction=not no_bias_correction, remainder=remainder, **calibration_fields(**calibration))
+
+
+RECIPE_OPTIONS = [
+    click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile",
+                 show_default=True, help="Activation range calibration."),
+    click.option("--target-psnr", type=float, help="Required PSNR of int8 against fp32 on held-out images (dB)."),
+    click.option("--max-drop", type=float, default=0.10, show_default=True,
+                 help="Largest allowed held-out Y-PSNR drop against fp32 (dB); a negative value disables it."),
+    click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 40% of the quantizable nodes)."),
+    *calibration_options(crops=True),
+    click.option("--no-bias-correction", is_flag=True,
+                 help="Keep the biases as trained (default: correct them for the int8 weights' mean error)."),
+    click.option("--remainder", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+                 help="dtype of the nodes left unquantized (fp16: what a strongly typed TensorRT engine runs fast; "
+                      "nodes whose activations overflow fp16 stay fp32)."),
+]
 
 
 @click.command("int8")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for <variant>_x<s>_int8_op<N>.onnx and its _report.json.")
+@output_option("Folder for <variant>_x<s>_int8_op<N>.onnx and its _report.json.", dest="out_dir")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path),
               help="Calibration image folder (HR photos; split by image into calibration and held-out). "
                    "Default: the bundled sample photos.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True,
-              help="Activation range calibration.")
-@click.option("--target-psnr", type=float, help="Required PSNR of int8 against fp32 on held-out images (dB).")
-@click.option("--max-drop", type=float, default=0.10, show_default=True,
-              help="Largest allowed held-out Y-PSNR drop against fp32 (dB); a negative value disables it.")
-@click.option("--node-budget", type=int, help="Most nodes to keep in float (default: 40% of the quantizable nodes).")
-@click.option("--crop", default="64x64", show_default=True, help="LR calibration crop size HxW.")
-@click.option("--crops-per-image", type=int, default=4, show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True,
-              help="Crops per calibration batch (histogram calibration holds one batch's feature maps in memory).")
-@click.option("--eval-size", default="128x128", show_default=True, help="Largest LR centre crop of held-out images.")
-@click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of folder images held out.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@option_group("recipe", _recipe, RECIPE_OPTIONS)
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Calibration cache folder "
               "(default: $PARAGON_EXPORT_CACHE or ~/.cache/paragon-export/calibration).")
-@click.option("--no-bias-correction", is_flag=True,
-              help="Keep the biases as trained (default: correct them for the int8 weights' mean error).")
-@click.option("--remainder", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="dtype of the nodes left unquantized (fp16: what a strongly typed TensorRT engine runs fast; "
-                   "nodes whose activations overflow fp16 stay fp32).")
 @click.option("--no-peer", is_flag=True, help="Skip the original deploy recipe's comparison row.")
-@click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
-@click.option("--variant", help="Expected variant, for checkpoint input.")
-@click.option("--scale", type=int, help="Upscale factor (checked against the model).")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
-            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, threads, variant, scale, force):
+@threads_option()
+@variant_option("Expected variant, for checkpoint input.")
+@scale_option("Upscale factor (checked against the model).")
+@force_option()
+def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, threads, variant, scale, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
-    from ..int8_recipe import Int8Recipe
 
-    recipe = Int8Recipe(method=method, target_psnr=target_psnr,
-                        max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
-                        bias_correction=not no_bias_correction, remainder=remainder, lr_size=_size(crop),
-                        crops_per_image=crops_per_image, batch_size=batch_size, eval_size=_size(eval_size),
-                        holdout=holdout, seed=seed)
     art = quantize_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, peer=not no_peer,
                         threads=threads, variant=variant, scale=scale, force=force,
                         progress=lambda m: click.echo(m, err=True))

@@ -3,6 +3,7 @@ from pathlib import Path
 import click
 
 from ..images import parse_sizes
+from .options import force_option, output_option, scale_option, variant_option
 
 
 def _counts(c: dict) -> str:
@@ -11,8 +12,7 @@ def _counts(c: dict) -> str:
 
 @click.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output-dir", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for {variant}_x{scale}_{fp32|fp16}_op{opset}.onnx.")
+@output_option("Folder for {variant}_x{scale}_{fp32|fp16}_op{opset}.onnx.", flag="--output-dir", dest="out_dir")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset, 13-20.")
 @click.option("--fp16", is_flag=True, help="Also write an FP16 graph (fp32 inputs/outputs).")
 @click.option("--fp16-io", is_flag=True, help="With --fp16: make the FP16 graph's input and output float16 too.")
@@ -21,9 +21,9 @@ def _counts(c: dict) -> str:
 @click.option("--exporter", default="torchscript", show_default=True,
               help="torchscript or dynamo (dynamo needs onnxscript).")
 @click.option("--static-shape", metavar="HxW", help="Bake this LR input size in (batch stays dynamic).")
-@click.option("--variant", help="Expected variant (checked against the weights).")
-@click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@variant_option()
+@scale_option()
+@force_option()
 def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, static_shape, variant, scale,
             force):
     """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""

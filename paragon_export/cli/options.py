@@ -4,7 +4,10 @@ or `--atol -1` fail in a line instead of a traceback or after the full run."""
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -51,3 +54,73 @@ def check(kwargs: dict) -> None:
             raise click.BadParameter(f"must be {'>=' if low_ok else '>'} {low:g} (got {value:g})", param_hint=_flag(name))
         if high is not None and value > high:
             raise click.BadParameter(f"must be <= {high:g} (got {value:g})", param_hint=_flag(name))
+
+
+# ---------------------------------------------------------------- option groups shared by commands
+# Polygraphy's tools/args idea: an option is declared once and every command that takes it uses the
+# same declaration (name, type, default, help), so they cannot drift apart.
+
+SCALE_HELP = "Upscale factor, for checkpoints that do not record it (traiNNer-redux)."
+VARIANT_HELP = "Expected variant (checked against the weights)."
+ORT_THREADS_HELP = "ORT CPU threads for evaluation and timing."
+
+
+def output_option(help: str, *, flag: str = "--output", dest: str | None = None, required: bool = True):
+    """-o/--output (or `flag`): what the command writes; `dest` names the parameter (cli.OUTPUT_PARAMS)."""
+    return click.option("-o", flag, *([dest] if dest else []), required=required, type=click.Path(path_type=Path),
+                        help=help)
+
+
+def force_option(help: str = "Overwrite existing outputs."):
+    return click.option("--force", is_flag=True, help=help)
+
+
+def threads_option(help: str = ORT_THREADS_HELP, default: int | None = 1):
+    return click.option("--threads", type=int, default=default, show_default=default is not None, help=help)
+
+
+def scale_option(help: str = SCALE_HELP):
+    return click.option("--scale", type=int, help=help)
+
+
+def variant_option(help: str = VARIANT_HELP):
+    return click.option("--variant", help=help)
+
+
+def calibration_options(*, crops: bool = False) -> list:
+    """The calibration set's crop size, held-out split and seed (int8 and qat); `crops`: also the crops
+    per image and per batch (int8). Values reach the command through `option_group`."""
+    opts = [click.option("--crop", default="64x64", show_default=True, help="LR calibration crop size HxW.")]
+    if crops:
+        opts += [click.option("--crops-per-image", type=int, default=4, show_default=True),
+                 click.option("--batch-size", type=int, default=2, show_default=True,
+                              help="Crops per calibration batch (histogram calibration holds one batch's feature "
+                                   "maps in memory).")]
+    return opts + [
+        click.option("--eval-size", default="128x128", show_default=True, help="Largest LR centre crop of held-out images."),
+        click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of folder images held out."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+
+
+def calibration_fields(crop: str, eval_size: str, holdout: float, seed: int, **crops) -> dict:
+    """`calibration_options`' values as recipe fields (sizes parsed; validated before by `check`)."""
+    return {"lr_size": parse_sizes(crop)[0], "eval_size": parse_sizes(eval_size)[0], "holdout": holdout, "seed": seed,
+            **crops}
+
+
+def option_group(name: str, build: Callable[..., object], options: list):
+    """Decorator: `options` on the command, their values passed to it as one parameter `name` =
+    `build(**values)` (a recipe). The raw values are validated by `check` first (cli._guarded)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            own = {k: kwargs.pop(k) for k in names}
+            return fn(*args, **kwargs, **{name: build(**own)})
+
+        before = len(getattr(run, "__click_params__", []))
+        for opt in reversed(options):
+            run = opt(run)
+        names = [p.name for p in run.__click_params__[before:]]
+        return run
+    return decorate

@@ -3,12 +3,12 @@ from pathlib import Path
 import click
 
 from ..parity import DEFAULT_SIZES, parity
+from .options import force_option, output_option
 
 
 @click.command("parity")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Report folder to write (parity.json, parity.md, crops/*.png).")
+@output_option("Report folder to write (parity.json, parity.md, crops/*.png).")
 @click.option("--ref", type=click.Path(path_type=Path),
               help="Reference checkpoint (default: the first .safetensors/.pth among ARTIFACTS).")
 @click.option("--images", type=click.Path(path_type=Path),
@@ -17,7 +17,7 @@ from ..parity import DEFAULT_SIZES, parity
 @click.option("--atol", type=float, help="Max-abs limit for every artifact (overrides the per-precision table).")
 @click.option("--min-psnr", type=float, help="Minimum PSNR (dB) vs the reference for every artifact.")
 @click.option("--localize", is_flag=True, help="For failing ONNX artifacts, name the first layer whose error jumps.")
-@click.option("--force", is_flag=True, help="Overwrite an existing report folder.")
+@force_option("Overwrite an existing report folder.")
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["openvino"]),
               help="Extra runtimes to add rows for (default: every extra runtime that can run the artifact).")
 @click.option("--require-runtime", "require", multiple=True, type=click.Choice(["openvino"]),

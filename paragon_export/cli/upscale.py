@@ -4,13 +4,13 @@ import click
 
 from ..runners import ALL_RUNTIMES
 from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
+from .options import force_option, output_option, scale_option, threads_option
 
 
 @click.command("upscale")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Output folder (or an image file when INPUT is one image).")
+@output_option("Output folder (or an image file when INPUT is one image).")
 @click.option("--tile", default=DEFAULT_TILE, show_default=True, type=int,
               help="Tile size in input pixels; 0 runs each image whole.")
 @click.option("--overlap", default=DEFAULT_OVERLAP, show_default=True, type=int,
@@ -18,11 +18,11 @@ from ..upscale import ALPHA_MODES, DEFAULT_OVERLAP, DEFAULT_TILE, upscale
                    "the network's padding reaches for exact results).")
 @click.option("--alpha", "alpha", type=click.Choice(ALPHA_MODES), default="bicubic", show_default=True,
               help="How the alpha channel is upscaled.")
-@click.option("--threads", type=int, help="CPU threads for torch/onnxruntime.")
-@click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
+@threads_option("CPU threads for torch/onnxruntime.", default=None)
+@scale_option()
 @click.option("--runtime", type=click.Choice(ALL_RUNTIMES),
               help="Runtime for ARTIFACT (default: torch for checkpoints, onnxruntime for .onnx; openvino runs an .onnx).")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@force_option()
 def command(artifact, inputs, output, tile, overlap, alpha, threads, scale, runtime, force):
     """Upscale images or folders (recursively) with ARTIFACT: a checkpoint, an ONNX model, a TensorRT engine or an NCNN .param."""
     records = upscale(artifact, list(inputs), output, tile=tile, overlap=overlap, alpha=alpha, threads=threads,
