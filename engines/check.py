@@ -124,17 +124,21 @@ def check_engine(engine_bytes: bytes, model: OnnxInfo, profile: Profile, *,
                  reference: Path | str | None = None, options: BuildOptions = BuildOptions()) -> dict:
     """Polygraphy TrtRunner on the engine vs OnnxrtRunner on the fp32 ONNX (needs TensorRT and a GPU).
     The plan is loaded by `builder.deserialize` (lean runtime, weights of a stripped plan)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.logger import G_LOGGER
+
+    from paragon_export.onnx_graph import onnx_runner
 
     from .builder import deserialize
     from .trt import require_tensorrt
 
     ref = find_reference(model, reference)
     engine = deserialize(require_tensorrt(), engine_bytes, options, model.path)
+    # The plan is not written yet (a failed check writes nothing), so its runner is made from the bytes;
+    # the reference runs on the ORT runner every ONNX artifact gets (`runners.open_runner` uses it too;
+    # engines sit below runners, so they take it from onnx_graph).
     with G_LOGGER.verbosity(G_LOGGER.WARNING), TrtRunner(engine) as engine_runner, \
-            OnnxrtRunner(SessionFromOnnx(str(ref.path), providers=["cpu"])) as ref_runner:
+            onnx_runner(ref.path, name="reference") as ref_runner:
         return run_check(engine_runner, model, ref_runner, ref, profile, model.precision)
 
 

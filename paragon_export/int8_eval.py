@@ -4,36 +4,35 @@ latency as a ratio to fp32 measured in the same run."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 from paragon_export.calibration import CalibrationSet
 
 from .cpu import isa
-from .errors import ParagonError
 from .metrics import psnr, psnr_y, ssim_y
-from .onnx_graph import ort_session
+from .onnx_graph import onnx_runner
 
 RANK_CROPS = 8  # calibration crops the node ranking is measured on (it runs once per candidate node)
 
 
+@contextlib.contextmanager
 def session(model: Path | str | bytes, threads: int = 1, *, native_int8: bool = False):
-    """An ORT CPU session with Q/DQ reference semantics (`onnx_graph.ort_session`); load failures
-    become one ParagonError line."""
-    try:
-        return ort_session(model, threads=threads, native_int8=native_int8)
-    except Exception as e:  # ORT raises its own exception types for every load failure
-        raise ParagonError(f"ONNX Runtime cannot load {'model' if isinstance(model, bytes) else model}: "
-                           f"{str(e).splitlines()[0]}") from None
+    """An active ORT CPU runner (`runners.onnx_runner`: Q/DQ reference semantics unless `native_int8`);
+    a model ORT cannot load is one ParagonError line."""
+    with onnx_runner(model, name="int8-eval", threads=threads, native_int8=native_int8) as runner:
+        runner.input_name = next(iter(runner.get_input_metadata(use_numpy_dtypes=False)))
+        yield runner
 
 
-def run(sess, x: np.ndarray) -> np.ndarray:
-    """NCHW batch (or one HWC image) in, float32 NCHW out."""
+def run(runner, x: np.ndarray) -> np.ndarray:
+    """NCHW batch (or one HWC image) in, float32 NCHW out, on a runner from `session`."""
     if x.ndim == 3:
         x = x.transpose(2, 0, 1)[None]
-    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
+    # ORT checks the feed itself (Polygraphy's check would log its own error lines first).
+    return next(iter(runner.infer({runner.input_name: np.ascontiguousarray(x, np.float32)}, check_inputs=False).values()))
 
 
 def _hwc(y: np.ndarray) -> np.ndarray:
@@ -46,8 +45,13 @@ class Evaluator:
     def __init__(self, fp32: Path | str, calib: CalibrationSet, scale: int, threads: int = 1,
                  static_batch: bool = False) -> None:
         self.calib, self.scale, self.threads = calib, scale, threads
-        sess = session(fp32, threads)
-        self.ref = [_hwc(run(sess, h.lr)) for h in calib.holdout]
+        with session(fp32, threads) as sess:
+            self.ref = [_hwc(run(sess, h.lr)) for h in calib.holdout]
+            self.rank_ref = [run(sess, b) for b in self._rank_inputs(calib, static_batch)]
+        self.has_gt = all(h.hr is not None for h in calib.holdout)
+        self.fp32 = self._scores(self.ref)
+
+    def _rank_inputs(self, calib: CalibrationSet, static_batch: bool) -> list[np.ndarray]:
         if static_batch:
             self.rank_inputs = [calib.batch(i) for i in range(min(len(calib), -(-RANK_CROPS // calib.batch_size)))]
         else:
@@ -55,9 +59,7 @@ class Evaluator:
             pick = np.linspace(0, len(calib.crops) - 1, min(RANK_CROPS, len(calib.crops))).round().astype(int)
             crops = calib.crops[np.unique(pick)]
             self.rank_inputs = [crops[i:i + 8].copy() for i in range(0, len(crops), 8)]
-        self.rank_ref = [run(sess, b) for b in self.rank_inputs]
-        self.has_gt = all(h.hr is not None for h in calib.holdout)
-        self.fp32 = self._scores(self.ref)
+        return self.rank_inputs
 
     def _scores(self, outs: list[np.ndarray]) -> dict:
         per = []
@@ -73,17 +75,17 @@ class Evaluator:
 
     def quality(self, model: Path | str | bytes) -> dict:
         """Held-out scores of `model`, plus its Y-PSNR drop against fp32 (positive = worse)."""
-        sess = session(model, self.threads)
-        q = self._scores([_hwc(run(sess, h.lr)) for h in self.calib.holdout])
+        with session(model, self.threads) as sess:
+            q = self._scores([_hwc(run(sess, h.lr)) for h in self.calib.holdout])
         if self.has_gt and q["mean"]:
             q["mean"]["y_psnr_drop"] = self.fp32["mean"]["y_psnr"] - q["mean"]["y_psnr"]
         return q
 
     def rank_score(self, model: Path | str | bytes) -> float:
         """PSNR against fp32 over a few calibration batches: ranks nodes without touching held-out data."""
-        sess = session(model, self.threads)
-        mse = [float(np.mean((np.clip(run(sess, x), 0, 1) - np.clip(r, 0, 1)) ** 2))
-               for x, r in zip(self.rank_inputs, self.rank_ref)]
+        with session(model, self.threads) as sess:
+            mse = [float(np.mean((np.clip(run(sess, x), 0, 1) - np.clip(r, 0, 1)) ** 2))
+                   for x, r in zip(self.rank_inputs, self.rank_ref)]
         m = float(np.mean(mse))
         return float("inf") if m == 0 else 10.0 * np.log10(1.0 / m)
 
@@ -93,12 +95,12 @@ def native_vs_reference(model: Path | str | bytes, lrs: list[np.ndarray], thread
     of their output against the Q/DQ reference semantics, on the given LR images, with the ISA."""
     import onnxruntime
 
-    ref, nat = session(model, threads), session(model, threads, native_int8=True)
     psnrs, worst = [], 0.0
-    for lr in lrs:
-        a, b = np.clip(run(ref, lr), 0, 1), np.clip(run(nat, lr), 0, 1)
-        psnrs.append(psnr(b, a))
-        worst = max(worst, float(np.abs(a - b).max()))
+    with session(model, threads) as ref, session(model, threads, native_int8=True) as nat:
+        for lr in lrs:
+            a, b = np.clip(run(ref, lr), 0, 1), np.clip(run(nat, lr), 0, 1)
+            psnrs.append(psnr(b, a))
+            worst = max(worst, float(np.abs(a - b).max()))
     low = min(psnrs)
     return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "isa": isa(),
             "psnr_vs_reference": None if low == float("inf") else low,  # None: bit-identical
@@ -117,15 +119,15 @@ def latency(models: dict[str, Path | str], lr: np.ndarray, *, threads: int = 1, 
             repeats: int = 9) -> dict:
     """Median ms per model, runs interleaved so load changes on a shared machine hit all alike."""
     # Native integer kernels: latency is what this CPU's runtime really does.
-    sessions = {k: session(v, threads, native_int8=True) for k, v in models.items()}
     x = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for i in range(warmup + repeats):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            run(s, x)
-            if i >= warmup:
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with contextlib.ExitStack() as stack:
+        runners = {k: stack.enter_context(session(v, threads, native_int8=True)) for k, v in models.items()}
+        for i in range(warmup + repeats):
+            for k, r in runners.items():
+                run(r, x)
+                if i >= warmup:
+                    times[k].append(r.last_inference_time() * 1e3)
     return {"threads": threads, "input": [1, 3, *lr.shape[:2]], "repeats": repeats,
             "median_ms": {k: statistics.median(v) for k, v in times.items()}}
 

@@ -4,6 +4,7 @@ or a checkpoint exported on the fly), prepared for ORT's quantizer, with its ups
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -69,7 +70,8 @@ def static_dims(model: onnx.ModelProto) -> tuple[int | None, tuple[int, int] | N
 def infer_scale(fp32: Path, hw: tuple[int, int] | None) -> int:
     h, w = hw or (16, 20)
     try:
-        y = run(session(fp32), np.zeros((1, 3, h, w), np.float32))
+        with session(fp32) as sess:
+            y = run(sess, np.zeros((1, 3, h, w), np.float32))
     except ParagonError:
         raise
     except Exception as e:  # ORT's own failure types: the model does not take a 1x3xHxW image
@@ -83,7 +85,8 @@ def infer_scale(fp32: Path, hw: tuple[int, int] | None) -> int:
     return int(sh)
 
 
-def from_checkpoint(ckpt: Path, tmp: Path, variant: str | None, scale: int | None, progress) -> Path:
+def from_checkpoint(ckpt: Path, tmp: Path, variant: str | None, scale: int | None,
+                    progress: Callable[[str], None]) -> Path:
     progress(f"exporting {ckpt} to FP32 ONNX")
     try:
         from .export_onnx import export_onnx

@@ -155,6 +155,24 @@ def ort_session(model: onnx.ModelProto | Path | bytes | str, *, threads: int | N
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+def onnx_runner(model: Path | str | bytes, *, name: str, threads: int | None = None,
+                native_int8: bool = False):
+    """A Polygraphy runner on ORT CPU (`ort_session`): Q/DQ graphs run their reference semantics unless `native_int8`.
+    A file ORT cannot load fails at activation with one ParagonError line."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    src = model if isinstance(model, bytes) else str(model)
+    what = "the model" if isinstance(model, bytes) else str(model)
+
+    def session():
+        try:
+            return ort_session(src, threads=threads, native_int8=native_int8)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise ParagonError(f"{what}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+
+    return OnnxrtRunner(session, name=name)
+
+
 def run_session(sess, x: np.ndarray) -> np.ndarray:
     """Run a single-input session; the input is cast to the graph's input dtype, output to float32."""
     inp = sess.get_inputs()[0]

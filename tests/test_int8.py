@@ -26,6 +26,12 @@ from paragon_export.int8_recipe import Int8Recipe
 from paragon_export.metrics import psnr
 
 SENSITIVE = "/body/body.0/blocks/blocks.1/transformer/project_out/Conv"
+def infer(model, x):
+    """`model` on ORT CPU with Q/DQ reference semantics (the int8 evaluation's own runner)."""
+    with session(model) as s:
+        return run(s, x)
+
+
 SMALL = {"lr_size": (24, 24), "crops_per_image": 2, "batch_size": 4, "eval_size": (32, 32)}
 
 
@@ -127,8 +133,8 @@ def test_default_int8_is_symmetric_per_channel_qdq(default_run, fp32, calib):
             # bias stays float (fp16 remainder), never an int32 DequantizeLinear TensorRT cannot take
             assert _init(model, n.input[2]).data_type == onnx.TensorProto.FLOAT16
     # The file runs and stays close to fp32 on a held-out photo.
-    ref = run(session(fp32), calib.holdout[0].lr)
-    out = run(session(default_run.path), calib.holdout[0].lr)
+    ref = infer(fp32, calib.holdout[0].lr)
+    out = infer(default_run.path, calib.holdout[0].lr)
     assert psnr(np.clip(out, 0, 1), np.clip(ref, 0, 1)) > 30
 
 
@@ -149,7 +155,7 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
     assert art.meta["mixed_precision"]["mac_share"]["fp16"] == 0
     assert art.path.name.endswith("_op17.onnx") == (fp32.stem.endswith("_op17"))
     x = calib.holdout[0].lr
-    a, b = run(session(default_run.path), x), run(session(art.path), x)
+    a, b = infer(default_run.path, x), infer(art.path, x)
     assert psnr(np.clip(a, 0, 1), np.clip(b, 0, 1)) > 40
     with pytest.raises(ParagonError, match="remainder"):
         quantize_int8(fp32, tmp_path / "bad", Int8Recipe(remainder="bf16"), calib=calib, cache_dir=cache_dir)
@@ -309,7 +315,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(tmp_path, calib, cac
     quantize_symmetric(fp32, tmp_path / "excl.onnx", ranges, [SENSITIVE])
     shortcut = keep_float(onnx.load(str(tmp_path / "all.onnx")), [SENSITIVE]).SerializeToString()
     x = calib.batch(0)
-    np.testing.assert_allclose(run(session(shortcut), x), run(session(tmp_path / "excl.onnx"), x), atol=1e-5)
+    np.testing.assert_allclose(infer(shortcut, x), infer(tmp_path / "excl.onnx", x), atol=1e-5)
 
 
 def test_polygraphy_comparator_consumes_the_set(default_run, fp32, calib):
@@ -439,11 +445,10 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(fp32, calib, cac
     onnx.save(corrected(proto, deltas), str(tmp_path / "fp32_corr.onnx"))
     quantize_symmetric(tmp_path / "fp32_corr.onnx", tmp_path / "corr.onnx", ranges)
 
-    ref, q_plain, q_corr = session(fp32), session(tmp_path / "plain.onnx"), session(tmp_path / "corr.onnx")
     shift_plain, shift_corr, p_plain, p_corr = [], [], [], []
     for h in calib.holdout:
-        r = run(ref, h.lr)
-        a, b = run(q_plain, h.lr), run(q_corr, h.lr)
+        r = infer(fp32, h.lr)
+        a, b = infer(tmp_path / "plain.onnx", h.lr), infer(tmp_path / "corr.onnx", h.lr)
         shift_plain.append((a - r).mean(axis=(0, 2, 3)))
         shift_corr.append((b - r).mean(axis=(0, 2, 3)))
         p_plain.append(psnr(np.clip(a, 0, 1), np.clip(r, 0, 1)))
@@ -458,8 +463,8 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(fp32, calib, cac
     onnx.save(corrected(proto, deltas, skip=[node]), str(tmp_path / "fp32_corr2.onnx"))
     quantize_symmetric(tmp_path / "fp32_corr2.onnx", tmp_path / "corr2.onnx", ranges, [node])
     x = calib.batch(0)
-    np.testing.assert_allclose(run(session(shortcut.SerializeToString()), x),
-                               run(session(tmp_path / "corr2.onnx"), x), atol=1e-5)
+    np.testing.assert_allclose(infer(shortcut.SerializeToString(), x),
+                               infer(tmp_path / "corr2.onnx", x), atol=1e-5)
 
 
 def test_native_kernels_are_reported_apart_and_never_gate(default_run, fp32, tmp_path):

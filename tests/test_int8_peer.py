@@ -12,10 +12,9 @@ import pytest
 from paragon_export.calibration import build_calibration_set
 from paragon_export.errors import ParagonError
 from paragon_export.int8_check import inspect_qdq, trt_int8_exclusions
-from paragon_export.int8_eval import run
+from paragon_export.int8_eval import run, session
 from paragon_export.int8_peer import PeerUnavailable, modelopt_peer
 from paragon_export.metrics import psnr
-from paragon_export.onnx_graph import ort_session
 from test_int8 import SMALL, export_fp32, seeded_fused
 
 @pytest.fixture(scope="module")
@@ -59,12 +58,12 @@ def test_peer_is_int8_qdq_with_an_fp16_remainder(peer):
 
 def test_peer_output_is_close_to_fp32_on_real_photos(peer):
     fp32, calib, _, r = peer
-    ref, sess = ort_session(fp32), ort_session(r["model"])  # Q/DQ reference semantics
     assert calib.holdout
-    for h in calib.holdout:
-        a, b = np.clip(run(ref, h.lr), 0, 1), np.clip(run(sess, h.lr), 0, 1)
-        assert b.shape == a.shape and b.dtype == np.float32
-        assert psnr(b, a) > 30, h.name
+    with session(fp32) as ref, session(r["model"]) as sess:  # Q/DQ reference semantics
+        for h in calib.holdout:
+            a, b = np.clip(run(ref, h.lr), 0, 1), np.clip(run(sess, h.lr), 0, 1)
+            assert b.shape == a.shape and b.dtype == np.float32
+            assert psnr(b, a) > 30, h.name
 
 
 def test_missing_extras_raise_one_line_with_the_install_hint(monkeypatch, tmp_path):
