@@ -38,7 +38,7 @@ from paragon_export.release import release
 def artifacts(variant: str, work: Path, fit_steps: int) -> tuple[list[Path], dict]:
     if variant == "paragonsr2_nano":
         t = time.perf_counter()
-        manifest = release(None, work / "release", engine=False, echo=lambda _m: None)
+        manifest = release(None, work / "release", engine=False, progress=lambda _m: None)
         made = {a["kind"]: work / "release" / a["path"] for rec in manifest["steps"].values() for a in rec["artifacts"]}
         return [default_checkpoint(), made["onnx-fp32"], made["onnx-fp16"], made["onnx-int8"]], {
             "weights": "embedded trained default", "int8": "release (mixed precision, 0.10 dB target)",

@@ -79,7 +79,7 @@ def _entry(key: EngineKey, filename: str, model: OnnxInfo, data: bytes | None, e
 def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | str | None = None,
                  preset: str | None = None, options: BuildOptions = BuildOptions(),
                  timing_cache: Path | str | None = None, force: bool = False, check: bool = False,
-                 reference: Path | str | None = None, echo: Callable[[str], None] = _stderr,
+                 reference: Path | str | None = None, progress: Callable[[str], None] = _stderr,
                  target: Target | None = None, compile_fn=None, check_fn=None) -> tuple[Artifact, dict]:
     """Build (or find up to date) the engine of `onnx` for this GPU in `out_dir`.
 
@@ -115,7 +115,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     if path.exists() and not force:
         return _up_to_date(out, path, key, report, check_fn if check else None, model, prof, reference)
 
-    echo(f"building {path.name}: {model.precision}, profile {prof}, {target.gpu.name} ({target.gpu.sm}), "
+    progress(f"building {path.name}: {model.precision}, profile {prof}, {target.gpu.name} ({target.gpu.sm}), "
          f"TensorRT {target.trt_version}")
     start = time.monotonic()
     if compile_fn is not None:
@@ -123,7 +123,7 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     else:
         from .builder import compile_engine
         data = compile_engine(target.trt, model, prof, options, timing_cache=cache, fallback_cache=default_cache,
-                              echo=echo)
+                              progress=progress)
     seconds = round(time.monotonic() - start, 2)
     if check:
         report["check"] = check_fn(data, model, prof, reference)

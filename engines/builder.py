@@ -23,7 +23,7 @@ from .identity import BuildOptions
 from .onnx_info import OnnxInfo
 from .profile import Profile
 
-Echo = Callable[[str], None]
+Progress = Callable[[str], None]
 
 
 def default_timing_cache(gpu: GpuInfo, trt_version: str) -> Path:
@@ -33,7 +33,7 @@ def default_timing_cache(gpu: GpuInfo, trt_version: str) -> Path:
     return root / f"{gpu.slug}-{gpu.sm}_trt{trt_version}.cache"
 
 
-def _progress_monitor(trt, echo: Echo):
+def _progress_monitor(trt, progress: Progress):
     """An IProgressMonitor printing the builder's top phases, with step counts at most once a second."""
 
     class BuildProgress(trt.IProgressMonitor):
@@ -48,7 +48,7 @@ def _progress_monitor(trt, echo: Echo):
                 depth = self._phases[parent_phase][0] + 1 if parent_phase in self._phases else 0
                 self._phases[phase_name] = (depth, num_steps, time.monotonic())
                 if depth <= 1:
-                    echo(f"{'  ' * depth}{phase_name} ({num_steps} step{'s' if num_steps != 1 else ''})")
+                    progress(f"{'  ' * depth}{phase_name} ({num_steps} step{'s' if num_steps != 1 else ''})")
 
         def step_complete(self, phase_name, step):
             with self._lock:
@@ -56,54 +56,54 @@ def _progress_monitor(trt, echo: Echo):
                 now = time.monotonic()
                 if depth <= 1 and steps > 1 and now - self._last >= 1.0:
                     self._last = now
-                    echo(f"{'  ' * depth}{phase_name}: {step + 1}/{steps}")
+                    progress(f"{'  ' * depth}{phase_name}: {step + 1}/{steps}")
             return True  # never cancel
 
         def phase_finish(self, phase_name):
             with self._lock:
                 depth, _, start = self._phases.pop(phase_name, (9, 0, 0.0))
                 if depth <= 1:
-                    echo(f"{'  ' * depth}{phase_name} done in {time.monotonic() - start:.1f} s")
+                    progress(f"{'  ' * depth}{phase_name} done in {time.monotonic() - start:.1f} s")
 
     return BuildProgress()
 
 
-def _try_timing_cache(config, path: Path, echo: Echo) -> bool:
+def _try_timing_cache(config, path: Path, progress: Progress) -> bool:
     """Attach the cache at `path` (a missing file is an empty, valid cache); False when TensorRT rejects it."""
     blob = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(blob)
         if cache is not None and config.set_timing_cache(cache, False):
             if blob:
-                echo(f"timing cache: reusing {path} ({len(blob) // 1024} KiB)")
+                progress(f"timing cache: reusing {path} ({len(blob) // 1024} KiB)")
             return True
     except (RuntimeError, TypeError, ValueError):
         pass
-    echo(f"timing cache: {path} was written by another GPU or TensorRT version (or is damaged); not using it")
+    progress(f"timing cache: {path} was written by another GPU or TensorRT version (or is damaged); not using it")
     return False
 
 
-def _attach_timing_cache(config, path: Path, fallback: Path, echo: Echo) -> Path:
+def _attach_timing_cache(config, path: Path, fallback: Path, progress: Progress) -> Path:
     """Attach `path`, else the default per-GPU cache `fallback`, else a fresh one; returns where to save.
 
     A rejected `--timing-cache` must not cost the good default cache: the default is loaded (and so
     extended, not replaced) when it is accepted; only a rejected default is started afresh.
     """
-    if _try_timing_cache(config, path, echo):
+    if _try_timing_cache(config, path, progress):
         return path
-    if fallback != path and _try_timing_cache(config, fallback, echo):
+    if fallback != path and _try_timing_cache(config, fallback, progress):
         return fallback
-    echo(f"timing cache: starting a fresh one at {fallback}")
+    progress(f"timing cache: starting a fresh one at {fallback}")
     config.set_timing_cache(config.create_timing_cache(b""), False)
     return fallback
 
 
-def _save_timing_cache(config, path: Path, echo: Echo) -> None:
+def _save_timing_cache(config, path: Path, progress: Progress) -> None:
     data = config.get_timing_cache().serialize()
     with atomic_output(path, force=True, update=True) as tmp:  # the user's cache, read and grown in place
         with open(tmp, "wb") as f:
             f.write(data)
-    echo(f"timing cache: saved {path}")
+    progress(f"timing cache: saved {path}")
 
 
 def _option_flags(trt, options: BuildOptions) -> list:
@@ -120,7 +120,7 @@ def _option_flags(trt, options: BuildOptions) -> list:
 
 
 def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions, *, timing_cache: Path,
-                   fallback_cache: Path, echo: Echo) -> bytes:
+                   fallback_cache: Path, progress: Progress) -> bytes:
     """Parse the ONNX, configure the builder and return the serialized engine."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -146,16 +146,16 @@ def compile_engine(trt, model: OnnxInfo, profile: Profile, options: BuildOptions
     opt_profile.set_shape(model.input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(opt_profile)
 
-    save_cache_to = _attach_timing_cache(config, timing_cache, fallback_cache, echo)
-    monitor = _progress_monitor(trt, echo)  # must outlive the build: keep the reference
+    save_cache_to = _attach_timing_cache(config, timing_cache, fallback_cache, progress)
+    monitor = _progress_monitor(trt, progress)  # must outlive the build: keep the reference
     config.progress_monitor = monitor
 
     start = time.monotonic()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ParagonError(f"TensorRT failed to build an engine from {model.path.name} (its log above says why)")
-    echo(f"built in {time.monotonic() - start:.1f} s")
-    _save_timing_cache(config, save_cache_to, echo)
+    progress(f"built in {time.monotonic() - start:.1f} s")
+    _save_timing_cache(config, save_cache_to, progress)
     return bytes(plan)
 
 

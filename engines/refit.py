@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
@@ -57,7 +58,8 @@ def graph_difference(old_path: Path, new_path: Path) -> str | None:
     return None
 
 
-def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None, echo=print) -> tuple[Artifact, dict]:
+def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None,
+                 progress: Callable[[str], None] = print) -> tuple[Artifact, dict]:
     """Refit the refittable engine `path` with the weights of `new_onnx`; returns the new engine and report."""
     from .build import current_target, load_engine
     from .builder import deserialize, refit_from_onnx
@@ -93,5 +95,5 @@ def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None, echo=pr
                  "onnx": {"path": str(new.path), "name": new.path.name, "meta": new.meta}}
     put_entry(path.parent, new_key.digest, new_entry)
     seconds = round(time.monotonic() - start, 2)
-    echo(f"refitted {path.name} with the weights of {new_onnx.name} in {seconds} s")
+    progress(f"refitted {path.name} with the weights of {new_onnx.name} in {seconds} s")
     return Artifact(out, "engine", new_entry), {"engine": str(out), "status": "refitted", "seconds": seconds}

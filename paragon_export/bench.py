@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -186,7 +187,7 @@ def choose_baseline(paths: list[Path], baseline: Path | None) -> Path | None:
 
 def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = None, threads: int | None = None,
           runs: int = 20, warmup: int = 3, baseline: Path | str | None = None, json_path: Path | str | None = None,
-          force: bool = False, progress=None, runtimes: tuple[str, ...] | None = None) -> dict:
+          force: bool = False, progress: Callable[[str], None] | None = None, runtimes: tuple[str, ...] | None = None) -> dict:
     """Benchmark every artifact at every LR size, each on every runtime of `runtimes` that can run it
     (default: its own runtime); returns (and optionally writes) the report dict."""
     paths = [Path(p) for p in artifacts]
@@ -239,7 +240,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
 
 
 def _bench_size(order: list[Path], size: tuple[int, int], runtimes, labels: dict, base: Path | None, *, threads: int,
-                runs: int, warmup: int, peak: dict, progress) -> tuple[list[dict], list[dict]]:
+                runs: int, warmup: int, peak: dict, progress: Callable[[str], None] | None) -> tuple[list[dict], list[dict]]:
     """Every artifact on every runtime at one LR size, timed round-robin. Returns (results, skipped)."""
     h, w = size
     results, skipped = [], []

@@ -57,8 +57,8 @@ def _tensorrt_ready() -> bool:
 
 
 class _Run:
-    def __init__(self, root: Path, echo: Callable[[str], None]) -> None:
-        self.root, self.echo = root, echo
+    def __init__(self, root: Path, progress: Callable[[str], None]) -> None:
+        self.root, self.progress = root, progress
         self.manifest = Manifest(root)
         self.index = 0
 
@@ -72,10 +72,10 @@ class _Run:
         key = step_key(name, hashes, params)
         rec = self.manifest.fresh(name, key)
         if rec:
-            self.echo(f"{tag}: unchanged, skipped")
+            self.progress(f"{tag}: unchanged, skipped")
             return rec
         self.remove(name)  # inputs or options changed: the old outputs go before the new run
-        self.echo(f"{tag} ...")
+        self.progress(f"{tag} ...")
         t0 = time.perf_counter()
         try:
             outs = fn()
@@ -90,7 +90,7 @@ class _Run:
                            **({"meta": o["meta"]} if o.get("meta") else {})} for o in outs],
         }
         self.manifest.record(name, rec)
-        self.echo(f"{tag}: done in {rec['seconds']:.1f} s")
+        self.progress(f"{tag}: done in {rec['seconds']:.1f} s")
         return rec
 
     def remove(self, name: str) -> None:
@@ -110,7 +110,7 @@ class _Run:
     def keep_only(self, names: set[str]) -> None:
         """Remove the steps of an earlier run that this run does not request."""
         for name in [n for n in self.manifest.data["steps"] if n not in names]:
-            self.echo(f"removing {name}: not requested by this run")
+            self.progress(f"removing {name}: not requested by this run")
             self.remove(name)
 
     def path(self, rec: dict, kind: str) -> Path:
@@ -165,7 +165,7 @@ def _folder_lock(root: Path) -> Iterator[None]:
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
             precisions: tuple[str, ...] = DEFAULT_PRECISIONS, engine: bool | None = None, scale: int | None = None,
-            force: bool = False, echo: Callable[[str], None] = print) -> dict:
+            force: bool = False, progress: Callable[[str], None] = print) -> dict:
     """Run the release pipeline into `out_dir`; returns the manifest data. `engine=None` builds an
     engine only where TensorRT and a GPU exist, True requires them, False skips."""
     unknown = sorted(set(precisions) - set(PRECISIONS))
@@ -185,12 +185,12 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     want_engine = _tensorrt_ready() if engine is None else engine
     check_output_dir(root)
     with _folder_lock(root):
-        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo)
+        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, progress)
 
 
-def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
+def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, progress) -> dict:
     variant, s = loaded.variant, loaded.scale
-    run = _Run(root, echo)
+    run = _Run(root, progress)
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
                   | ({"engine"} if want_engine else set()))
     total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
@@ -198,7 +198,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
     run.manifest.data["precisions"] = list(precisions)
-    sub = lambda m: echo(f"    {m}")  # noqa: E731  (a step's own progress, indented under its line)
+    sub = lambda m: progress(f"    {m}")  # noqa: E731  (a step's own progress, indented under its line)
 
     fused_path = root / f"{variant}_x{s}_fused.safetensors"
     rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s}, lambda: _fuse_step(src, loaded, fused_path, scale))
@@ -220,7 +220,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     if want_engine:
         run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, lambda: _engine_step(root, artifacts[1:], sub))
     else:
-        echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
+        progress("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 
     run.manifest.save()
     _write_card(root, run.manifest)
@@ -273,7 +273,7 @@ def _int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[s
 def _qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
     from .qat import qat
 
-    art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=False, say=progress)
+    art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=progress, bar=False)
     return [{"path": art.path, "kind": "onnx-qat", "parent": _rel(root, fused)}]
 
 
@@ -294,7 +294,7 @@ def _engine_step(root: Path, models: list[Path], progress: Callable[[str], None]
 
     outs = []
     for p in models:
-        art, _ = build_engine(p, root / "engines", check=True, force=True, echo=progress)
+        art, _ = build_engine(p, root / "engines", check=True, force=True, progress=progress)
         outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
     return outs
 

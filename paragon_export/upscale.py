@@ -273,7 +273,7 @@ def _check_image_suffix(p: Path) -> None:
 
 def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, tile: int = DEFAULT_TILE,
             overlap: int = DEFAULT_OVERLAP, alpha: str = "bicubic", force: bool = False, threads: int | None = None,
-            scale: int | None = None, progress: bool | None = None, runtime: str | None = None) -> list[dict]:
+            scale: int | None = None, bar: bool | None = None, runtime: str | None = None) -> list[dict]:
     """Upscale every input image with `artifact`; returns one record per written file.
 
     All checks (inputs readable, outputs free, formats possible) happen before the model runs, so a
@@ -298,19 +298,19 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
         read_picture(j.src)
     try:
         return _upscale_jobs(artifact, jobs, tile=tile, overlap=overlap, alpha=alpha, force=force, threads=threads,
-                             scale=scale, progress=progress, runtime=runtime, sources=sources)
+                             scale=scale, bar=bar, runtime=runtime, sources=sources)
     except EngineNotRunnable as e:  # raised only while loading: nothing was written
         raise ParagonError(f"skipped {artifact}: {e}") from None
 
 
-def _upscale_jobs(artifact, jobs: list[Job], *, tile, overlap, alpha, force, threads, scale, progress,
+def _upscale_jobs(artifact, jobs: list[Job], *, tile, overlap, alpha, force, threads, scale, bar,
                   runtime, sources) -> list[dict]:
     from tqdm import tqdm
 
     records = []
     with open_model(artifact, threads=threads, scale=scale, runtime=runtime) as model:
         total = sum(tile_count(*j.size, tile, overlap, model.max_hw) for j in jobs)
-        with tqdm(total=total, unit="tile", disable=(None if progress is None else not progress),
+        with tqdm(total=total, unit="tile", disable=(None if bar is None else not bar),
                   desc="upscale") as bar:
             for j in jobs:
                 pic = read_picture(j.src)

@@ -289,7 +289,7 @@ class FakeCompile:
 def _build(onnx_path, out, gpu=H200, trt="10.3.0", **kw):
     kw.setdefault("compile_fn", FakeCompile())
     kw.setdefault("timing_cache", out / "tc.cache")
-    return build_engine(onnx_path, out, target=Target(gpu, trt), echo=lambda m: None, **kw)
+    return build_engine(onnx_path, out, target=Target(gpu, trt), progress=lambda m: None, **kw)
 
 
 def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
@@ -348,7 +348,7 @@ def test_loading_on_another_gpu_refuses_and_rebuild_builds_for_it(onnx_dir, tmp_
         load_engine(art.path, target=Target(H200, "11.1.0"))
 
     fake = FakeCompile()
-    new, rep2 = rebuild_engine(art.path, target=Target(L4, "10.3.0"), compile_fn=fake, echo=lambda m: None,
+    new, rep2 = rebuild_engine(art.path, target=Target(L4, "10.3.0"), compile_fn=fake, progress=lambda m: None,
                                timing_cache=tmp_path / "tc.cache")
     assert new.path != art.path and art.path.exists() and "nvidia-l4" not in new.path.name
     assert new.path.name.startswith("nano_x2_int8_l4-sm89_trt10.3.0_")
@@ -683,7 +683,7 @@ def test_compile_engine_is_strongly_typed_on_every_version(onnx_dir, tmp_path, v
     model = inspect_onnx(onnx_dir / f"nano_x2_{precision}.onnx")
     echoed = []
     plan = compile_engine(trt, model, preset_profile("720p"), BuildOptions(workspace_gb=1.0, hardware_compat="ampere+"),
-                          timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=echoed.append)
+                          timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", progress=echoed.append)
     assert plan == b"PLAN"
     assert [c for c in trt.calls if c[0] == "set_flag"] == []
     assert [c for c in trt.calls if c[0] == "clear_flag"] == [("clear_flag", "TF32")]
@@ -704,19 +704,19 @@ def test_compile_engine_timing_cache_reuse_and_mismatch(onnx_dir, tmp_path):
     trt = _fake_trt("11.0.0")
     msgs = []
     compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=cache, fallback_cache=fallback,
-                   echo=msgs.append)
+                   progress=msgs.append)
     assert ("set_timing_cache", b"old") in trt.calls and cache.read_bytes() == b"CACHE+old"
     assert any("reusing" in m for m in msgs)
 
     trt = _fake_trt("11.0.0", cache_ok=False)  # both caches from another GPU: a fresh one replaces the default
     fallback.write_bytes(b"stale")
     compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=cache, fallback_cache=fallback,
-                   echo=msgs.append)
+                   progress=msgs.append)
     assert cache.read_bytes() == b"CACHE+old" and fallback.read_bytes() == b"CACHE+"
 
     with pytest.raises(ParagonError, match=r"cannot parse nano_x2_fp32.onnx: In node 3 \(Conv\): unsupported"):
         compile_engine(_fake_trt("10.3.0", parse_ok=False), model, preset_profile("720p"), BuildOptions(),
-                       timing_cache=cache, fallback_cache=fallback, echo=msgs.append)
+                       timing_cache=cache, fallback_cache=fallback, progress=msgs.append)
 
 
 def test_rejected_timing_cache_keeps_the_default_cache(onnx_dir, tmp_path):
@@ -731,7 +731,7 @@ def test_rejected_timing_cache_keeps_the_default_cache(onnx_dir, tmp_path):
     trt = _fake_trt("10.13.0", reject={b"foreign"})
     msgs = []
     compile_engine(trt, model, preset_profile("720p"), BuildOptions(), timing_cache=given, fallback_cache=default,
-                   echo=msgs.append)
+                   progress=msgs.append)
     assert given.read_bytes() == b"foreign"  # left as it was
     assert default.read_bytes() == b"CACHE+good"  # the good cache was loaded and saved back, not replaced
     assert ("set_timing_cache", b"good") in trt.calls
@@ -900,7 +900,7 @@ def test_carry_options_set_their_builder_flags_and_trtexec_flags(onnx_dir, tmp_p
     for version in ("10.13.0", "11.4.0"):
         trt = _fake_trt(version)
         compile_engine(trt, inspect_onnx(onnx_dir / "nano_x2_fp16.onnx"), preset_profile("720p"), options,
-                       timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", echo=lambda m: None)
+                       timing_cache=tmp_path / "t.cache", fallback_cache=tmp_path / "f.cache", progress=lambda m: None)
         assert [c[1] for c in trt.calls if c[0] == "set_flag"] == flags
         cmd = trtexec_command(onnx="m.onnx", engine="m.engine", input_name="input", profile=preset_profile("720p"),
                               precision="fp16", options=options, trt_version=version)
@@ -951,7 +951,7 @@ def test_refit_writes_a_refitted_engine_of_the_new_onnx(onnx_dir, tmp_path):
     art, _ = _build(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "eng", options=BuildOptions(refittable=True))
     tuned = _reweighted(onnx_dir / "nano_x2_fp32.onnx", tmp_path / "tuned_fp32.onnx")
     target = _refit_target()
-    new, rep = refit_engine(art.path, tuned, target=target, echo=lambda m: None)
+    new, rep = refit_engine(art.path, tuned, target=target, progress=lambda m: None)
     assert rep["status"] == "refitted" and new.path != art.path and art.path.exists()
     assert new.path.read_bytes() == b"PLAN refitted" and new.path.name.startswith("tuned_fp32_h200-sm90_trt10.3.0_")
     assert ("refit_from_file", "tuned_fp32.onnx") in target.trt.calls

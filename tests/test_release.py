@@ -9,7 +9,7 @@ from conftest import write_model
 
 def run(ckpt, out, **kw):
     lines = []
-    release(ckpt, out, echo=lines.append, **kw)
+    release(ckpt, out, progress=lines.append, **kw)
     return lines
 
 

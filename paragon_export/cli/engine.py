@@ -7,6 +7,7 @@ from paragon_export.engines.identity import HARDWARE_COMPAT, BuildOptions
 from paragon_export.engines.profile import PRESETS
 
 from ..errors import ParagonError
+from .options import force_option, output_option
 
 
 def _err(msg: str) -> None:
@@ -30,8 +31,7 @@ def _print_result(art, report: dict) -> None:
 
 @click.command("engine")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Engine folder (engines + manifest.json). Required when MODEL is an ONNX file.")
+@output_option("Engine folder (engines + manifest.json). Required when MODEL is an ONNX file.", required=False)
 @click.option("--profile", help="Optimization profile on the LR input, min:opt:max, each NxCxHxW or HxW "
                                 "(e.g. 64x64:512x512:1080x1920).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
@@ -61,7 +61,7 @@ def _print_result(art, report: dict) -> None:
               help="fp32 ONNX for --check when MODEL is fp16/int8 (default: its fp32 sibling).")
 @click.option("--rebuild", is_flag=True, help="MODEL is an .engine: rebuild it for this GPU/TensorRT from the ONNX "
                                               "its manifest entry names.")
-@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
+@force_option("Rebuild even if an up-to-date engine exists.")
 def command(model, output, profile, preset, workspace, timing_cache, hardware_compat, refittable, version_compatible,
             strip_weights, refit, print_trtexec, trt_version, check, reference, rebuild, force):
     """Build a TensorRT engine of MODEL.onnx for this GPU into a folder, or verify / rebuild MODEL.engine."""
@@ -76,12 +76,12 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
             raise ParagonError("-o applies when building from ONNX; a rebuilt engine goes next to the old one")
         if refit is not None:
             from paragon_export.engines.refit import refit_engine
-            art, _ = refit_engine(model, refit, echo=_err)
+            art, _ = refit_engine(model, refit, progress=_err)
             click.echo(f"refitted: {art.path}")
             return
         if rebuild:
             art, report = rebuild_engine(model, timing_cache=timing_cache, check=check, reference=reference,
-                                         echo=_err)
+                                         progress=_err)
             _print_result(art, report)
             return
         entry, report = verify_engine(model, check=check, reference=reference)
@@ -103,5 +103,5 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
     if output is None:
         raise ParagonError("-o/--output DIR is required when building from ONNX")
     art, report = build_engine(model, output, profile=profile, preset=preset, options=options,
-                               timing_cache=timing_cache, force=force, check=check, reference=reference, echo=_err)
+                               timing_cache=timing_cache, force=force, check=check, reference=reference, progress=_err)
     _print_result(art, report)

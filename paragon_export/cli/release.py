@@ -3,23 +3,24 @@ from pathlib import Path
 import click
 
 from ..release import DEFAULT_PRECISIONS, release
+from .options import force_option, output_option, scale_option
 
 
 @click.command("release")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Release folder.")
+@output_option("Release folder.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration images (default: bundled sample photos).")
 @click.option("--precisions", default=",".join(DEFAULT_PRECISIONS), show_default=True,
               help="fp32 plus any of fp16, int8, qat.")
 @click.option("--engine/--no-engine", default=None,
               help="Build TensorRT engines (default: only where TensorRT and a GPU exist).")
-@click.option("--scale", type=int, help="Upscale factor for checkpoints that do not record it (traiNNer-redux).")
-@click.option("--force", is_flag=True, help="Release into a non-empty folder that has no manifest.")
+@scale_option()
+@force_option("Release into a non-empty folder that has no manifest.")
 def command(checkpoint, output, calib, precisions, engine, scale, force):
     """Fuse, export, quantize, verify (and build engines): everything a release needs, in one folder.
 
     Without CHECKPOINT the embedded trained default model is released."""
     precs = tuple(p.strip() for p in precisions.split(",") if p.strip())
     release(checkpoint, output, calib=calib, precisions=precs, engine=engine, scale=scale, force=force,
-            echo=click.echo)
+            progress=click.echo)
     click.echo(f"release ready: {output}/manifest.json, {output}/MODEL_CARD.md, {output}/parity/parity.md")
