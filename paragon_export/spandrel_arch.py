@@ -69,7 +69,7 @@ class ParagonSR2Arch(Architecture[ParagonSR2]):
         tags = [info["variant"].removeprefix("paragonsr2_"), info["upsampler"], "fused" if info["fused"] else "unfused"]
         return ImageModelDescriptor(
             model, state_dict, architecture=self, purpose="SR" if s > 1 else "Restoration", tags=tags,
-            # fp16: parity's torch .half() row (69 dB vs fp32 on the default); bf16 is not verified.
+            # fp16: verified by parity's torch .half() row; bf16 is not verified.
             supports_half=True, supports_bfloat16=False, scale=s, input_channels=info["hparams"]["in_chans"],
             output_channels=3,
             # Fully convolutional with zero / edge-replicating padding: any size from 1x1 runs.

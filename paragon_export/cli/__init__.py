@@ -105,7 +105,7 @@ class _LazyGroup(click.Group):
         name, cmd, rest = super().resolve_command(ctx, args)
         if name in SINGLE_THREAD and "OMP_NUM_THREADS" not in os.environ:
             # These commands run torch on small verification crops, where extra OpenMP threads only
-            # add overhead, and spin-wait badly on a busy machine (fuse: 5 s on 1 thread vs 37 s on 2).
+            # add overhead, and spin-wait badly on a busy machine (README: measured figures).
             import torch
 
             torch.set_num_threads(1)
