@@ -62,8 +62,9 @@ def onnx_filename(variant: str, scale: int, precision: str, opset: int) -> str:
 
 def community_filename(source: Path | str, scale: int, precision: str) -> str:
     """`2x_<name>_fp16.onnx`, the naming of community model collections, where <name> is the
-    checkpoint's file name without a scale tag of its own (`2x_`, `x2_`, `_x2`, `_2x`)."""
+    checkpoint's file name without `_fused` and a scale tag of its own (`2x_`, `x2_`, `_x2`, `_2x`)."""
     name = Path(source).stem
+    name = name[:-len("_fused")] if name.lower().endswith("_fused") else name
     for tag in (f"{scale}x_", f"x{scale}_"):
         name = name[len(tag):] if name.lower().startswith(tag) else name
     for tag in (f"_x{scale}", f"_{scale}x"):

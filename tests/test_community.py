@@ -106,3 +106,14 @@ def test_community_profile_bad_combinations_are_one_line_errors(written, tmp_pat
     r = CliRunner().invoke(main, ["onnx", str(written["ckpt"]), "-o", str(tmp_path), "--profile", "anime"])
     assert r.exit_code == 2 and "'anime' is not one of" in r.output
     assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("source,name", [
+    ("paragonsr2_nano_x2_fused.safetensors", "2x_paragonsr2_nano_fp16.onnx"), ("2x_Nano.pth", "2x_Nano_fp16.onnx"),
+    ("Anime_2x.safetensors", "2x_Anime_fp16.onnx"), ("net_g_1000.pth", "2x_net_g_1000_fp16.onnx"),
+    ("x4_Foo.pth", "2x_x4_Foo_fp16.onnx"),  # another scale's tag is the user's name, not ours to drop
+])
+def test_community_file_names(source, name):
+    from paragon_export.export_onnx import community_filename
+
+    assert community_filename(source, 2, "fp16") == name
