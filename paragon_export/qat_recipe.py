@@ -32,6 +32,8 @@ class QATRecipe:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     lr_size: tuple[int, int] = DEFAULT_LR_SIZE  # calibration crops (LR)
+    crops_per_image: int = 4
+    batch_size: int = 2  # calibration crops per batch
     eval_size: tuple[int, int] = DEFAULT_EVAL_SIZE  # held-out centre crop (LR)
     holdout: float = 0.25  # fraction of the folder's images held out
 
@@ -49,7 +51,8 @@ class QATRecipe:
 
     def calibration(self) -> dict:
         """`calibration.build_calibration_set`'s keywords."""
-        return {"lr_size": self.lr_size, "eval_size": self.eval_size, "holdout": self.holdout, "seed": self.seed}
+        return {"lr_size": self.lr_size, "crops_per_image": self.crops_per_image, "batch_size": self.batch_size,
+                "eval_size": self.eval_size, "holdout": self.holdout, "seed": self.seed}
 
     def as_dict(self) -> dict:
         return asdict(self)
