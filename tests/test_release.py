@@ -127,3 +127,19 @@ def test_second_concurrent_release_refuses_with_the_holders_pid(tmp_path):
         holder.kill()
         holder.wait()
     assert not (out / "paragonsr2_nano_x2_fused.safetensors").exists()
+
+
+def test_manifest_has_the_same_permissions_as_every_artifact(tmp_path):
+    # Issue 18 item 8: manifest.json was written 0600 (mkstemp's mode), every other artifact 0644.
+    import os
+
+    out = tmp_path / "rel"
+    before = os.umask(0o022)
+    try:
+        run(write_model(tmp_path / "a.safetensors"), out, precisions=("fp32",), engine=False)
+    finally:
+        os.umask(before)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    onnx_file = out / "paragonsr2_nano_x2_fp32_op17.onnx"
+    assert mode(out / "manifest.json") == mode(onnx_file) == mode(out / "MODEL_CARD.md")
+    assert mode(out / "manifest.json") == 0o644
