@@ -105,7 +105,7 @@ class ModelRunner:
         if self.max_hw:
             h, w = min(h, self.max_hw[0]), min(w, self.max_hw[1])
         y = self(np.zeros((1, 3, h, w), np.float32))
-        s = y.shape[2] // h
+        s = y.shape[2] // h if y.ndim == 4 else 0  # a classifier's [N, classes] has no height
         if y.ndim != 4 or y.shape[1] != 3 or s < 1 or y.shape[2] != s * h or y.shape[3] != s * w:
             raise ParagonError(f"{self.path}: a 1x3x{h}x{w} input gave {list(y.shape)}, not an image upscale")
         return s

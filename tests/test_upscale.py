@@ -269,3 +269,32 @@ def test_upscale_output_keeps_the_exif_orientation(tmp_path, photo):
     assert r.exit_code == 0, r.output
     got, want = np.asarray(Image.open(outs / "portrait.png")), np.asarray(Image.open(outs / "upright.png"))
     assert got.shape[:2] == (80, 48) and np.array_equal(got, want)
+
+
+def test_foreign_classifier_onnx_is_one_line_in_upscale_and_bench(tmp_path, photo):
+    # Issue 18 item 6: a classifier (image in, [N, classes] out) was an IndexError traceback in both.
+    from onnx import helper, numpy_helper
+
+    clf = tmp_path / "classifier.onnx"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 10])
+    w = numpy_helper.from_array(np.ones((3, 10), np.float32), "w")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)]),
+              str(clf))
+    img = tmp_path / "ok.png"
+    Image.fromarray((photo[:24, :32] * 255).astype(np.uint8)).save(img)
+    for args in (["upscale", str(clf), str(img), "-o", str(tmp_path / "o"), "--threads", "1"],
+                 ["bench", str(clf), "--sizes", "16x16", "--runs", "1", "--threads", "1"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and "input gave [1, 10], not an image upscale" in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+    gray = tmp_path / "gray.onnx"  # a 1-channel model in bench (upscale: test_errors_are_one_line)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(gray))
+    r = CliRunner().invoke(main, ["bench", str(gray), "--sizes", "16x16", "--runs", "1", "--threads", "1"])
+    assert r.exit_code == 1 and "expected a 1x3xHxW input" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
