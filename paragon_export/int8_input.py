@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .errors import ParagonError
+from .errors import ParagonError, require_file
 from .int8_eval import run, session
 from .onnx_graph import graph_precision
 
@@ -17,8 +17,7 @@ MIN_OPSET = 13
 
 
 def load_fp32(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise ParagonError(f"model {path} does not exist")
+    require_file(path, "model")
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf decode errors have no common base class

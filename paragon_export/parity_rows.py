@@ -13,7 +13,7 @@ import torch
 from .artifact import sha256_file
 from .checkpoint import load_model
 from .cpu import isa
-from .errors import ParagonError
+from .errors import ParagonError, require_file
 from .runners import (RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision, onnx_runner,
                       open_runner, resolve_runtime)
 from .verify import Limits
@@ -76,8 +76,7 @@ def artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None =
     row skipped with the install hint; a file that cannot be opened makes it an error row."""
     kind = classify(path)
     rt = resolve_runtime(path, runtime)
-    if not path.is_file():
-        raise ParagonError(f"artifact {path} does not exist")
+    require_file(path, "artifact")
     name = _unique(path.name if role == "artifact" else f"{path.name} [{rt}]", taken)
     e = Entry(name, role, kind, RUNNER_LABELS[rt], "fp32", "", gated=gated, path=path, sha256=sha256_file(path))
     try:

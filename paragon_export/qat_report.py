@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from .metrics import psnr, psnr_y, ssim_y
+from .qat_export import REMAINDER_MIN_PSNR
+from .verify import describe
 
 
 @torch.no_grad()
@@ -96,6 +98,7 @@ def build_report(*, job, run, extra: dict, graph, info: dict, fp32_graph, fp32_p
                      "loss": "L1 to the fp32 teacher" + (f" + {s.gt_weight} x L1 to HR" if s.gt_weight else ""),
                      "train_patches": int(len(job.patches.lr)), "history": run.history},
         "verification": {**verification, "min_psnr_limit": verify_min_psnr, "reference": "torch fake-quant student",
+                         "remainder_min_psnr_limit": REMAINDER_MIN_PSNR,
                          "runtime": "onnxruntime CPU, Q/DQ reference semantics"},
         "native_kernels": native_vs_reference(qat_path, [h.lr for h in cal.holdout], threads),
         "quality": quality,
@@ -142,7 +145,9 @@ def format_table(report: dict) -> str:
     v = report["verification"]
     sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB" for g, r in v["groups"].items()
                       if "max_abs" in r)
-    lines.append(f"ORT (Q/DQ reference semantics) vs torch fake quant: {sizes}")
+    lines.append(f"ORT (Q/DQ reference semantics) vs torch fake quant, fp32 remainder: {sizes}")
+    if v.get("remainder"):
+        lines.append(f"fp16 remainder vs fp32 remainder (ORT): {describe(v['remainder'], 'psnr')}")
     if report.get("native_kernels"):
         from .int8_eval import format_native
 

@@ -36,6 +36,15 @@ def learning_rate(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / max(total - warm, 1)))
 
 
+def check_diverged(distill: float, step: int, lr: float) -> float:
+    """The step's distillation L1, or one line when training has diverged: a NaN/Inf loss, or a mean
+    error above 1 (teacher outputs are images in [0, 1]: the student no longer produces an image)."""
+    if not math.isfinite(distill) or distill > 1.0:
+        raise ParagonError(f"QAT diverged at step {step}: distillation loss {distill:.3g} (NaN/Inf or above 1); "
+                           f"lower --lr (it is {lr:g})")
+    return distill
+
+
 @dataclass
 class QATRun:
     """Teacher, student and optimizer of one QAT run (the API's building block; tests drive it)."""

@@ -117,6 +117,26 @@ def _log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _forget_logs_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their records (logged before the
+    interruption) so every step appears once in metrics.jsonl."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the kill
+        if rec_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def train(cfg: dict, *, resume: bool = False) -> dict:
     """Run (or continue) training as configured. Returns the final validation result (rank 0)."""
     dist = _Dist(cfg["train"]["device"])
@@ -236,6 +256,8 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
     nets = _nets(cfg, device)
     model, ema = nets.model, nets.ema
     start = _start_step(nets, out, resume)
+    if resume and dist.main:
+        _forget_logs_after(out / "metrics.jsonl", start)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
