@@ -141,16 +141,25 @@ def _finite(v: float) -> float | None:
 def decide(record: dict, *, min_speedup: float = MIN_SPEEDUP, min_psnr: float = MIN_PSNR) -> tuple[bool, list[str]]:
     """Ship or not, from a record's measurements, with the reasons not to (empty when it ships).
     A figure not measured (None / absent) fails its test."""
-    reasons = []
+    reasons = [r for r in (_slow(record, min_speedup), _inexact(record, min_psnr)) if r]
+    return not reasons, reasons
+
+
+def _slow(record: dict, min_speedup: float) -> str | None:
     speed = (record.get("speed") or {}).get("speedup")
-    if speed is None or not speed >= min_speedup:
-        reasons.append(f"speed-up {'not measured' if speed is None else f'{speed:.2f}x'} < {min_speedup:g}x over ORT fp32")
+    if speed is not None and speed >= min_speedup:
+        return None
+    return f"speed-up {'not measured' if speed is None else f'{speed:.2f}x'} < {min_speedup:g}x over ORT fp32"
+
+
+def _inexact(record: dict, min_psnr: float) -> str | None:
     native = (record.get("quality") or {}).get("native") or {}
     if "psnr_min" not in native:
-        reasons.append("native-kernel PSNR not measured")
-    elif native["psnr_min"] is not None and not native["psnr_min"] >= min_psnr:
-        reasons.append(f"native-kernel PSNR vs fp32 {native['psnr_min']:.2f} dB < {min_psnr:g} dB (worst held-out image)")
-    return not reasons, reasons
+        return "native-kernel PSNR not measured"
+    low = native["psnr_min"]  # None: identical to fp32
+    if low is None or low >= min_psnr:
+        return None
+    return f"native-kernel PSNR vs fp32 {low:.2f} dB < {min_psnr:g} dB (worst held-out image)"
 
 
 def describe(record: dict) -> str:
@@ -177,10 +186,13 @@ def _db(v: float | None) -> str:
 def cpu_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | None = None, *,
              calib_dir: Path | str | None = None, calib: CalibrationSet | None = None,
              cache_dir: Path | str | None = None, measure_all: bool = False, force: bool = False,
-             budget_s: float = PROBE_BUDGET_S, progress: Callable[[str], None] | None = None) -> CpuInt8:
+             min_speedup: float = MIN_SPEEDUP, min_psnr: float = MIN_PSNR, probe_lr: tuple[int, int] = PROBE_LR,
+             budget_s: float = PROBE_BUDGET_S, variant: str | None = None, scale: int | None = None,
+             progress: Callable[[str], None] | None = None) -> CpuInt8:
     """FP32 MODEL (.onnx, or a checkpoint) -> `{out_dir}/..._int8_cpu_<isa>_op<N>.onnx` when it pays on
     this CPU, and always `..._report.json` with the record. The calibration set is the one `int8`
     builds from `recipe` (or `calib`). `measure_all`: measure the quality even when the speed fails."""
+    limits = {"min_speedup": min_speedup, "min_psnr": min_psnr}
     from .int8 import _from_checkpoint, _load_fp32, _prepare
 
     progress = progress or (lambda _msg: None)
@@ -189,27 +201,28 @@ def cpu_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | None =
     src, out_dir = Path(model), Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="paragon-int8-cpu-") as tmp_name:
         tmp = Path(tmp_name)
-        fp32_src = src if src.suffix.lower() == ".onnx" else _from_checkpoint(src, tmp, None, None)
+        fp32_src = src if src.suffix.lower() == ".onnx" else _from_checkpoint(src, tmp, variant, scale)
         model_path, report_path = output_paths(out_dir, fp32_src.stem, isa_name)
         check_output(model_path, force=force)
         check_output(report_path, force=force)
         proto = _load_fp32(fp32_src)
         fp32 = _prepare(proto, tmp, fp32_src)
-        calib, x = _inputs(fp32, proto, r, calib_dir, calib)
-        record = _record(fp32_src, fp32, isa_name)
-        progress(f"CPU int8 ({isa_name}): timing against fp32 on ORT, 1 thread, {x.shape[2]}x{x.shape[3]}")
+        calib, x = _inputs(fp32, proto, r, calib_dir, calib, probe_lr)
+        record = _record(fp32_src, fp32, isa_name, limits)
+        progress(f"timing an ORT CPU int8 model ({isa_name}) against fp32, 1 thread, {x.shape[2]}x{x.shape[3]}")
         record["speed"] = _probe(fp32, tmp, calib, x, record["recipe"]["reduce_range"], budget_s)
         int8 = tmp / "int8_cpu.onnx"
-        if measure_all or decide(record)[0]:
+        if measure_all or _slow(record, min_speedup) is None:
             ranges = calibration_ranges(fp32, calib, METHOD, cache_dir=cache_dir)
             record["calibration"] = {**calib.summary(), **ranges.summary()}
             quantize_cpu(fp32, int8, reduce_range=record["recipe"]["reduce_range"], ranges=ranges)
             record["quality"] = quality(fp32, int8, [h.lr for h in calib.holdout])
-        record["shipped"], record["reasons"] = decide(record)
+        record["shipped"], record["reasons"] = decide(record, **limits)
         return _write(record, int8, model_path, report_path, force)
 
 
-def _inputs(fp32: Path, proto: onnx.ModelProto, r: Int8Recipe, calib_dir, calib: CalibrationSet | None):
+def _inputs(fp32: Path, proto: onnx.ModelProto, r: Int8Recipe, calib_dir, calib: CalibrationSet | None,
+            probe_lr: tuple[int, int]):
     """The calibration set `int8` would build, and the probe input (a real photo crop)."""
     from .bench import bench_input
     from .int8 import _infer_scale, _static_dims
@@ -224,11 +237,11 @@ def _inputs(fp32: Path, proto: onnx.ModelProto, r: Int8Recipe, calib_dir, calib:
         raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{found}")
     if not calib.holdout:
         raise ParagonError("the calibration set has no held-out images to evaluate on")
-    x = bench_input(*(static_hw or PROBE_LR)).astype(np.float32)
+    x = bench_input(*(static_hw or probe_lr)).astype(np.float32)
     return calib.with_input_name(proto.graph.input[0].name), np.repeat(x, batch or 1, axis=0)
 
 
-def _record(fp32_src: Path, fp32: Path, isa_name: str) -> dict:
+def _record(fp32_src: Path, fp32: Path, isa_name: str, limits: dict) -> dict:
     import onnxruntime
 
     return {"isa": isa_name, "machine": platform.machine(), "runtime": f"onnxruntime {onnxruntime.__version__} CPU",
@@ -236,7 +249,7 @@ def _record(fp32_src: Path, fp32: Path, isa_name: str) -> dict:
             "recipe": {"format": FORMAT, "activations": "uint8 asymmetric", "weights": "int8 symmetric, per-channel",
                        "reduce_range": reduce_range_for(isa_name), "ops": "every op ORT quantizes",
                        "calibration_method": METHOD},
-            "thresholds": {"min_speedup": MIN_SPEEDUP, "min_psnr": MIN_PSNR,
+            "thresholds": {**limits,
                            "psnr": "native kernels vs fp32, worst held-out image"},
             "speed": None, "quality": None}
 

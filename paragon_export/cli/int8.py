@@ -37,12 +37,17 @@ def _size(text: str) -> tuple[int, int]:
               help="dtype of the nodes left unquantized (fp16: what a strongly typed TensorRT engine runs fast; "
                    "nodes whose activations overflow fp16 stay fp32).")
 @click.option("--no-peer", is_flag=True, help="Skip the original deploy recipe's comparison row.")
+@click.option("--cpu", is_flag=True,
+              help="Also make a separate int8 file for ONNX Runtime's own CPU kernels (..._int8_cpu_<isa>...): "
+                   "written only if on this CPU it is >= 1.2x faster than fp32 and >= 40 dB from it; "
+                   "the figures and the decision go to its _report.json either way.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
-            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, threads, variant, scale, force):
+            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, cpu, threads, variant, scale,
+            force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
@@ -61,3 +66,10 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
     if mp["kept_float"]:
         click.echo(f"kept in float: {', '.join(mp['kept_float'])}")
     click.echo(f"wrote {art.path} and {art.meta['output']['report']}")
+    if cpu:
+        from ..int8_cpu import cpu_int8, describe
+
+        res = cpu_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, measure_all=True, force=force,
+                       variant=variant, scale=scale,
+                       progress=lambda m: click.echo(m, err=True))
+        click.echo(describe(res.record))
