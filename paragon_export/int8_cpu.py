@@ -173,8 +173,18 @@ def describe(record: dict) -> str:
         figs.append(f"PSNR vs fp32 {_db(q['psnr_min'])} worst / {_db(q['psnr_mean'])} mean (native kernels)")
     head = (f"CPU int8 ({record['isa']}, {record['recipe']['format']}, reduce_range "
             f"{'on' if record['recipe']['reduce_range'] else 'off'}): ")
-    verdict = f"written {record['output']['model']}" if record["shipped"] else "not written: " + "; ".join(record["reasons"])
+    verdict = f"written {Path(record['output']['model']).name}" if record["shipped"] else "not written: " + "; ".join(record["reasons"])
     return head + verdict + (" -- " + ", ".join(figs) if figs else "")
+
+
+def summary(record: dict) -> dict:
+    """The record's decision and figures for a manifest: flat, without the calibration details."""
+    sp, q = record.get("speed") or {}, (record.get("quality") or {}).get("native") or {}
+    return {"shipped": record["shipped"], "reasons": record["reasons"], "isa": record["isa"],
+            "runtime": record["runtime"], "format": record["recipe"]["format"],
+            "reduce_range": record["recipe"]["reduce_range"], "thresholds": record["thresholds"],
+            **{k: sp.get(k) for k in ("speedup", "speedup_min", "speedup_max", "rounds", "input")},
+            "native_psnr_min": q.get("psnr_min"), "native_psnr_mean": q.get("psnr_mean"), "line": describe(record)}
 
 
 def _db(v: float | None) -> str:

@@ -279,13 +279,15 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
            images: Path | str | None = None, sizes: str | list[tuple[int, int]] = DEFAULT_SIZES,
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
            force: bool = False, png_crops: int = 3, scale: int | None = None,
-           runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = ()) -> dict:
+           runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = (),
+           ungated: tuple[Path | str, ...] = ()) -> dict:
     """Compare every artifact with the fp32 torch reference; write parity.json/.md and PNGs to out_dir.
 
     Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
     `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux).
     Every ONNX artifact also gets a row per other runtime that can run it (OpenVINO), or only for
-    those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing)."""
+    those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing).
+    Artifacts in `ungated` get reported rows that do not decide the result."""
     paths = [Path(a) for a in artifacts]
     inputs = [*paths, ref, images]  # the report folder replaces DIR as a whole: never over an input
     out_dir = check_output(Path(os.path.abspath(out_dir)), force=force, inputs=inputs)
@@ -313,8 +315,9 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     if any(min(sz) < smallest for sz in size_list):
         raise ParagonError(f"--sizes: every LR side must be >= {smallest} px at x{scale} (SSIM needs a 7x7 window "
                            f"inside the {scale}-px border), got {','.join(f'{h}x{w}' for h, w in size_list)}")
+    free = {os.path.abspath(u) for u in ungated}
     for p in paths:
-        entries.append(_artifact_entry(p, scale, taken))
+        entries.append(_artifact_entry(p, scale, taken, gated=os.path.abspath(p) not in free))
         art = entries[-1]
         if art.kind == "onnx" and art.precision == "int8" and not art.error:
             entries.append(_native_int8_entry(art, taken))

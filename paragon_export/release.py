@@ -192,8 +192,9 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
+                  | ({"int8-cpu"} if "int8" in precisions else set())
                   | ({"engine"} if want_engine else set()))
-    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+    total = 3 + 2 * ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -229,6 +230,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions}, do_onnx)
     fp32 = run.path(rec, "onnx-fp32")
     artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
+    cpu_files: list[Path] = []  # the ORT-CPU int8 file where it pays: parity only, no TensorRT engine
 
     if "int8" in precisions:
         def do_int8():
@@ -248,6 +250,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
 
         rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, do_int8)
         artifacts.append(run.path(rec, "onnx-int8"))
+        cpu_files = _int8_cpu_step(run, total, root, fp32, calib, calib_digest, echo)
 
     if "qat" in precisions:
         def do_qat():
@@ -263,7 +266,8 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     def do_parity():
         from .parity import parity
 
-        report = parity(artifacts, root / "parity", ref=src, scale=s, force=True)
+        # The CPU int8 file's row is reported, never gating: whether it exists depends on this CPU.
+        report = parity(artifacts + cpu_files, root / "parity", ref=src, scale=s, force=True, ungated=tuple(cpu_files))
         return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
                  "meta": {"passed": report["passed"]}},
                 {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
@@ -271,7 +275,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
                 *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
                   for png in report["outputs"]["pngs"])]
 
-    inputs = {"reference": src, **{p.name: p for p in artifacts}}
+    inputs = {"reference": src, **{p.name: p for p in artifacts + cpu_files}}
     rec = run.step("parity", total, inputs, {}, do_parity)
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
 
@@ -296,6 +300,28 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     return run.manifest.data
 
 
+def _int8_cpu_step(run: _Run, total: int, root: Path, fp32: Path, calib, calib_digest, echo) -> list[Path]:
+    """The ORT-CPU int8 file, beside the TensorRT one and only where it pays on this CPU: the step
+    always records the figures and the decision; returns the file, if written, for parity."""
+    from .cpu import isa
+
+    def do_int8_cpu():
+        from .int8_cpu import cpu_int8, describe, summary
+
+        res = cpu_int8(fp32, root, calib_dir=calib, force=True, progress=lambda m: echo(f"    {m}"))
+        echo(f"    {describe(res.record)}")
+        meta, parent = summary(res.record), _rel(root, fp32)
+        outs = [{"path": Path(res.record["output"]["report"]), "kind": "int8-cpu-report", "parent": parent,
+                 "meta": meta}]
+        if res.artifact is not None:
+            outs.insert(0, {"path": res.artifact.path, "kind": "onnx-int8-cpu", "parent": parent, "meta": meta})
+        return outs
+
+    # The decision is measured on this machine: another ISA makes a new one.
+    rec = run.step("int8-cpu", total, {"fp32": fp32}, {"calib": calib_digest, "isa": isa()}, do_int8_cpu)
+    return [run.root / a["path"] for a in rec["artifacts"] if a["kind"] == "onnx-int8-cpu"]
+
+
 def _write_card(root: Path, manifest: Manifest) -> None:
     d = manifest.data
     src = d["source"]
@@ -307,6 +333,9 @@ def _write_card(root: Path, manifest: Manifest) -> None:
             if a["kind"].startswith(("fused", "onnx", "engine")):
                 lines.append(f"| `{a['path']}` | {a['kind']} | {a['bytes'] / 1024:.0f} KiB | `{a['sha256'][:12]}` | "
                              f"{a.get('parent') or ''} |")
+    cpu = [a["meta"] for a in d["steps"].get("int8-cpu", {}).get("artifacts", []) if a.get("meta")]
+    if cpu:
+        lines += ["", cpu[0]["line"]]
     fuse = d["steps"].get("fuse", {}).get("artifacts", [{}])[0].get("meta", {})
     if "gap" in fuse:
         g = fuse["gap"]
