@@ -8,14 +8,14 @@ quantized form of, per-channel weights. x86 without VNNI (AVX2, AVX-512 F/BW, SS
 with vpmaddubsw, whose int16 sum of two products saturates: `reduce_range` (7-bit weights) keeps it
 exact there and is off where VNNI/AMX or another ISA computes exactly.
 
-Whether that pays depends on the model and the CPU (a small model's time goes to memory-bound ops and
-requantization, which int8 does not speed up), so the file is written only when, on this CPU, it is
-at least MIN_SPEEDUP x faster than the fp32 ONNX on ORT (CPU-time ratio, one thread, a 256x256 LR
-photo crop, round-robin, median of the rounds) and its output through ORT's native kernels is at least
-MIN_PSNR dB from fp32 on every held-out photo. The speed needs no calibration (the kernels run the
-same whatever the scales), so it is probed first on a model quantized with ranges from one calibration
-batch, and the full calibration runs only if the speed pays. Either way the step returns a record
-of what it measured, with the ISA, and the decision; the file's name carries `int8_cpu_<isa>`.
+Whether that pays depends on the model, the input size and the CPU, so the file is written only
+when, on this CPU, it is at least MIN_SPEEDUP x faster than the fp32 ONNX on ORT (CPU-time ratio, one
+thread, a 256x256 LR photo crop, round-robin, median of the rounds) and its output through ORT's
+native kernels is at least MIN_PSNR dB from fp32 on every held-out photo. The speed needs no
+calibration (the kernels run the same whatever the scales), so it is probed first on a model
+quantized with ranges from one calibration batch, and the full calibration runs only if the speed
+pays. Either way the step returns a record of what it measured, with the ISA, and the decision;
+the file's name carries `int8_cpu_<isa>`.
 """
 
 from __future__ import annotations
