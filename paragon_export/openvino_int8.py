@@ -96,7 +96,7 @@ def narrow_weights(model: onnx.ModelProto, factor: float = 1.0 / NARROW) -> onnx
 
 
 def _min_psnr(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
-    return min(psnr(np.clip(o, 0, 1), np.clip(r, 0, 1)) for o, r in zip(outs, refs))
+    return float(min(psnr(np.clip(o, 0, 1), np.clip(r, 0, 1)) for o, r in zip(outs, refs)))
 
 
 def _reference(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:

@@ -262,10 +262,11 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
 
     def do_parity():
         from .parity import parity
+        from .parity_report import runtime_verdicts
 
         report = parity(artifacts, root / "parity", ref=src, scale=s, force=True)
         return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
-                 "meta": {"passed": report["passed"]}},
+                 "meta": {"passed": report["passed"], "runtimes": runtime_verdicts(report)}},
                 {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
                 # every file of the folder, so a later run can prove it ours and remove it whole
                 *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
@@ -313,6 +314,12 @@ def _write_card(root: Path, manifest: Manifest) -> None:
         lines += ["", f"Fusion: exact to {fuse['exactness_max_abs']:.1e} max abs; params {fuse['params_before']:,} -> "
                       f"{fuse['params_after']:,}; held-out Y-PSNR dynamic {g['y_psnr_dynamic']:.2f} dB, "
                       f"fused {g['y_psnr_fused']:.2f} dB."]
+    verdicts = next((a["meta"]["runtimes"] for a in d["steps"].get("parity", {}).get("artifacts", [])
+                     if a["kind"] == "parity-json" and "runtimes" in a.get("meta", {})), None)
+    if verdicts:
+        from .parity_report import card_lines
+
+        lines += ["", *card_lines(verdicts)]
     par = [a for a in d["steps"].get("parity", {}).get("artifacts", []) if a["kind"] == "parity-md"]
     if par:  # the report this manifest records (its sha256 says it is that file), not whatever lies there
         text = (root / par[0]["path"]).read_text()
