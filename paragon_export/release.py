@@ -56,6 +56,11 @@ def _tensorrt_ready() -> bool:
     return True
 
 
+def _openvino_ready() -> bool:
+    """The OpenVINO int8 file is checked on OpenVINO when it is written: only where OpenVINO is installed."""
+    return importlib.util.find_spec("openvino") is not None
+
+
 class _Run:
     def __init__(self, root: Path, echo: Callable[[str], None]) -> None:
         self.root, self.echo = root, echo
@@ -191,9 +196,10 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
 def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
+    want_ov = "int8" in precisions and _openvino_ready()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
-                  | ({"engine"} if want_engine else set()))
-    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+                  | ({"engine"} if want_engine else set()) | ({"int8-openvino"} if want_ov else set()))
+    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + want_ov
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -249,6 +255,19 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
         rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, do_int8)
         artifacts.append(run.path(rec, "onnx-int8"))
 
+    if want_ov:
+        trt_int8 = artifacts[-1]
+
+        def do_int8_openvino():
+            from .int8_openvino import write_openvino_int8
+
+            art = write_openvino_int8(trt_int8, root, force=True)
+            return [{"path": art.path, "kind": "onnx-int8-openvino", "parent": _rel(root, trt_int8),
+                     "meta": {"openvino_vs_reference": art.meta["openvino_vs_reference"]}}]
+
+        rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)
+        artifacts.append(run.path(rec, "onnx-int8-openvino"))
+
     if "qat" in precisions:
         def do_qat():
             from .qat import qat
@@ -277,16 +296,19 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
 
     if want_engine:
+        # the OpenVINO int8 file is for OpenVINO; the TensorRT engines come from the TensorRT-targeted files
+        trt_files = [p for p in artifacts[1:] if not p.stem.endswith("_openvino")]
+
         def do_engine():
             from paragon_export.engines.build import build_engine
 
             outs = []
-            for p in artifacts[1:]:
+            for p in trt_files:
                 art, _ = build_engine(p, root / "engines", check=True, force=True, echo=lambda m: echo(f"    {m}"))
                 outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
             return outs
 
-        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, do_engine)
+        run.step("engine", total, {p.name: p for p in trt_files}, {}, do_engine)
     else:
         echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 

@@ -40,9 +40,13 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
+@click.option("--openvino", is_flag=True,
+              help="Also write <stem>_openvino.onnx: the INT8 file for OpenVINO (needs openvino; the TensorRT file "
+                   "is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
-            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, threads, variant, scale, force):
+            eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, threads, variant, scale,
+            openvino, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
@@ -61,3 +65,10 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
     if mp["kept_float"]:
         click.echo(f"kept in float: {', '.join(mp['kept_float'])}")
     click.echo(f"wrote {art.path} and {art.meta['output']['report']}")
+    if openvino:
+        from ..int8_openvino import write_openvino_int8
+
+        ov = write_openvino_int8(art.path, out_dir, force=force)
+        chk = ov.meta["openvino_vs_reference"]
+        fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
+        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
