@@ -3,9 +3,8 @@
 ONNX Runtime's QDQ quantizer gives a quantized tensor one Q/DQ pair that every reader shares: in
 ParagonSR2 the int8 `project_in` conv and the residual Add both read the DQ after the context Concat.
 The file's semantics are well defined (the Add adds the quantized tensor) and TensorRT runs them, but
-OpenVINO's CPU plugin computes that shared pair wrongly: measured on its 2026.4 CPU plugin, each int8
-project_in alone drops OpenVINO to 19-25 dB against the file's own Q/DQ semantics, and narrowing the
-weights to 7 bits (the u8s8-saturation remedy) changes nothing. Here every reader of an activation DQ
+OpenVINO's CPU plugin computes that shared pair wrongly (each int8 project_in alone breaks it; 7-bit
+weights, the u8s8-saturation remedy, do not help; figures in the README). Here every reader of an activation DQ
 that is not a conv reads the float tensor its Q quantizes (a Q/DQ pair dedicated to the conv, as
 OpenVINO's own quantizer NNCF places them): the same int8 convs, scales and weights, no new
 calibration, and the residual path loses a rounding. The file is written only if OpenVINO computes it

@@ -29,6 +29,7 @@ from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, samp
 from .localize import localize as localize_onnx
 from .manifest import tool_versions
 from .metrics import psnr_y, ssim_y
+from .onnx_graph import read_metadata
 from .parity_report import write_outputs
 from .cpu import isa
 from .runners import (INPUT_NAME, RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision,
@@ -135,7 +136,7 @@ def _openvino_context(precision: str) -> tuple[str, str]:
         return f"{where}, f32 inference precision", ""
     # A failing row's cause is measured afterwards (`_diagnose_openvino_int8`), not assumed from the ISA.
     return (f"{where}: OpenVINO's own int8 kernels (numerics depend on the ISA)",
-            f"do not ship this file to OpenVINO on {isa()} CPUs")
+            f"do not ship this file to OpenVINO on {isa()} CPUs (`paragon-export int8 --openvino` writes one for it)")
 
 
 def _runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required) -> list[Entry]:
@@ -144,10 +145,12 @@ def _runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required)
     if art.error or art.path is None:
         return []
     out = []
+    # a file made for one runtime (the OpenVINO int8 file) is judged there, not only checked for compatibility
+    target = read_metadata(art.path).get("target_runtime") if art.kind == "onnx" else None
     for rt in RUNTIMES[art.kind][1:]:
         if runtimes is not None and rt not in runtimes:
             continue
-        e = _artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required)
+        e = _artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required or rt == target)
         e.compat = True
         out.append(e)
     return out
@@ -319,7 +322,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
             entries.append(_native_int8_entry(art, taken))
         entries += _runtime_entries(art, scale, taken, runtimes, set(require))
     for e in entries:
-        if e.gated and e.skip and e.role == "runtime":
+        if e.gated and e.skip and e.role == "runtime" and e.runner in {RUNNER_LABELS[r] for r in require}:
             e.error, e.skip = f"required runtime: {e.skip}", None
         e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
 

@@ -52,6 +52,12 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
     from ..int8_eval import format_table
     from ..int8_recipe import Int8Recipe
 
+    if openvino:  # before the quantization, not after it
+        from ..errors import ParagonError
+        from ..runners import runtime_unavailable
+
+        if runtime_unavailable("openvino"):
+            raise ParagonError(f"--openvino: {runtime_unavailable('openvino')}")
     recipe = Int8Recipe(method=method, target_psnr=target_psnr,
                         max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
                         bias_correction=not no_bias_correction, remainder=remainder, lr_size=_size(crop),
