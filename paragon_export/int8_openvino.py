@@ -68,8 +68,50 @@ def check_on_openvino(path: Path, scale: int, threads: int = 1) -> dict:
     return {"min_psnr": None if worst == float("inf") else float(worst), "max_abs": worst_abs}
 
 
+def _measured_scale(path: Path) -> int:
+    """The upscale factor of a file without our metadata: output height over input height."""
+    sess = ort_session(str(path), threads=1)
+    y = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 16, 16), np.float32)})[0]
+    if y.ndim != 4 or y.shape[2] % 16:
+        raise ParagonError(f"{path}: not an image-to-image model (output {list(y.shape)} for a 16x16 input)")
+    return y.shape[2] // 16
+
+
+def _fails(check: dict) -> bool:
+    lim = LIMITS["int8"]
+    return (check["min_psnr"] is not None and check["min_psnr"] < lim.min_psnr) or check["max_abs"] > lim.max_abs
+
+
+def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelProto, dict, str]:
+    """Check `model` on OpenVINO; if it fails, apply what `openvino_int8.diagnose` measures to help: 7-bit
+    weights if they pass (u8s8 saturation), else float for the convs that break OpenVINO on their own;
+    then check again. Returns (model, check, what was changed or "")."""
+    from .openvino_int8 import diagnose, int8_convs, keep_int8, narrow_weights
+    from .runners import open_runner
+
+    with tempfile.TemporaryDirectory(prefix="paragon-int8-openvino-") as d:
+        probe = Path(d) / name  # runners know a file by its suffix
+        onnx.save(model, str(probe))
+        check = check_on_openvino(probe, scale)
+        if not _fails(check):
+            return model, check, ""
+        feeds = [{"input": x} for _g, _n, x in verification_inputs(scale, batch=1)]
+        found = diagnose(probe, lambda p: open_runner(p, "openvino", threads=1, name="diagnose"), feeds,
+                         LIMITS["int8"].min_psnr)
+        if found["narrow_weights_psnr"] >= LIMITS["int8"].min_psnr:
+            model, change = narrow_weights(model), "7-bit weights (u8s8 saturation)"
+        elif found["breaking"]:
+            model = keep_int8(model, set(int8_convs(model)) - set(found["breaking"]))
+            change = "float: " + ",".join(found["breaking"])
+        else:
+            return model, check, ""
+        onnx.save(model, str(probe))
+        return model, check_on_openvino(probe, scale), change
+
+
 def write_openvino_int8(trt_int8: Path | str, out_dir: Path | str, *, force: bool = False) -> Artifact:
-    """Derive and write the OpenVINO INT8 file from the TensorRT-targeted Q/DQ file `trt_int8`."""
+    """Derive and write the OpenVINO INT8 file from the TensorRT-targeted Q/DQ file `trt_int8`. Convs that
+    OpenVINO computes wrongly even with dedicated Q/DQ (on this CPU) get the measured remedy, recorded."""
     from .runners import runtime_unavailable
 
     src = Path(trt_int8)
@@ -80,24 +122,20 @@ def write_openvino_int8(trt_int8: Path | str, out_dir: Path | str, *, force: boo
     meta = read_metadata(model)
     if meta.get("precision") not in (None, "int8") or not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         raise ParagonError(f"{src} is not a Q/DQ int8 file")
-    scale = int(meta.get("scale", 0)) or None
-    if scale is None:
-        raise ParagonError(f"{src} records no scale in its metadata")
-    derived, rewired = dedicate_qdq(model)
-    set_metadata(derived, {"target_runtime": "openvino", "derived_from": src.name,
-                           "derived_from_sha256": sha256_file(src),
-                           "derivation": "activation Q/DQ dedicated to the int8 convs; other readers read float"})
+    scale = int(meta.get("scale", 0)) or _measured_scale(src)
     out = output_path(src, out_dir)
-    check_output(out, force=force, inputs=[src])  # before the check's OpenVINO compile
-    lim = LIMITS["int8"]
-    with tempfile.TemporaryDirectory(prefix="paragon-int8-openvino-") as d:
-        probe = Path(d) / out.name  # runners know a file by its suffix
-        onnx.save(derived, str(probe))
-        check = check_on_openvino(probe, scale)
-    if (check["min_psnr"] is not None and check["min_psnr"] < lim.min_psnr) or check["max_abs"] > lim.max_abs:
+    check_output(out, force=force, inputs=[src])  # before the check's OpenVINO compiles
+    derived, rewired = dedicate_qdq(model)
+    derived, check, change = _checked(derived, out.name, scale)
+    if _fails(check):
+        lim = LIMITS["int8"]
         raise ParagonError(f"OpenVINO does not compute {out.name} as written: PSNR {check['min_psnr']:.2f} dB, "
                            f"max abs {check['max_abs']:.3g} vs its Q/DQ semantics (limits {lim.min_psnr:g} dB, "
                            f"{lim.max_abs:g}); nothing written")
+    set_metadata(derived, {"target_runtime": "openvino", "derived_from": src.name,
+                           "derived_from_sha256": sha256_file(src), "openvino_change": change,
+                           "derivation": "activation Q/DQ dedicated to the int8 convs; other readers read float"})
     with atomic_output(out, force=force, inputs=[src]) as tmp:
         onnx.save(derived, str(tmp))
-    return Artifact(out, "onnx", {"rewired_inputs": rewired, "openvino_vs_reference": check, "parent": src.name})
+    return Artifact(out, "onnx", {"rewired_inputs": rewired, "openvino_vs_reference": check,
+                                  "change": change, "parent": src.name})

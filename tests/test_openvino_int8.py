@@ -16,8 +16,9 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from paragon_export.calibration import build_calibration_set
 from paragon_export.checkpoint import save_model
+from paragon_export.errors import ParagonError
 from paragon_export.int8 import TRT_EXTRA_OPTIONS, TRT_OPS
-from paragon_export.int8_check import quiet_quantizer
+from paragon_export.int8_check import quiet_quantizer, trt_int8_exclusions
 from paragon_export.onnx_graph import ort_session
 from paragon_export.openvino_int8 import NARROW, diagnose, int8_convs, keep_int8, narrow_weights
 from paragon_export.parity import parity
@@ -34,7 +35,8 @@ LIMIT = 32.0
 
 @pytest.fixture(scope="module")
 def q8(tmp_path_factory):
-    """A Q/DQ int8 file of a seeded nano, the TensorRT recipe (symmetric, per-channel, conv inputs only)."""
+    """A Q/DQ int8 file of a seeded nano, the TensorRT recipe (symmetric, per-channel, conv inputs only,
+    no int8 where TensorRT has no kernel)."""
     d = tmp_path_factory.mktemp("q8")
     fp32 = export_fp32(seeded_fused(0), d / "nano_x2_fp32.onnx")
     calib = build_calibration_set(None, scale=2, **SMALL)
@@ -42,6 +44,7 @@ def q8(tmp_path_factory):
     with quiet_quantizer():
         quantize_static(str(fp32), str(out), calib, quant_format=QuantFormat.QDQ, op_types_to_quantize=TRT_OPS,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(trt_int8_exclusions(onnx.load(str(fp32)))),
                         extra_options=dict(TRT_EXTRA_OPTIONS))
     feeds = [{"input": calib.holdout[0].lr.transpose(2, 0, 1)[None].copy()}]
     return {"path": out, "fp32": fp32, "model": onnx.load(str(out)), "feeds": feeds}
@@ -148,3 +151,48 @@ def test_release_card_lists_the_runtimes_each_file_passed(tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "\n".join(card_lines(verdicts)) in card
     assert "onnxrt-cpu" in verdicts["paragonsr2_nano_x2_fp32_op17.onnx"]["verified"]
+
+
+def _readers(model):
+    out = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def test_dedicated_qdq_leaves_convs_int8_and_other_readers_float(q8):
+    from paragon_export.int8_openvino import dedicate_qdq
+
+    model = q8["model"]
+    derived, rewired = dedicate_qdq(model)
+    assert rewired >= 1  # the residual Adds of the seeded nano read a shared DQ
+    assert int8_convs(derived) == int8_convs(model)
+    for dq in (n for n in derived.graph.node if n.op_type == "DequantizeLinear"):
+        assert all(r.op_type in ("Conv", "ConvTranspose") for r in _readers(derived).get(dq.output[0], []))
+    # the same model, less one rounding on the residual path: closer to fp32, not further
+    feed = q8["feeds"][0]
+    fp32 = _out(onnx.load(str(q8["fp32"])), feed)
+    assert np.abs(_out(derived, feed) - fp32).mean() < np.abs(_out(model, feed) - fp32).mean()
+
+
+@needs_openvino
+def test_openvino_int8_file_passes_on_openvino_and_leaves_the_tensorrt_file_alone(q8, tmp_path):
+    from paragon_export.int8_openvino import write_openvino_int8
+    from paragon_export.onnx_graph import read_metadata
+
+    from paragon_export.artifact import sha256_file
+
+    before = sha256_file(q8["path"])
+    art = write_openvino_int8(q8["path"], tmp_path, force=False)
+    assert sha256_file(q8["path"]) == before and art.path.name == "nano_x2_int8_openvino.onnx"
+    meta = read_metadata(art.path)
+    assert meta["target_runtime"] == "openvino" and meta["derived_from_sha256"] == before
+    assert art.meta["openvino_vs_reference"]["max_abs"] <= 0.25
+    ckpt = save_model(seeded_fused(0), tmp_path / "nano_x2.safetensors", variant="paragonsr2_nano").path
+    rep = parity([ckpt, art.path], tmp_path / "p", png_crops=0)  # the photos and sizes the file was checked on
+    rows = [a for a in rep["artifacts"] if a["path"] == str(art.path) and a["role"] in ("artifact", "runtime")]
+    assert [(a["runner"], a["gated"], a["status"]) for a in rows] == [("onnxrt-cpu", True, "pass"),
+                                                                      ("openvino-cpu", True, "pass")]
+    with pytest.raises(ParagonError, match="already exists"):
+        write_openvino_int8(q8["path"], tmp_path)
