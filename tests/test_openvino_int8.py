@@ -196,3 +196,23 @@ def test_openvino_int8_file_passes_on_openvino_and_leaves_the_tensorrt_file_alon
                                                                       ("openvino-cpu", True, "pass")]
     with pytest.raises(ParagonError, match="already exists"):
         write_openvino_int8(q8["path"], tmp_path)
+
+
+def test_openvino_file_bad_inputs_are_one_line_errors(q8, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from paragon_export import runners
+    from paragon_export.cli import main
+    from paragon_export.int8_openvino import write_openvino_int8
+
+    with pytest.raises(ParagonError, match="is not a Q/DQ int8 file"):
+        write_openvino_int8(q8["fp32"], tmp_path)
+    monkeypatch.setattr(runners, "runtime_unavailable",
+                        lambda rt: "openvino is not installed (pip install 'paragon-export[openvino]')")
+    with pytest.raises(ParagonError, match=r"checked on OpenVINO: openvino is not installed"):
+        write_openvino_int8(q8["path"], tmp_path)
+    # refused before any quantization: nothing is written
+    r = CliRunner().invoke(main, ["int8", str(q8["fp32"]), "-o", str(tmp_path / "o"), "--openvino"])
+    assert r.exit_code == 1 and "--openvino: openvino is not installed" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert not any(tmp_path.iterdir())  # and the refused write_openvino_int8 calls wrote nothing
