@@ -265,8 +265,11 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
             return [{"path": art.path, "kind": "onnx-int8-openvino", "parent": _rel(root, trt_int8),
                      "meta": {"openvino_vs_reference": art.meta["openvino_vs_reference"]}}]
 
-        rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)
-        artifacts.append(run.path(rec, "onnx-int8-openvino"))
+        try:
+            rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)
+            artifacts.append(run.path(rec, "onnx-int8-openvino"))
+        except ParagonError as e:  # an extra for one runtime: its failure costs that file, not the release
+            echo(f"int8-openvino: not written ({e}); the card lists where the TensorRT int8 file is verified")
 
     if "qat" in precisions:
         def do_qat():
