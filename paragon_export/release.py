@@ -56,6 +56,11 @@ def _tensorrt_ready() -> bool:
     return True
 
 
+def _openvino_ready() -> bool:
+    """The OpenVINO int8 file is checked on OpenVINO when it is written: only where OpenVINO is installed."""
+    return importlib.util.find_spec("openvino") is not None
+
+
 class _Run:
     def __init__(self, root: Path, echo: Callable[[str], None]) -> None:
         self.root, self.echo = root, echo
@@ -191,10 +196,11 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
 def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
+    want_ov = "int8" in precisions and _openvino_ready()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
                   | ({"int8-cpu"} if "int8" in precisions else set())
-                  | ({"engine"} if want_engine else set()))
-    total = 3 + 2 * ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+                  | ({"engine"} if want_engine else set()) | ({"int8-openvino"} if want_ov else set()))
+    total = 3 + 2 * ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + want_ov
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -252,6 +258,22 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
         artifacts.append(run.path(rec, "onnx-int8"))
         cpu_files = _int8_cpu_step(run, total, root, fp32, calib, calib_digest, echo)
 
+    if want_ov:
+        trt_int8 = artifacts[-1]
+
+        def do_int8_openvino():
+            from .int8_openvino import write_openvino_int8
+
+            art = write_openvino_int8(trt_int8, root, force=True)
+            return [{"path": art.path, "kind": "onnx-int8-openvino", "parent": _rel(root, trt_int8),
+                     "meta": {"openvino_vs_reference": art.meta["openvino_vs_reference"]}}]
+
+        try:
+            rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)
+            artifacts.append(run.path(rec, "onnx-int8-openvino"))
+        except ParagonError as e:  # an extra for one runtime: its failure costs that file, not the release
+            echo(f"int8-openvino: not written ({e}); the card lists where the TensorRT int8 file is verified")
+
     if "qat" in precisions:
         def do_qat():
             from .qat import qat
@@ -265,11 +287,12 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
 
     def do_parity():
         from .parity import parity
+        from .parity_report import runtime_verdicts
 
         # The CPU int8 file's row is reported, never gating: whether it exists depends on this CPU.
         report = parity(artifacts + cpu_files, root / "parity", ref=src, scale=s, force=True, ungated=tuple(cpu_files))
         return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
-                 "meta": {"passed": report["passed"]}},
+                 "meta": {"passed": report["passed"], "runtimes": runtime_verdicts(report)}},
                 {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
                 # every file of the folder, so a later run can prove it ours and remove it whole
                 *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
@@ -280,16 +303,19 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
 
     if want_engine:
+        # the OpenVINO int8 file is for OpenVINO; the TensorRT engines come from the TensorRT-targeted files
+        trt_files = [p for p in artifacts[1:] if not p.stem.endswith("_openvino")]
+
         def do_engine():
             from paragon_export.engines.build import build_engine
 
             outs = []
-            for p in artifacts[1:]:
+            for p in trt_files:
                 art, _ = build_engine(p, root / "engines", check=True, force=True, echo=lambda m: echo(f"    {m}"))
                 outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
             return outs
 
-        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, do_engine)
+        run.step("engine", total, {p.name: p for p in trt_files}, {}, do_engine)
     else:
         echo("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 
@@ -342,6 +368,12 @@ def _write_card(root: Path, manifest: Manifest) -> None:
         lines += ["", f"Fusion: exact to {fuse['exactness_max_abs']:.1e} max abs; params {fuse['params_before']:,} -> "
                       f"{fuse['params_after']:,}; held-out Y-PSNR dynamic {g['y_psnr_dynamic']:.2f} dB, "
                       f"fused {g['y_psnr_fused']:.2f} dB."]
+    verdicts = next((a["meta"]["runtimes"] for a in d["steps"].get("parity", {}).get("artifacts", [])
+                     if a["kind"] == "parity-json" and "runtimes" in a.get("meta", {})), None)
+    if verdicts:
+        from .parity_report import card_lines
+
+        lines += ["", *card_lines(verdicts)]
     par = [a for a in d["steps"].get("parity", {}).get("artifacts", []) if a["kind"] == "parity-md"]
     if par:  # the report this manifest records (its sha256 says it is that file), not whatever lies there
         text = (root / par[0]["path"]).read_text()

@@ -44,15 +44,24 @@ def _size(text: str) -> tuple[int, int]:
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--variant", help="Expected variant, for checkpoint input.")
 @click.option("--scale", type=int, help="Upscale factor (checked against the model).")
+@click.option("--openvino", is_flag=True,
+              help="Also write <stem>_openvino.onnx: the INT8 file for OpenVINO (needs openvino; the TensorRT file "
+                   "is unchanged).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budget, crop, crops_per_image, batch_size,
             eval_size, holdout, seed, cache_dir, no_bias_correction, remainder, no_peer, cpu, threads, variant, scale,
-            force):
+            openvino, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
     from ..int8_recipe import Int8Recipe
 
+    if openvino:  # before the quantization, not after it
+        from ..errors import ParagonError
+        from ..runners import runtime_unavailable
+
+        if runtime_unavailable("openvino"):
+            raise ParagonError(f"--openvino: {runtime_unavailable('openvino')}")
     recipe = Int8Recipe(method=method, target_psnr=target_psnr,
                         max_drop=max_drop if max_drop is None or max_drop >= 0 else None, node_budget=node_budget,
                         bias_correction=not no_bias_correction, remainder=remainder, lr_size=_size(crop),
@@ -66,6 +75,13 @@ def command(model, out_dir, calib_dir, method, target_psnr, max_drop, node_budge
     if mp["kept_float"]:
         click.echo(f"kept in float: {', '.join(mp['kept_float'])}")
     click.echo(f"wrote {art.path} and {art.meta['output']['report']}")
+    if openvino:
+        from ..int8_openvino import write_openvino_int8
+
+        ov = write_openvino_int8(art.path, out_dir, force=force)
+        chk = ov.meta["openvino_vs_reference"]
+        fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
+        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
     if cpu:
         from ..int8_cpu import cpu_int8, describe
 
