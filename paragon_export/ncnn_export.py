@@ -87,8 +87,9 @@ def run_pnnx(onnx_path: Path, work: Path, precision: str) -> tuple[Path, Path]:
     return param, weights
 
 
-def _source(source: Path, scale: int | None):
-    """(reference callable on NCHW arrays, describing dict, loaded checkpoint or None, fp32 ONNX or None)."""
+def _source(source: Path, scale: int | None) -> dict:
+    """What the source is (variant, scale, upsampler, reference) without fusing or exporting yet, so
+    bad outputs are refused before the slow part: {"info", "checkpoint" | "onnx"}."""
     from .runners import artifact_kind
 
     kind = artifact_kind(source)
@@ -96,18 +97,15 @@ def _source(source: Path, scale: int | None):
         raise ParagonError(f"{source} does not exist")
     if kind == "checkpoint":
         from .checkpoint import load_model
-        from .export_onnx import fused_model
 
-        loaded = load_model(source, scale=scale)
-        model, _ = fused_model(loaded)
-        info = {"variant": loaded.variant, "scale": loaded.scale, "upsampler": loaded.upsampler,
-                "reference": "fused PyTorch fp32"}
-        return (lambda x: run_torch(model, x)), info, (loaded, model), None
+        lm = load_model(source, scale=scale)
+        return {"info": {"variant": lm.variant, "scale": lm.scale, "upsampler": lm.upsampler,
+                         "reference": "fused PyTorch fp32"}, "checkpoint": lm}
     if kind != "onnx":
-        raise ParagonError(f"{source.name}: ncnn converts a checkpoint or an fp32 .onnx, not a {kind} artifact")
+        raise ParagonError(f"{source.name}: ncnn converts a checkpoint or an fp32 .onnx (this is a {kind} file)")
     import onnx as onnx_lib
 
-    from .onnx_graph import ort_session, read_metadata, run_session
+    from .onnx_graph import read_metadata
     from .runners import onnx_precision
 
     try:
@@ -122,10 +120,28 @@ def _source(source: Path, scale: int | None):
     s = int(meta["scale"]) if meta.get("scale", "").isdigit() else scale
     if s is None:
         raise ParagonError(f"{source.name} does not record its scale: pass --scale")
-    sess = ort_session(source, threads=VERIFY_THREADS)
-    info = {"variant": meta.get("variant", source.stem.split("_x")[0]), "scale": s,
-            "upsampler": meta.get("upsampler", "unknown"), "reference": "the source ONNX on ONNX Runtime CPU fp32"}
-    return (lambda x: run_session(sess, x)), info, None, source
+    return {"info": {"variant": meta.get("variant", source.stem.split("_x")[0]), "scale": s,
+                     "upsampler": meta.get("upsampler", "unknown"),
+                     "reference": "the source ONNX on ONNX Runtime CPU fp32"}, "onnx": source}
+
+
+def _reference(src: dict, work: Path, onnx: Path | None):
+    """(reference callable on NCHW arrays, the fp32 ONNX pnnx converts). A checkpoint is fused (and the
+    fusion verified) here and, unless `onnx` is given, exported to a verified fp32 ONNX in `work`."""
+    if "checkpoint" in src:
+        from .export_onnx import export_model, fused_model
+
+        lm = src["checkpoint"]
+        model, _ = fused_model(lm)
+        if onnx is None:
+            meta = {"producer": "paragon-export", "variant": lm.variant, "scale": str(lm.scale),
+                    "upsampler": lm.upsampler, "precision": "fp32", "source_sha256": lm.sha256}
+            onnx = export_model(model, work / "model.onnx", meta=meta, force=True).path
+        return (lambda x: run_torch(model, x)), Path(onnx)
+    from .onnx_graph import ort_session, run_session
+
+    sess = ort_session(src["onnx"], threads=VERIFY_THREADS)
+    return (lambda x: run_session(sess, x)), src["onnx"]
 
 
 def verify_ncnn(param: Path, reference, scale: int, sizes=VERIFY_SIZES) -> dict:
@@ -152,9 +168,10 @@ def export_ncnn(source: Path | str, out_dir: Path | str, *, onnx: Path | str | N
     bad = sorted(set(precisions) - set(PRECISIONS))
     if bad or not precisions:
         raise ParagonError(f"ncnn precisions are fp32 and/or fp16, got {','.join(precisions) or 'none'}")
-    exe, pnnx_version = pnnx_executable()
+    _, pnnx_version = pnnx_executable()
     _require_ncnn()
-    reference, info, loaded, onnx_src = _source(source, scale)
+    src = _source(source, scale)
+    info = src["info"]
     out_dir = Path(out_dir)
     names = {p: {sfx: out_dir / ncnn_filename(info["variant"], info["scale"], p, sfx)
                  for sfx in (".param", ".bin", ".json")} for p in precisions}
@@ -164,7 +181,7 @@ def export_ncnn(source: Path | str, out_dir: Path | str, *, onnx: Path | str | N
             check_output(f, force=force, inputs=inputs)
     with tempfile.TemporaryDirectory(prefix="paragon-ncnn-") as tmp:
         work = Path(tmp)
-        onnx_path = Path(onnx) if onnx else onnx_src or _export_fp32(loaded, work / "model.onnx")
+        reference, onnx_path = _reference(src, work, Path(onnx) if onnx else None)
         arts = {}
         with contextlib.ExitStack() as stack:  # all files or none: renamed only after every pair verified
             for p in precisions:
@@ -183,16 +200,6 @@ def export_ncnn(source: Path | str, out_dir: Path | str, *, onnx: Path | str | N
                 dst.write_text(json.dumps(meta, indent=1) + "\n")
                 arts[p] = Artifact(names[p][".param"], "ncnn", meta)
     return arts
-
-
-def _export_fp32(loaded, path: Path) -> Path:
-    """The checkpoint's verified fp32 ONNX (opset 17, dynamic H/W), the graph pnnx converts."""
-    from .export_onnx import export_model
-
-    lm, model = loaded
-    meta = {"producer": "paragon-export", "variant": lm.variant, "scale": str(lm.scale), "upsampler": lm.upsampler,
-            "precision": "fp32", "source_sha256": lm.sha256}
-    return export_model(model, path, meta=meta, force=True).path
 
 
 def _sidecar(info: dict, precision: str, source: Path, onnx_path: Path, pnnx_version: str, param: Path,

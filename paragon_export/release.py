@@ -44,6 +44,14 @@ def _folder_digest(folder: Path | None) -> str:
     return h.hexdigest()
 
 
+def ncnn_unavailable() -> str | None:
+    """None when the ncnn step can run (pnnx converts, the ncnn wheel verifies), else why not."""
+    missing = [m for m in ("pnnx", "ncnn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'paragon-export[ncnn]')"
+    return None
+
+
 def _tensorrt_ready() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
@@ -191,9 +199,10 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
 def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
+    no_ncnn = ncnn_unavailable()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
-                  | ({"engine"} if want_engine else set()))
-    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+                  | ({"engine"} if want_engine else set()) | (set() if no_ncnn else {"ncnn"}))
+    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + (not no_ncnn)
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -229,6 +238,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions}, do_onnx)
     fp32 = run.path(rec, "onnx-fp32")
     artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
+    ncnn_pairs = _ncnn_step(run, total, root, fused, fp32, precisions, no_ncnn, echo)
 
     if "int8" in precisions:
         def do_int8():
@@ -271,7 +281,9 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
                 *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
                   for png in report["outputs"]["pngs"])]
 
-    inputs = {"reference": src, **{p.name: p for p in artifacts}}
+    artifacts += ncnn_pairs
+    inputs = {"reference": src, **{p.name: p for p in artifacts},
+              **{p.with_suffix(".bin").name: p.with_suffix(".bin") for p in ncnn_pairs}}
     rec = run.step("parity", total, inputs, {}, do_parity)
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
 
@@ -296,6 +308,32 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     return run.manifest.data
 
 
+def _ncnn_step(run: _Run, total: int, root: Path, fused: Path, fp32: Path, precisions, reason: str | None,
+               echo) -> list[Path]:
+    """NCNN pairs (fp32, and fp16 storage with fp16) from the release's own fp32 ONNX, verified against
+    the fused checkpoint; skipped with a note when pnnx/ncnn are missing. Returns the .param paths."""
+    if reason:
+        echo(f"ncnn: skipped ({reason})")
+        return []
+    wanted = ("fp32", "fp16") if "fp16" in precisions else ("fp32",)
+
+    def do_ncnn():
+        from .ncnn_export import export_ncnn
+
+        arts = export_ncnn(fused, root / "ncnn", onnx=fp32, precisions=wanted, force=True)
+        outs = []
+        for p, art in arts.items():
+            v = art.meta["verification"]
+            outs += [{"path": art.path, "kind": f"ncnn-{p}", "parent": _rel(root, fp32),
+                      "meta": {"max_abs": v["max_abs"], "min_psnr": v["min_psnr"], "pnnx": art.meta["converter"]["pnnx"]}},
+                     {"path": art.path.with_suffix(".bin"), "kind": f"ncnn-{p}-bin", "parent": _rel(root, art.path)},
+                     {"path": art.path.with_suffix(".json"), "kind": f"ncnn-{p}-json", "parent": _rel(root, art.path)}]
+        return outs
+
+    rec = run.step("ncnn", total, {"fused": fused, "fp32": fp32}, {"precisions": list(wanted)}, do_ncnn)
+    return [root / a["path"] for a in rec["artifacts"] if a["kind"] in ("ncnn-fp32", "ncnn-fp16")]
+
+
 def _write_card(root: Path, manifest: Manifest) -> None:
     d = manifest.data
     src = d["source"]
@@ -304,7 +342,7 @@ def _write_card(root: Path, manifest: Manifest) -> None:
              "| artifact | kind | size | sha256 | parent |", "|---|---|---|---|---|"]
     for name, rec in d["steps"].items():
         for a in rec["artifacts"]:
-            if a["kind"].startswith(("fused", "onnx", "engine")):
+            if a["kind"].startswith(("fused", "onnx", "engine")) or a["kind"] in ("ncnn-fp32", "ncnn-fp16"):
                 lines.append(f"| `{a['path']}` | {a['kind']} | {a['bytes'] / 1024:.0f} KiB | `{a['sha256'][:12]}` | "
                              f"{a.get('parent') or ''} |")
     fuse = d["steps"].get("fuse", {}).get("artifacts", [{}])[0].get("meta", {})
