@@ -67,6 +67,10 @@ def _unconverted(param: Path) -> list[str]:
 def run_pnnx(onnx_path: Path, work: Path, precision: str) -> tuple[Path, Path]:
     """Convert `onnx_path` with pnnx inside `work`; returns the (param, bin) it wrote there."""
     exe, _ = pnnx_executable()
+    if onnx_path.parent.resolve() != work.resolve():
+        # pnnx writes NAME.pnnxsim.onnx beside the ONNX it reads, whatever outputs it is given
+        shutil.copyfile(onnx_path, work / "model.onnx")
+        onnx_path = work / "model.onnx"
     stem = work / f"pnnx_{precision}"
     param, weights = stem.with_suffix(".ncnn.param"), stem.with_suffix(".ncnn.bin")
     # every output named, so nothing lands beside the source ONNX or in the working folder

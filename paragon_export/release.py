@@ -173,9 +173,10 @@ def _folder_lock(root: Path) -> Iterator[None]:
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
             precisions: tuple[str, ...] = DEFAULT_PRECISIONS, engine: bool | None = None, scale: int | None = None,
-            force: bool = False, echo: Callable[[str], None] = print) -> dict:
+            force: bool = False, echo: Callable[[str], None] = print, ncnn: bool | None = None) -> dict:
     """Run the release pipeline into `out_dir`; returns the manifest data. `engine=None` builds an
-    engine only where TensorRT and a GPU exist, True requires them, False skips."""
+    engine only where TensorRT and a GPU exist, True requires them, False skips; `ncnn` likewise for
+    the NCNN pairs (pnnx and ncnn installed)."""
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown or "fp32" not in precisions:
         raise ParagonError(f"--precisions takes fp32 plus any of fp16,int8,qat (got {','.join(precisions)})")
@@ -190,16 +191,18 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     loaded = load_model(src, scale=scale)  # fail fast on a bad checkpoint, before any step
     if calib is not None:
         list_images(calib)  # a missing folder fails now, not after fuse/onnx/parity
+    if ncnn and ncnn_unavailable():
+        raise ParagonError(f"--ncnn needs pnnx and ncnn: {ncnn_unavailable()}")
+    no_ncnn = "not requested (--no-ncnn)" if ncnn is False else ncnn_unavailable()
     want_engine = _tensorrt_ready() if engine is None else engine
     check_output_dir(root)
     with _folder_lock(root):
-        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo)
+        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo, no_ncnn)
 
 
-def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
+def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo, no_ncnn) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
-    no_ncnn = ncnn_unavailable()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
                   | ({"engine"} if want_engine else set()) | (set() if no_ncnn else {"ncnn"}))
     total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + (not no_ncnn)
