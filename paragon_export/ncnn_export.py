@@ -144,8 +144,11 @@ def _reference(src: dict, work: Path, onnx: Path | None):
         return (lambda x: run_torch(model, x)), Path(onnx)
     from .onnx_graph import ort_session, run_session
 
+    import numpy as np
+
     sess = ort_session(src["onnx"], threads=VERIFY_THREADS)
-    return (lambda x: run_session(sess, x)), src["onnx"]
+    # image by image, as NCNN runs them: an ONNX file with a static batch of 1 is a valid source too
+    return (lambda x: np.concatenate([run_session(sess, x[i:i + 1]) for i in range(len(x))])), src["onnx"]
 
 
 def verify_ncnn(param: Path, reference, scale: int, sizes=VERIFY_SIZES) -> dict:
