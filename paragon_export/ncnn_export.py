@@ -200,9 +200,9 @@ def export_ncnn(source: Path | str, out_dir: Path | str, *, onnx: Path | str | N
                     raise ParagonError(f"NCNN {p} verification failed (ncnn CPU vs {info['reference']}, max abs, limit "
                                        f"{lim.max_abs:g}, PSNR >= {lim.min_psnr:g} dB): {describe(report)}; nothing written")
                 meta = _sidecar(info, p, source, onnx_path, pnnx_version, param, weights, report)
-                for sfx, src in ((".param", param), (".bin", weights)):
+                for sfx, made in ((".param", param), (".bin", weights)):
                     dst = stack.enter_context(atomic_output(names[p][sfx], force=force, inputs=inputs))
-                    shutil.copyfile(src, dst)
+                    shutil.copyfile(made, dst)
                 dst = stack.enter_context(atomic_output(names[p][".json"], force=force, inputs=inputs))
                 dst.write_text(json.dumps(meta, indent=1) + "\n")
                 arts[p] = Artifact(names[p][".param"], "ncnn", meta)
