@@ -4,7 +4,7 @@ API (what `int8`, `parity` and `release` call):
 
     export_onnx(ckpt, out_dir, *, opset=17, fp16=False, fp16_io=False, exporter="torchscript",
                 static_shape=None, variant=None, scale=None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, fp16_target_psnr=None (60 dB), force=False)
+                calib_paths=None, fp16_target_psnr=None (60 dB), profile="default", force=False)
         -> {"fp32": Artifact, "fp16": Artifact (with fp16=True)}
 
     Loads CKPT (fused or not: an unfused one is fused first and the fusion verified as by
@@ -14,6 +14,8 @@ API (what `int8`, `parity` and `release` call):
     on real photos at every `verify_sizes` LR size (one non-square, not a multiple of 8) plus a
     batch of 2: max abs <= FP32_ATOL. Writes `{out_dir}/{variant}_x{scale}_{fp32|fp16}_op{opset}.onnx`
     atomically; if anything fails nothing is written and a ParagonError carries the figures.
+    profile="community": batch fixed to 1 (verified without the batch of 2), fp16 with fp16 I/O
+    besides fp32, files `{scale}x_{checkpoint name}_{fp32|fp16}.onnx` (see PROFILES).
 
     Artifact.meta: "metadata" (the file's metadata_props), "nodes_before"/"nodes_after" (op type ->
     count), "simplify" ({"simplifier", "reason"}), "verification", "fusion" (None for a fused input),
@@ -47,6 +49,9 @@ OPSETS = range(13, 21)
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 FP32_ATOL = LIMITS["fp32"].max_abs
+# "community": what chaiNNer and VideoJaNai-style TensorRT frontends load without options: batch
+# fixed to 1, dynamic height/width, fp32 and fp16 (fp16 input/output) files named `2x_<name>_fp16.onnx`.
+PROFILES = ("default", "community")
 # Traced at a size no verification uses, so a shape baked in at trace time cannot pass.
 TRACE_SHAPE = (2, 3, 40, 56)
 
@@ -55,8 +60,24 @@ def onnx_filename(variant: str, scale: int, precision: str, opset: int) -> str:
     return f"{variant}_x{scale}_{precision}_op{opset}.onnx"
 
 
+def community_filename(source: Path | str, scale: int, precision: str) -> str:
+    """`2x_<name>_fp16.onnx`, the naming of community model collections, where <name> is the
+    checkpoint's file name without `_fused` and a scale tag of its own (`2x_`, `x2_`, `_x2`, `_2x`)."""
+    name = Path(source).stem
+    name = name[:-len("_fused")] if name.lower().endswith("_fused") else name
+    for tag in (f"{scale}x_", f"x{scale}_"):
+        name = name[len(tag):] if name.lower().startswith(tag) else name
+    for tag in (f"_x{scale}", f"_{scale}x"):
+        name = name[:-len(tag)] if name.lower().endswith(tag) else name
+    return f"{scale}x_{name or 'model'}_{precision}.onnx"
+
+
 def check_options(*, opset: int, exporter: str, static_shape, fp16: bool = False, fp16_io: bool = False,
-                  fp16_target_psnr: float | None = None) -> None:
+                  fp16_target_psnr: float | None = None, profile: str = "default") -> None:
+    if profile not in PROFILES:
+        raise ParagonError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if profile == "community" and static_shape is not None:
+        raise ParagonError("--profile community keeps height and width dynamic: drop --static-shape")
     if opset not in OPSETS:
         raise ParagonError(f"opset must be {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
     if exporter not in EXPORTERS:
@@ -85,13 +106,17 @@ def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, dict | None]:
 
 # ---------------------------------------------------------------- torch -> ONNX
 
-def _torch_export(model: torch.nn.Module, *, opset: int, exporter: str, static_shape) -> onnx.ModelProto:
+def _torch_export(model: torch.nn.Module, *, opset: int, exporter: str, static_shape,
+                  batch1: bool = False) -> onnx.ModelProto:
     shape = TRACE_SHAPE if static_shape is None else (TRACE_SHAPE[0], 3, *static_shape)
-    dummy = torch.zeros(shape)
+    dummy = torch.zeros((1, *shape[1:]) if batch1 else shape)
     if exporter == "dynamo":
-        return _dynamo_export(model, dummy, opset=opset, static=static_shape is not None)
-    axes = {0: "batch"} if static_shape else {0: "batch", 2: "height", 3: "width"}
-    out_axes = {0: "batch"} if static_shape else {0: "batch", 2: "out_height", 3: "out_width"}
+        return _dynamo_export(model, dummy, opset=opset, static=static_shape is not None, batch1=batch1)
+    axes = {} if batch1 else {0: "batch"}
+    out_axes = dict(axes)
+    if not static_shape:
+        axes.update({2: "height", 3: "width"})
+        out_axes.update({2: "out_height", 3: "out_width"})
     buf = io.BytesIO()
     if static_shape:
         with torch.no_grad():
@@ -104,15 +129,17 @@ def _torch_export(model: torch.nn.Module, *, opset: int, exporter: str, static_s
                           do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: out_axes})
     proto = onnx.load_from_string(buf.getvalue())
-    if static_shape:
-        # The exporter's shape inference mislabels the static output dims; state them.
-        for d, v in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], out_shape[1:]):
-            d.Clear()
-            d.dim_value = v
+    # The exporter's shape inference mislabels the static output dims; state them.
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    fixed = ([(out_dims[0], 1)] if batch1 else []) + (list(zip(out_dims[1:], out_shape[1:])) if static_shape else [])
+    for d, v in fixed:
+        d.Clear()
+        d.dim_value = v
     return proto
 
 
-def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, static: bool) -> onnx.ModelProto:
+def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, static: bool,
+                   batch1: bool = False) -> onnx.ModelProto:
     try:
         import onnxscript  # noqa: F401
     except ImportError:
@@ -120,7 +147,7 @@ def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, s
                            "the default torchscript exporter does not") from None
     from torch.export import Dim
 
-    dims = {0: Dim("batch", min=1, max=1024)}
+    dims = {} if batch1 else {0: Dim("batch", min=1, max=1024)}
     if not static:
         dims.update({2: Dim("height", min=4, max=8192), 3: Dim("width", min=4, max=8192)})
     # onnxscript's version-converter fallback logs tracebacks that are not errors, torch.onnx
@@ -166,19 +193,20 @@ def verify_onnx(model: onnx.ModelProto | Path | str, reference: torch.nn.Module,
 # ---------------------------------------------------------------- the export step
 
 def _base_metadata(*, variant: str, scale: int, upsampler: str, opset: int, source_sha256: str,
-                   source_fused: bool, exporter: str, static_shape) -> dict:
+                   source_fused: bool, exporter: str, static_shape, batch1: bool = False) -> dict:
     return {
         "producer": "paragon-export", "toolkit_version": __version__, "variant": variant, "scale": str(scale),
         "upsampler": upsampler, "precision": "fp32", "io_dtype": "float32", "opset": str(opset),
         "source_sha256": source_sha256, "source_fused": "true" if source_fused else "false", "exporter": exporter,
-        "input_shape": "Nx3xHxW" if static_shape is None else f"Nx3x{static_shape[0]}x{static_shape[1]}",
+        "input_shape": ("1" if batch1 else "N") + ("x3xHxW" if static_shape is None
+                                                   else f"x3x{static_shape[0]}x{static_shape[1]}"),
         "layout": "NCHW RGB [0,1]",
     }
 
 
 def _write_fp32(model: torch.nn.Module, tmp: Path, *, meta: dict, opset: int, exporter: str, static_shape,
-                verify_sizes, atol: float) -> tuple[onnx.ModelProto, dict]:
-    raw = _torch_export(model, opset=opset, exporter=exporter, static_shape=static_shape)
+                verify_sizes, atol: float, batch1: bool = False) -> tuple[onnx.ModelProto, dict]:
+    raw = _torch_export(model, opset=opset, exporter=exporter, static_shape=static_shape, batch1=batch1)
     before = op_counts(raw)
     graph, simplify_info = simplify(raw)
     name_nodes(graph)
@@ -209,27 +237,32 @@ def export_model(model: torch.nn.Module, out_path: Path | str, *, meta: dict, op
 def export_onnx(ckpt: Path | str, out_dir: Path | str, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                 fp16_io: bool = False, exporter: str = "torchscript", static_shape: tuple[int, int] | None = None,
                 variant: str | None = None, scale: int | None = None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, fp16_target_psnr: float | None = None, force: bool = False) -> dict[str, Artifact]:
+                calib_paths=None, fp16_target_psnr: float | None = None, profile: str = "default",
+                force: bool = False) -> dict[str, Artifact]:
     """Checkpoint -> verified ONNX FP32 (+ FP16). See the module docstring for the contract."""
+    community = profile == "community"
+    fp16, fp16_io = fp16 or community, fp16_io or community
     check_options(opset=opset, exporter=exporter, static_shape=static_shape, fp16=fp16, fp16_io=fp16_io,
-                  fp16_target_psnr=fp16_target_psnr)
+                  fp16_target_psnr=fp16_target_psnr, profile=profile)
     loaded = load_model(ckpt, variant=variant, scale=scale)
     out_dir = Path(out_dir)
-    paths = {"fp32": out_dir / onnx_filename(loaded.variant, loaded.scale, "fp32", opset)}
-    if fp16:
-        paths["fp16"] = out_dir / onnx_filename(loaded.variant, loaded.scale, "fp16", opset)
+    precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+    paths = {p: out_dir / (community_filename(loaded.path, loaded.scale, p) if community
+                           else onnx_filename(loaded.variant, loaded.scale, p, opset)) for p in precisions}
     for p in paths.values():
         check_output(p, force=force)
     model, fusion = fused_model(loaded)
     meta = _base_metadata(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler, opset=opset,
                           source_sha256=loaded.sha256, source_fused=loaded.fused, exporter=exporter,
-                          static_shape=static_shape)
+                          static_shape=static_shape, batch1=community)
+    if community:
+        meta["profile"] = "community"
     arts: dict[str, Artifact] = {}
     # All files or none: each is renamed into place only after every requested one verified.
     with contextlib.ExitStack() as stack:
         tmp32 = stack.enter_context(atomic_output(paths["fp32"], force=force))
-        graph, info = _write_fp32(model, tmp32, meta=meta, opset=opset, exporter=exporter,
-                                  static_shape=static_shape, verify_sizes=verify_sizes, atol=FP32_ATOL)
+        graph, info = _write_fp32(model, tmp32, meta=meta, opset=opset, exporter=exporter, static_shape=static_shape,
+                                  verify_sizes=verify_sizes, atol=FP32_ATOL, batch1=community)
         arts["fp32"] = Artifact(paths["fp32"], "onnx", {"metadata": meta, **info, "fusion": fusion})
         if fp16:
             from .fp16 import write_fp16

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ParagonError
 from .images import sample_photo_paths
 from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
-from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_onnx, run_torch,
+from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_onnx, run_torch, session_batch,
                      verification_inputs)
 
 FP16_MAX = 65504.0
@@ -312,8 +312,9 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
     check_and_save(g16, tmp, "FP16 graph")
 
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes or VERIFY_SIZES)
-    inputs = verification_inputs(scale, sizes)
-    out16, err16 = run_onnx(ort_session(tmp, threads=VERIFY_THREADS), inputs)
+    sess16 = ort_session(tmp, threads=VERIFY_THREADS)
+    inputs = verification_inputs(scale, sizes, batch=session_batch(sess16))
+    out16, err16 = run_onnx(sess16, inputs)
     if err16:
         raise ParagonError(f"FP16 ONNX does not run on ORT CPU: {next(iter(err16.values()))}; nothing written")
     out32, _ = run_onnx(ort_session(fp32_path, threads=VERIFY_THREADS), inputs)

@@ -166,7 +166,15 @@ def verify_against(model, reference: torch.nn.Module, scale: int, sizes=VERIFY_S
     `reference` on the verification inputs and compare them group by group (`compare_groups`)."""
     from .onnx_graph import ort_session
 
-    inputs = verification_inputs(scale, sizes, paths=paths)
+    sess = ort_session(model, threads=VERIFY_THREADS)
+    inputs = verification_inputs(scale, sizes, paths=paths, batch=session_batch(sess))
     refs = {(g, n): run_torch(reference, x, dtype) for g, n, x in inputs}
-    outputs, errors = run_onnx(ort_session(model, threads=VERIFY_THREADS), inputs)
+    outputs, errors = run_onnx(sess, inputs)
     return compare_groups(outputs, refs, errors)
+
+
+def session_batch(sess) -> int:
+    """The batch to verify a session with: VERIFY_BATCH, or 1 for a graph whose batch is fixed to 1
+    (the community profile's), which has no batched group to run."""
+    fixed = sess.get_inputs()[0].shape[0]
+    return 1 if fixed == 1 else VERIFY_BATCH

@@ -24,6 +24,7 @@ from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr
 from paragon_export.onnx_graph import io_dims, ort_session, read_metadata, run_session
 
+from chainner_scale import chainner_scale
 from conftest import make_model, write_model
 
 SIZES = ((32, 32), (27, 45))  # LR; the second is non-square and not a multiple of 8
@@ -66,6 +67,7 @@ def test_polyphase_magic_form_exports_plain_and_equal(tmp_path, upsampler, scale
         paths[form] = eo.export_model(fused, tmp_path / f"{form}.onnx", meta={"scale": str(scale)}).path
     g = onnx.load(str(paths["polyphase"]))
     _assert_plain_graph(g, upsampler)
+    assert chainner_scale(g) == scale
     magic = collections.Counter(n.op_type for n in g.graph.node if n.name.startswith("/magic_upsampler/"))
     assert magic["ConvTranspose"] == 1 and magic["Conv"] == 3  # polyphase Conv + one-hot interleave + 2 sharpen
     x = _photo(scale, (21, 18))
@@ -98,6 +100,7 @@ def test_export_variant_plain_dynamic_verified(tmp_path, variant, upsampler, sca
     assert art.meta["nodes_after"] == dict(sorted(collections.Counter(n.op_type for n in g.graph.node).items()))
     # Dynamic batch/height/width survive simplification, and really work at a fresh size.
     assert io_dims(g) == {"input": ["batch", 3, "height", "width"], "output": ["batch", 3, "out_height", "out_width"]}
+    assert chainner_scale(g) == scale  # strict ONNX shape inference at a pinned H/W, as chaiNNer reads it
     model = load_model(ckpt).model
     x = _photo(scale)
     with torch.no_grad():
@@ -151,6 +154,7 @@ def test_simplifier_failure_falls_back_and_still_folds(tmp_path, monkeypatch, up
     assert s["simplifier"] == "onnxruntime-basic" and "simulated onnxsim crash" in s["reason"]
     g = onnx.load(str(art.path))
     _assert_plain_graph(g, upsampler)  # ORT's constant folding + our crop folding did onnxsim's job here
+    assert chainner_scale(g) == 2
     assert io_dims(g)["input"] == ["batch", 3, "height", "width"] and art.meta["verification"]["ok"]
 
 

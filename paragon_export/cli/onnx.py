@@ -12,7 +12,7 @@ def _counts(c: dict) -> str:
 @click.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output-dir", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for {variant}_x{scale}_{fp32|fp16}_op{opset}.onnx.")
+              help="Folder for {variant}_x{scale}_{fp32|fp16}_op{opset}.onnx (community: {scale}x_{name}_...).")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset, 13-20.")
 @click.option("--fp16", is_flag=True, help="Also write an FP16 graph (fp32 inputs/outputs).")
 @click.option("--fp16-io", is_flag=True, help="With --fp16: make the FP16 graph's input and output float16 too.")
@@ -21,11 +21,14 @@ def _counts(c: dict) -> str:
 @click.option("--exporter", default="torchscript", show_default=True,
               help="torchscript or dynamo (dynamo needs onnxscript).")
 @click.option("--static-shape", metavar="HxW", help="Bake this LR input size in (batch stays dynamic).")
+@click.option("--profile", type=click.Choice(["default", "community"]), default="default", show_default=True,
+              help="community: batch 1, dynamic H/W, fp32 + fp16 with fp16 I/O, named 2x_<name>_fp16.onnx "
+                   "(what chaiNNer and VideoJaNai-style TensorRT frontends load as they are).")
 @click.option("--variant", help="Expected variant (checked against the weights).")
 @click.option("--scale", type=int, help="Upscale factor, for checkpoints that do not record it (traiNNer-redux).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, static_shape, variant, scale,
-            force):
+def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, static_shape, profile, variant,
+            scale, force):
     """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""
     from ..errors import ParagonError
     from ..export_onnx import export_onnx
@@ -39,7 +42,7 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
         shape = sizes[0]
     arts = export_onnx(checkpoint, out_dir, opset=opset, fp16=fp16, fp16_io=fp16_io, exporter=exporter,
                        static_shape=shape, variant=variant, scale=scale, fp16_target_psnr=fp16_min_psnr,
-                       force=force)
+                       profile=profile, force=force)
     a = arts["fp32"]
     md, m = a.meta["metadata"], a.meta
     click.echo(f"{md['variant']} x{md['scale']} ({md['upsampler']}), {md['exporter']} exporter, opset {md['opset']}, "
