@@ -57,3 +57,26 @@ def require_some(usable: list, skipped: list[Skipped], where: str) -> None:
         return
     detail = "; ".join(str(s) for s in skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     raise ParagonError(f"no usable calibration image in {where} ({detail})")
+
+
+def readable_images(paths: list[Path], *, min_hw: tuple[int, int] = (1, 1)) -> tuple[list[Decoded], list[Skipped]]:
+    """Decode every file first, as calibration does: (usable images, skipped files with the reason),
+    so one unreadable file among a user's images is listed instead of stopping a command midway."""
+    usable: list[Decoded] = []
+    skipped: list[Skipped] = []
+    for p in paths:
+        d = decode(p, min_hw=min_hw)
+        (usable if isinstance(d, Decoded) else skipped).append(d)
+    return usable, skipped
+
+
+def readable_folder(folder: Path | str) -> tuple[list[Path], list[Skipped]]:
+    """A user's image folder (parity --images, fuse --hr) checked whole before use: the readable
+    files and the skipped ones; one line when it holds nothing readable."""
+    paths = list_images(folder)
+    if not paths:
+        raise ParagonError(f"no images in {folder}")
+    usable, skipped = readable_images(paths)
+    if not usable:
+        raise ParagonError(f"no readable image in {folder} ({'; '.join(str(s) for s in skipped[:3])})")
+    return [d.path for d in usable], skipped

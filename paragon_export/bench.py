@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import atomic_output, check_output
-from .errors import ParagonError
+from .errors import ParagonError, require_file
+from .memory import refuse_what_cannot_fit
 from .images import load_image, sample_photo_paths
 from .roofline import artifact_macs_per_pixel, peak_info
 from .runners import RUNTIMES, artifact_kind, resolve_runtime, runtime_unavailable
@@ -194,8 +195,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         raise ParagonError("no artifact given")
     for p in paths:
         artifact_kind(p)
-        if not p.is_file():
-            raise ParagonError(f"artifact {p} does not exist")
+        require_file(p, "artifact")
     if runs < 1 or warmup < 0:
         raise ParagonError("--runs must be >= 1 and --warmup >= 0")
     sizes = sizes or DEFAULT_SIZES
@@ -207,6 +207,7 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         check_output(json_path, force=force)
     base = choose_baseline(paths, Path(baseline) if baseline else None)
     order = paths if base is None or base in paths else [base, *paths]
+    refuse_what_cannot_fit(order, sizes, "bench")
 
     import torch
 

@@ -17,7 +17,7 @@ from paragon_export.arch.paragonsr2 import VARIANTS
 
 from . import __version__
 from .artifact import Artifact, atomic_output, sha256_file
-from .errors import ParagonError
+from .errors import ParagonError, metadata_int, require_file
 
 FORMAT_VERSION = "1"
 # traiNNer-style wrappers, most preferred first (EMA weights are what ship).
@@ -62,8 +62,7 @@ def _flatten(obj, prefix: str = "") -> dict:
 def read_state_dict(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Return (state_dict, metadata) with wrappers and `module.` prefixes removed."""
     path = Path(path)
-    if not path.is_file():
-        raise ParagonError(f"checkpoint {path} does not exist")
+    require_file(path, "checkpoint")
     if path.stat().st_size == 0:
         raise ParagonError(f"checkpoint {path} is empty")
     meta: dict[str, str] = {}
@@ -123,7 +122,7 @@ def load_model(path: Path | str, *, variant: str | None = None, scale: int | Non
         raise ParagonError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     if variant is not None and variant != info["variant"]:
         raise ParagonError(f"{path} holds {info['variant']} weights, not {variant} as requested")
-    candidates = {"weights": info["scale"], "metadata": int(meta["scale"]) if meta.get("scale") else None,
+    candidates = {"weights": info["scale"], "metadata": metadata_int(meta.get("scale"), "scale", path),
                   "--scale": scale}
     known = {k: v for k, v in candidates.items() if v is not None}
     if len(set(known.values())) > 1:

@@ -12,24 +12,33 @@ from paragon_export.arch import calibrate_kernels
 from .artifact import Artifact, check_output
 from .checkpoint import LoadedModel, load_model, param_count, save_model
 from .errors import ParagonError
-from .images import list_images, load_image, lr_hr_crops, sample_photo_paths, bicubic_downscale, to_image, to_tensor
+from .images import list_images, lr_hr_crops, sample_photo_paths, bicubic_downscale, to_image, to_tensor
 from .metrics import psnr, psnr_y
 from .verify import VERIFY_SIZES
 
 EXACT_ATOL = 1e-5
 CALIB_LR_SIZE = 96
+CALIB_MIN_LR = 8  # smaller crops say little about a kernel (and 1 px cannot be downscaled)
 
 
-def _calibration_batches(folder: Path, scale: int, limit: int = 64):
+def _calibration_batches(folder: Path, scale: int, limit: int = 64) -> tuple[list[torch.Tensor], list]:
+    """Centre LR crops of the folder's images, every file decoded first: unreadable and too-small
+    files are skipped and listed (as int8 --calib does), not a traceback halfway through."""
+    from paragon_export.calibration.sources import readable_images, require_some
+
     paths = list_images(folder)
     if not paths:
         raise ParagonError(f"no images in calibration folder {folder}")
-    for p in paths[:limit]:
-        img = load_image(p)
-        _, lr = bicubic_downscale(img, scale)
+    side = CALIB_MIN_LR * scale
+    usable, skipped = readable_images(paths[:limit], min_hw=(side, side))
+    require_some(usable, skipped, str(folder))
+    batches = []
+    for d in usable:
+        _, lr = bicubic_downscale(d.image, scale)
         h, w = min(lr.shape[0], CALIB_LR_SIZE), min(lr.shape[1], CALIB_LR_SIZE)
         top, left = (lr.shape[0] - h) // 2, (lr.shape[1] - w) // 2
-        yield to_tensor(lr[top:top + h, left:left + w])
+        batches.append(to_tensor(lr[top:top + h, left:left + w]))
+    return batches, skipped
 
 
 @torch.no_grad()
@@ -78,9 +87,10 @@ def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale:
     if loaded.fused:
         raise ParagonError(f"{src} is already fused")
     model = loaded.model
-    calibrated = 0
+    calibrated, skipped = 0, []
     if calibrate_dir is not None:
-        calibrated = calibrate_kernels(model, _calibration_batches(Path(calibrate_dir), loaded.scale))
+        batches, skipped = _calibration_batches(Path(calibrate_dir), loaded.scale)
+        calibrated = calibrate_kernels(model, batches)
     missing = model.uninitialized_kernels()
     if missing:
         raise ParagonError(
@@ -89,13 +99,16 @@ def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale:
             "them from real images"
         )
     fused = model.fuse_for_release().eval()
-    hr_paths = list_images(hr_dir) if hr_dir else None
-    if hr_dir and not hr_paths:
-        raise ParagonError(f"no images in {hr_dir}")
+    hr_paths = None
+    if hr_dir:
+        from paragon_export.calibration.sources import readable_folder
+
+        hr_paths, hr_skipped = readable_folder(hr_dir)
+        skipped += hr_skipped
     report = verify_fusion(model, fused, loaded.scale, hr_paths)
     report.update(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler,
                   params_before=param_count(model), params_after=param_count(fused),
-                  calibrated_images=calibrated)
+                  calibrated_images=calibrated, skipped_images=[str(s) for s in skipped])
     if report["exactness_max_abs"] > EXACT_ATOL:
         raise ParagonError(f"fusion is not exact: max abs {report['exactness_max_abs']:.3g} > {EXACT_ATOL}")
     art = save_model(fused, out, variant=loaded.variant, force=force,

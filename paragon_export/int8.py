@@ -39,7 +39,7 @@ from paragon_export.calibration import CalibrationSet, build_calibration_set
 from paragon_export.calibration.ranges import Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
-from .errors import ParagonError
+from .errors import ParagonError, require_file
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, brief, inspect_qdq, mac_shares, quiet_quantizer, trt_blockers, trt_int8_exclusions
 from .int8_compare import comparisons
@@ -77,8 +77,7 @@ def quantize_symmetric(fp32: Path, out: Path, ranges: Ranges, exclude: list[str]
 # ---------------------------------------------------------------- input model
 
 def _load_fp32(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise ParagonError(f"model {path} does not exist")
+    require_file(path, "model")
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf decode errors have no common base class

@@ -217,6 +217,22 @@ def graph_macs(model: onnx.ModelProto, hw: tuple[int, int], batch: int = 1) -> d
     where it cannot follow the graph (e.g. kernels computed in-graph before simplification), from one
     ONNX Runtime inference at that size, so a node is never silently counted as 0. Ops without
     weights (Add, Pad, DepthToSpace, ...) count 0: they move data, they do not multiply-accumulate."""
+    weighted = [(i, n) for i, n in enumerate(model.graph.node) if n.op_type in _MAC_WEIGHT_INPUT]
+    needed = {t for _, n in weighted
+              for t in (n.input[_MAC_WEIGHT_INPUT[n.op_type]], n.input[0] if n.op_type == "ConvTranspose" else n.output[0])}
+    shapes = tensor_shapes(model, hw, batch, needed)
+    macs = {}
+    for i, n in weighted:
+        w = shapes.get(n.input[_MAC_WEIGHT_INPUT[n.op_type]])
+        # Conv: (Cin/groups)*kh*kw per output value; ConvTranspose: (Cout/groups)*kh*kw per input value
+        values = shapes.get(n.input[0] if n.op_type == "ConvTranspose" else n.output[0])
+        macs[n.name or f"#{i} {n.op_type}"] = float(np.prod(values)) * int(np.prod(w[1:]))
+    return macs
+
+
+def tensor_shapes(model: onnx.ModelProto, hw: tuple[int, int], batch: int = 1, needed=None) -> dict[str, list[int]]:
+    """Every tensor's shape for a `batch`x3x`hw` input, from ONNX shape inference; the `needed` ones
+    (default: every node input and output) it cannot follow come from one ONNX Runtime inference."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.value_info[:]
@@ -231,19 +247,12 @@ def graph_macs(model: onnx.ModelProto, hw: tuple[int, int], batch: int = 1) -> d
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
     shapes.update({i.name: list(i.dims) for i in m.graph.initializer})
-    weighted = [(i, n) for i, n in enumerate(m.graph.node) if n.op_type in _MAC_WEIGHT_INPUT]
-    needed = {t for _, n in weighted
-              for t in (n.input[_MAC_WEIGHT_INPUT[n.op_type]], n.input[0] if n.op_type == "ConvTranspose" else n.output[0])}
+    if needed is None:
+        needed = {t for n in model.graph.node for t in (*n.input, *n.output) if t}
     unknown = sorted(t for t in needed if not shapes.get(t) or not all(shapes[t]))
     if unknown:
         shapes.update(_runtime_shapes(model, unknown, (batch, dims[1].dim_value or 3, *hw)))
-    macs = {}
-    for i, n in weighted:
-        w = shapes.get(n.input[_MAC_WEIGHT_INPUT[n.op_type]])
-        # Conv: (Cin/groups)*kh*kw per output value; ConvTranspose: (Cout/groups)*kh*kw per input value
-        values = shapes.get(n.input[0] if n.op_type == "ConvTranspose" else n.output[0])
-        macs[n.name or f"#{i} {n.op_type}"] = float(np.prod(values)) * int(np.prod(w[1:]))
-    return macs
+    return shapes
 
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], shape: tuple) -> dict[str, list[int]]:

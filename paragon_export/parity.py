@@ -24,10 +24,13 @@ from polygraphy.logger import G_LOGGER
 
 from .artifact import check_output, sha256_file
 from .checkpoint import load_model
-from .errors import ParagonError
-from .images import bicubic_upscale, list_images, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
+from .errors import ParagonError, require_file
+from paragon_export.calibration.sources import readable_folder
+
+from .images import bicubic_upscale, lr_hr_crops, parse_sizes, sample_photo_paths, to_image, to_tensor
 from .localize import localize as localize_onnx
 from .manifest import tool_versions
+from .memory import refuse_what_cannot_fit
 from .metrics import psnr_y, ssim_y
 from .parity_report import write_outputs
 from .cpu import isa
@@ -97,8 +100,7 @@ def _artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None 
     row skipped with the install hint; a file that cannot be opened makes it an error row."""
     kind = classify(path)
     rt = resolve_runtime(path, runtime)
-    if not path.is_file():
-        raise ParagonError(f"artifact {path} does not exist")
+    require_file(path, "artifact")
     name = _unique(path.name if role == "artifact" else f"{path.name} [{rt}]", taken)
     e = Entry(name, role, kind, RUNNER_LABELS[rt], "fp32", "", gated=gated, path=path, sha256=sha256_file(path))
     try:
@@ -310,6 +312,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     thresholds = {k: Limits(atol if atol is not None else v.max_abs, min_psnr if min_psnr is not None else v.min_psnr)
                   for k, v in LIMITS.items()}
 
+    refuse_what_cannot_fit([ref, *paths], size_list, "parity")
     taken: set = set()
     loaded, fused, entries = _reference_entries(ref, taken, scale)
     scale = loaded.scale
@@ -328,9 +331,8 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
             e.error, e.skip = f"required runtime: {e.skip}", None
         e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
 
-    image_paths = list_images(images) if images else sample_photo_paths("eval")
-    if not image_paths:
-        raise ParagonError(f"no images in {images}")
+    # The user's images are all decoded first: unreadable ones are listed in the notes, not a stop midway.
+    image_paths, skipped_images = readable_folder(images) if images else (sample_photo_paths("eval"), [])
     cases = [(name, size, lr, hr) for size in size_list for name, lr, hr in lr_hr_crops(image_paths, scale, size)]
     feeds = [OrderedDict([(INPUT_NAME, to_tensor(lr).numpy())]) for _, _, lr, _ in cases]
 
@@ -399,6 +401,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
 
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
                      case_info, ref_y)
+    report["notes"] += [f"image skipped: {s}" for s in skipped_images]
     return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
 
 

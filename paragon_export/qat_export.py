@@ -95,3 +95,36 @@ def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None
     from .verify import verify_against
 
     return verify_against(model, student, scale, sizes, paths=paths)
+
+
+def remainder_effect(plain, final, scale: int, sizes, *, paths=None) -> dict:
+    """What the float remainder's dtype alone changes: the shipped graph vs the same Q/DQ graph with
+    an fp32 remainder, both on ONNX Runtime (`verify.compare_groups` figures). fp16 rounding before a
+    QuantizeLinear moves values across rounding boundaries, which the fp32 fake-quant student cannot
+    show, so this is measured apart from the export check."""
+    from .onnx_graph import ort_session
+    from .verify import VERIFY_THREADS, compare_groups, run_onnx, verification_inputs
+
+    inputs = verification_inputs(scale, sizes, paths=paths)
+    ref, ref_errors = run_onnx(ort_session(plain, threads=VERIFY_THREADS), inputs)
+    out, errors = run_onnx(ort_session(final, threads=VERIFY_THREADS), inputs)
+    return compare_groups(out, {k: v for k, v in ref.items()}, {**ref_errors, **errors})
+
+
+# The fp16 remainder's rounding moves some values across a quantizer's rounding boundary; an
+# overflow or a broken conversion shows as a far larger change (NaN, or PSNR near 0).
+REMAINDER_MIN_PSNR = 30.0
+
+
+def check_verification(verification: dict, min_psnr: float) -> None:
+    """One line when the Q/DQ export disagrees with the student, or its fp16 remainder changes the
+    output by more than rounding."""
+    from .verify import describe
+
+    if not verification["min_psnr"] >= min_psnr:
+        raise ParagonError("the Q/DQ ONNX disagrees with the torch fake-quant model (PSNR "
+                           f"{describe(verification, 'psnr')}; limit {min_psnr} dB); nothing written")
+    rest = verification.get("remainder")
+    if rest is not None and not rest["min_psnr"] >= REMAINDER_MIN_PSNR:
+        raise ParagonError("the fp16 remainder changes the Q/DQ model's output beyond rounding (PSNR vs an fp32 "
+                           f"remainder {describe(rest, 'psnr')}; limit {REMAINDER_MIN_PSNR} dB); nothing written")

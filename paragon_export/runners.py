@@ -25,7 +25,7 @@ from polygraphy.backend.pyt import PytRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 
-from .errors import ParagonError
+from .errors import ParagonError, metadata_int, require_file
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -206,6 +206,8 @@ def artifact_kind(path: Path | str) -> str:
     if suffix == ".bin" and path.with_suffix(".param").is_file():
         return "ncnn"
     if suffix not in SUFFIXES:
+        if path.is_dir():
+            raise ParagonError(f"artifact {path} is a folder, not a file")
         groups = {}
         for s, k in SUFFIXES.items():
             groups.setdefault(k, []).append(s)
@@ -248,8 +250,7 @@ def open_runner(path: Path | str, runtime: str | None = None, *, threads: int | 
     Raises ParagonError for a bad file, RuntimeUnavailable when the runtime cannot run here."""
     path = Path(path)
     rt = resolve_runtime(path, runtime)
-    if not path.is_file():
-        raise ParagonError(f"artifact {path} does not exist")
+    require_file(path, "artifact")
     reason = runtime_unavailable(rt)
     if reason:
         raise RuntimeUnavailable(reason)
@@ -261,7 +262,7 @@ def open_runner(path: Path | str, runtime: str | None = None, *, threads: int | 
         model = _load_onnx(path)
         precision, source = onnx_precision(model)
         props = {p.key: p.value for p in model.metadata_props}
-        info = RunnerInfo(path, kind, rt, precision, source, _int_or_none(props.get("scale")), props)
+        info = RunnerInfo(path, kind, rt, precision, source, metadata_int(props.get("scale"), "scale", path), props)
         if rt == "openvino":
             from .openvino_runner import OpenVinoRunner
 
@@ -281,10 +282,6 @@ def open_runner(path: Path | str, runtime: str | None = None, *, threads: int | 
         runner = NcnnRunner(info.path, name=name, threads=threads)
     runner.info = info
     return runner
-
-
-def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text and text.strip().isdigit() else None
 
 
 def _load_onnx(path: Path):

@@ -25,7 +25,7 @@ import numpy as np
 from .artifact import atomic_output, check_output
 from .errors import ParagonError
 from .images import IMAGE_SUFFIXES, bicubic_upscale, list_images
-from .picture import Picture, check_writable_format, image_size, read_picture, write_picture
+from .picture import OUTPUT_SUFFIXES, Picture, check_writable_format, image_size, read_picture, write_picture
 
 if TYPE_CHECKING:  # the annotation lets tests/test_trt_contract.py type the TensorRT calls made through it
     from polygraphy.backend.trt import TrtRunner
@@ -105,7 +105,7 @@ class ModelRunner:
         if self.max_hw:
             h, w = min(h, self.max_hw[0]), min(w, self.max_hw[1])
         y = self(np.zeros((1, 3, h, w), np.float32))
-        s = y.shape[2] // h
+        s = y.shape[2] // h if y.ndim == 4 else 0  # a classifier's [N, classes] has no height
         if y.ndim != 4 or y.shape[1] != 3 or s < 1 or y.shape[2] != s * h or y.shape[3] != s * w:
             raise ParagonError(f"{self.path}: a 1x3x{h}x{w} input gave {list(y.shape)}, not an image upscale")
         return s
@@ -243,6 +243,7 @@ def plan_jobs(inputs: list[Path], out: Path) -> list[Job]:
     for p in inputs:
         if not p.exists():
             raise ParagonError(f"input {p} does not exist")
+    _refuse_unwritable_image_name(out)
     if len(inputs) == 1 and inputs[0].is_file() and out.suffix.lower() in IMAGE_SUFFIXES:
         _check_image_suffix(inputs[0])
         return [Job(inputs[0], out)]
@@ -264,6 +265,29 @@ def plan_jobs(inputs: list[Path], out: Path) -> list[Job]:
             raise ParagonError(f"{seen[j.dst]} and {j.src} would both be written to {j.dst}")
         seen[j.dst] = j.src
     return jobs
+
+
+def _refuse_unwritable_image_name(out: Path) -> None:
+    """`-o out.gif` means an image the user wants, not a folder named out.gif: say we cannot write it."""
+    from PIL import Image
+
+    suffix = out.suffix.lower()
+    if out.is_dir() or suffix in OUTPUT_SUFFIXES or suffix not in Image.registered_extensions():
+        return
+    raise ParagonError(f"{out}: cannot write {suffix!r} images (use {', '.join(sorted(OUTPUT_SUFFIXES))}, "
+                       "or a folder name without an image suffix)")
+
+
+def _refuse_what_cannot_fit(artifact, jobs: list[Job], tile: int) -> None:
+    """Before any image is decoded: each one's tiles and HR accumulators must fit in memory."""
+    from .memory import check_fits, footprint, upscale_bytes
+
+    fp = footprint(artifact)
+    if fp is None:
+        return
+    for j in jobs:
+        h, w = j.size
+        check_fits(f"upscale of {j.src.name} ({w}x{h} px, --tile {tile})", upscale_bytes(fp, j.size, tile))
 
 
 def _check_image_suffix(p: Path) -> None:
@@ -294,6 +318,7 @@ def upscale(artifact: Path | str, inputs: list[Path | str], out: Path | str, *, 
         check_output(j.dst, force=force, inputs=sources)
     for j in jobs:
         j.size = image_size(j.src)
+    _refuse_what_cannot_fit(artifact, jobs, tile)
     for j in jobs:  # decode every input once before any output: a truncated file fails the batch up front
         read_picture(j.src)
     try:

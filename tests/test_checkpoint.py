@@ -111,3 +111,27 @@ def test_variant_scale_and_nan_checks(tmp_path):
     save_file(sd, str(p))
     with pytest.raises(ParagonError, match="NaN/Inf weights in conv_out.weight"):
         load_model(p, scale=2)
+
+
+def test_folder_and_non_integer_scale_metadata_are_named(tmp_path):
+    # Issue 18: a folder given as checkpoint was reported as "does not exist"; metadata scale="two"
+    # was a ValueError traceback.
+    from click.testing import CliRunner
+
+    from paragon_export.cli import main
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(ParagonError, match="is a folder, not a file"):
+        load_model(folder)
+    m = make_model(scale=2)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "two.safetensors"),
+              metadata={"scale": "two", "variant": "paragonsr2_nano"})
+    with pytest.raises(ParagonError, match="metadata scale='two' is not a whole number"):
+        load_model(tmp_path / "two.safetensors")
+    for args, message in ((["fuse", folder, "-o", tmp_path / "f.safetensors"], "is a folder, not a file"),
+                          (["bench", folder], "is a folder, not a file"),
+                          (["onnx", tmp_path / "two.safetensors", "-o", tmp_path / "o"], "is not a whole number")):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1

@@ -90,3 +90,33 @@ def test_fuse_bad_inputs_give_one_line_errors(tmp_path):
     # A read-only location even for root (CI runs as root, so chmod would not do).
     res = run("fuse", traiNNer_file(tmp_path), "--scale", 2, "-o", "/proc/paragon.safetensors")
     assert res.exit_code != 0 and res.output.startswith("Error:") and "not writable" in res.output
+
+
+def test_unreadable_and_tiny_images_are_skipped_and_listed(tmp_path):
+    # Issue 18: --calibrate-kernels stopped at the first unreadable file and a 1x1 image was a traceback;
+    # --hr stopped at the first unreadable file. Now every file is decoded first and the bad ones listed.
+    import shutil
+
+    from paragon_export.images import sample_photo_paths
+
+    ckpt = save_model(build("paragonsr2_nano", scale=2).eval(), tmp_path / "raw.safetensors",
+                      variant="paragonsr2_nano").path
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sample_photo_paths("eval")[:2]:
+        shutil.copy(p, photos)
+    (photos / "0_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(photos / "1_dot.png")
+    out = tmp_path / "f.safetensors"
+    res = run("fuse", ckpt, "-o", out, "--calibrate-kernels", photos, "--hr", photos)
+    assert res.exit_code == 0, res.output
+    assert "kernels calibrated on 2 images" in res.output
+    assert "0_broken.png: unreadable" in res.output and "1_dot.png: too small" in res.output
+    assert out.is_file()
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(photos / "0_broken.png", only_bad)
+    assert_one_line_error(run("fuse", ckpt, "-o", tmp_path / "g.safetensors", "--calibrate-kernels", only_bad),
+                          tmp_path / "g.safetensors", "0_broken.png: unreadable")

@@ -198,3 +198,24 @@ def test_bad_inputs_are_one_line_errors(arts, tmp_path):
     res = CliRunner().invoke(main, ["parity", str(arts["fp32"]), "--ref", str(arts["fp32"]), "-o", str(tmp_path / "d")])
     assert res.exit_code == 1 and res.output.startswith("Error: --ref must be") and "Traceback" not in res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_unreadable_user_images_are_skipped_and_listed(arts, tmp_path):
+    # Issue 18: parity --images stopped at the first unreadable file; now all are decoded first.
+    import shutil
+
+    from paragon_export.images import sample_photo_paths
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for p in sample_photo_paths("eval")[:2]:
+        shutil.copy(p, imgs)
+    (imgs / "0_cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    report = parity([arts["ref"]], tmp_path / "out", images=imgs, sizes=[(24, 24)])
+    assert report["passed"] and len(report["images"]) == 2
+    assert any("0_cut.png: unreadable" in n for n in report["notes"]), report["notes"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(imgs / "0_cut.png", bad)
+    with pytest.raises(ParagonError, match="no readable image in .*0_cut.png"):
+        parity([arts["ref"]], tmp_path / "out2", images=bad, sizes=[(24, 24)])

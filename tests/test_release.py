@@ -128,3 +128,35 @@ def test_second_concurrent_release_refuses_with_the_holders_pid(tmp_path):
         holder.kill()
         holder.wait()
     assert not (out / "paragonsr2_nano_x2_fused.safetensors").exists()
+
+
+def test_manifest_has_the_same_permissions_as_every_artifact(tmp_path):
+    # Issue 18 item 8: manifest.json was written 0600 (mkstemp's mode), every other artifact 0644.
+    import os
+
+    out = tmp_path / "rel"
+    before = os.umask(0o022)
+    try:
+        run(write_model(tmp_path / "a.safetensors"), out, precisions=("fp32",), engine=False)
+    finally:
+        os.umask(before)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    onnx_file = out / "paragonsr2_nano_x2_fp32_op17.onnx"
+    assert mode(out / "manifest.json") == mode(onnx_file) == mode(out / "MODEL_CARD.md")
+    assert mode(out / "manifest.json") == 0o644
+
+
+def test_release_of_a_traiNNer_redux_scale_1_checkpoint(tmp_path):
+    # Issue 18 acceptance: a traiNNer-redux x1 file (legacy upsampler, params_ema wrapper, no metadata).
+    from safetensors.torch import save_file
+
+    from conftest import make_model
+
+    sd = make_model(scale=1, upsampler="legacy", seed=6).state_dict()
+    ckpt = tmp_path / "trainner_x1.safetensors"
+    save_file({f"params_ema.{k}": v.contiguous() for k, v in sd.items()}, str(ckpt))
+    out = tmp_path / "rel"
+    run(ckpt, out, precisions=("fp32",), engine=False, scale=1)
+    report = json.loads((out / "parity" / "parity.json").read_text())
+    assert report["passed"] and report["reference"]["scale"] == 1
+    assert "Parity: PASS" in (out / "MODEL_CARD.md").read_text()

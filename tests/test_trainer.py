@@ -288,3 +288,41 @@ def test_sigkill_loses_at_most_one_interval_and_resumes(tmp_path):
     train(cfg, resume=True)
     assert not list((out / "checkpoints").glob(".step_*"))
     assert load_model(out / "ema_final.safetensors").scale == 2
+
+
+def test_bad_optimiser_values_and_out_dir_are_one_line(tmp_path):
+    # Issue 18 item 6: torch raised a ValueError traceback for a negative lr; a file in out_dir's path
+    # failed in mkdir after the model was built.
+    from click.testing import CliRunner
+
+    from paragon_export.trainer.cli import main
+
+    a_file = tmp_path / "FILE"
+    a_file.write_text("x")
+    cases = [
+        (["-o", "train.lr=-1"], "train.lr must be > 0, got -1"),
+        (["-o", "train.lr=.nan"], "train.lr must be a finite number"),
+        (["-o", "train.ema_decay=1.5"], "train.ema_decay must be in [0, 1]"),
+        (["-o", "train.betas=[0.9, 1.2]"], "train.betas must be two numbers in [0, 1)"),
+        (["-o", "discriminator.lr=0"], "discriminator.lr must be > 0"),
+        (["--out-dir", str(a_file / "x")], f"{a_file} is a file, not a folder"),
+    ]
+    for args, message in cases:
+        res = CliRunner().invoke(main, [*args, "-o", "train.steps=1", "-o", "log.progress=false"])
+        assert res.exit_code == 1 and message in res.output, (args, res.output)
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert a_file.read_text() == "x"
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    # Issue 18 item 8: a run killed after logging steps past its last checkpoint re-logged them on --resume.
+    out = tmp_path / "run"
+    train(_tiny_cfg(out, steps=4))
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    (out / "checkpoints" / "latest").write_text("step_00000002")
+    (out / "ema_final.safetensors").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a record cut short by the kill
+    train(_tiny_cfg(out, steps=4), resume=True)
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2, 3, 4], steps

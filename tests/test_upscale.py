@@ -242,3 +242,59 @@ def test_errors_are_one_line(tmp_path, photo):
         assert r.exit_code == 1, (args, r.output)
         assert message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_image_name_is_an_error_not_a_folder(tmp_path, photo):
+    # Issue 18 item 8: `-o out.gif` silently became a folder out.gif/ holding a PNG.
+    ckpt = write_model(tmp_path / "nano.safetensors")
+    img = tmp_path / "ok.png"
+    Image.fromarray((photo[:24, :32] * 255).astype(np.uint8)).save(img)
+    for name in ("out.gif", "out.bmp"):
+        r = CliRunner().invoke(main, ["upscale", str(ckpt), str(img), "-o", str(tmp_path / name), "--threads", "1"])
+        assert r.exit_code == 1 and f"cannot write '.{name.split('.')[1]}' images" in r.output, r.output
+        assert not (tmp_path / name).exists()
+
+
+def test_upscale_output_keeps_the_exif_orientation(tmp_path, photo):
+    # Issue 18 item 8: a portrait phone JPEG (stored landscape + EXIF "rotate 90") came out sideways.
+    ckpt = write_model(tmp_path / "nano.safetensors")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    src = tmp_path / "portrait.jpg"
+    Image.fromarray((photo[:24, :40] * 255).astype(np.uint8)).save(src, exif=exif.tobytes(), quality=98)
+    upright = tmp_path / "upright.png"  # the same decoded pixels, turned as a viewer shows them
+    Image.fromarray(np.rot90(np.asarray(Image.open(src).convert("RGB")), -1)).save(upright)
+    outs = tmp_path / "outs"
+    r = CliRunner().invoke(main, ["upscale", str(ckpt), str(src), str(upright), "-o", str(outs), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    got, want = np.asarray(Image.open(outs / "portrait.png")), np.asarray(Image.open(outs / "upright.png"))
+    assert got.shape[:2] == (80, 48) and np.array_equal(got, want)
+
+
+def test_foreign_classifier_onnx_is_one_line_in_upscale_and_bench(tmp_path, photo):
+    # Issue 18 item 6: a classifier (image in, [N, classes] out) was an IndexError traceback in both.
+    from onnx import helper, numpy_helper
+
+    clf = tmp_path / "classifier.onnx"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 10])
+    w = numpy_helper.from_array(np.ones((3, 10), np.float32), "w")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)]),
+              str(clf))
+    img = tmp_path / "ok.png"
+    Image.fromarray((photo[:24, :32] * 255).astype(np.uint8)).save(img)
+    for args in (["upscale", str(clf), str(img), "-o", str(tmp_path / "o"), "--threads", "1"],
+                 ["bench", str(clf), "--sizes", "16x16", "--runs", "1", "--threads", "1"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and "input gave [1, 10], not an image upscale" in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+    gray = tmp_path / "gray.onnx"  # a 1-channel model in bench (upscale: test_errors_are_one_line)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(gray))
+    r = CliRunner().invoke(main, ["bench", str(gray), "--sizes", "16x16", "--runs", "1", "--threads", "1"])
+    assert r.exit_code == 1 and "expected a 1x3xHxW input" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -137,7 +137,46 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(o)
         cfg = _merge(cfg, _nest(key, value))
     _validate(cfg)
+    _validate_optimiser(cfg)
+    _validate_out_dir(Path(str(cfg["out_dir"])))
     return cfg
+
+
+# key -> (lowest, highest or None, whether the lowest is allowed): torch would otherwise raise a
+# ValueError traceback (a negative lr) or train silently wrong (an EMA decay above 1).
+OPTIMISER_RANGES = {
+    "train.lr": (0.0, None, False), "train.weight_decay": (0.0, None, True), "train.warmup_steps": (0, None, True),
+    "train.min_lr_ratio": (0.0, 1.0, True), "train.grad_clip": (0.0, None, True), "train.ema_decay": (0.0, 1.0, True),
+    "discriminator.lr": (0.0, None, False), "discriminator.weight_decay": (0.0, None, True),
+}
+
+
+def _validate_optimiser(cfg: dict) -> None:
+    import math
+
+    for key, (low, high, low_ok) in OPTIMISER_RANGES.items():
+        section, name = key.split(".")
+        v = cfg[section][name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ParagonError(f"{key} must be a finite number, got {v!r}")
+        if v < low or (v == low and not low_ok) or (high is not None and v > high):
+            rng = f"in [{low:g}, {high:g}]" if high is not None else f"{'>=' if low_ok else '>'} {low:g}"
+            raise ParagonError(f"{key} must be {rng}, got {v:g}")
+    for key in ("train.betas", "discriminator.betas"):
+        section, name = key.split(".")
+        b = cfg[section][name]
+        if (not isinstance(b, (list, tuple)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+            raise ParagonError(f"{key} must be two numbers in [0, 1), got {b!r}")
+
+
+def _validate_out_dir(out: Path) -> None:
+    """The run folder must be creatable: no part of its path may be an existing file."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ParagonError(f"out_dir {out}: {parent} is a file, not a folder")
+            return
 
 
 def _validate(cfg: dict) -> None:

@@ -116,6 +116,26 @@ def _log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _forget_logs_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their records (logged before the
+    interruption) so every step appears once in metrics.jsonl."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the kill
+        if rec_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def train(cfg: dict, *, resume: bool = False) -> dict:
     """Run (or continue) training as configured. Returns the final validation result (rank 0)."""
     dist = _Dist(cfg["train"]["device"])
@@ -162,6 +182,8 @@ def _train(cfg: dict, dist: _Dist, resume: bool) -> dict:
             raise ParagonError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         start = load_run(ck, model=model, ema=ema, opt_g=opt_g, sched=sched, disc=disc, opt_d=opt_d,
                          scaler=scaler)
+        if dist.main:
+            _forget_logs_after(out / "metrics.jsonl", start)
     elif latest_checkpoint(out) is not None:
         raise ParagonError(f"{out} already holds a run; pass --resume to continue it or choose another out_dir")
     if dist.main:

@@ -20,6 +20,8 @@ def command(checkpoint, output, variant, scale, calibrate, hr_dir, force):
     art, r = fuse(checkpoint, output, variant=variant, scale=scale, calibrate_dir=calibrate, hr_dir=hr_dir, force=force)
     g = r["gap"]
     click.echo(f"{r['variant']} x{r['scale']} ({r['upsampler']}): params {r['params_before']:,} -> {r['params_after']:,}")
+    if r["skipped_images"]:
+        click.echo(f"warning: skipped {len(r['skipped_images'])} image(s): {'; '.join(r['skipped_images'])}", err=True)
     if r["calibrated_images"]:
         click.echo(f"kernels calibrated on {r['calibrated_images']} images")
     sizes = ", ".join(f"{k}: {v:.2e}" for k, v in r["exactness"].items())
