@@ -126,6 +126,10 @@ def _artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None 
         e.note = "Q/DQ reference semantics (the same on every CPU)"
     elif rt == "openvino":
         e.note, e.context = _openvino_context(e.precision)
+    elif rt == "ncnn":
+        from .ncnn_runner import ncnn_version
+
+        e.note = f"ncnn {ncnn_version()} CPU on {isa()}, fp32 arithmetic ({e.precision} weights)"
     return e
 
 
@@ -437,6 +441,10 @@ def _tool_versions(entries) -> dict:
         from .openvino_runner import openvino_version
 
         tv["openvino"] = openvino_version()
+    if any(e.runner == "ncnn-cpu" and not e.skip for e in entries):
+        from .ncnn_runner import ncnn_version
+
+        tv["ncnn"] = ncnn_version()
     return tv
 
 

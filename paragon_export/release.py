@@ -44,6 +44,14 @@ def _folder_digest(folder: Path | None) -> str:
     return h.hexdigest()
 
 
+def ncnn_unavailable() -> str | None:
+    """None when the ncnn step can run (pnnx converts, the ncnn wheel verifies), else why not."""
+    missing = [m for m in ("pnnx", "ncnn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'paragon-export[ncnn]')"
+    return None
+
+
 def _tensorrt_ready() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
@@ -170,9 +178,10 @@ def _folder_lock(root: Path) -> Iterator[None]:
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
             precisions: tuple[str, ...] = DEFAULT_PRECISIONS, engine: bool | None = None, scale: int | None = None,
-            force: bool = False, echo: Callable[[str], None] = print) -> dict:
+            force: bool = False, echo: Callable[[str], None] = print, ncnn: bool | None = None) -> dict:
     """Run the release pipeline into `out_dir`; returns the manifest data. `engine=None` builds an
-    engine only where TensorRT and a GPU exist, True requires them, False skips."""
+    engine only where TensorRT and a GPU exist, True requires them, False skips; `ncnn` likewise for
+    the NCNN pairs (pnnx and ncnn installed)."""
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown or "fp32" not in precisions:
         raise ParagonError(f"--precisions takes fp32 plus any of fp16,int8,qat (got {','.join(precisions)})")
@@ -187,20 +196,23 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     loaded = load_model(src, scale=scale)  # fail fast on a bad checkpoint, before any step
     if calib is not None:
         list_images(calib)  # a missing folder fails now, not after fuse/onnx/parity
+    if ncnn and ncnn_unavailable():
+        raise ParagonError(f"--ncnn needs pnnx and ncnn: {ncnn_unavailable()}")
+    no_ncnn = "not requested (--no-ncnn)" if ncnn is False else ncnn_unavailable()
     want_engine = _tensorrt_ready() if engine is None else engine
     check_output_dir(root)
     with _folder_lock(root):
-        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo)
+        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, echo, no_ncnn)
 
 
-def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo) -> dict:
+def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, echo, no_ncnn) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, echo)
     want_ov = "int8" in precisions and _openvino_ready()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
-                  | ({"int8-cpu"} if "int8" in precisions else set())
+                  | ({"int8-cpu"} if "int8" in precisions else set()) | (set() if no_ncnn else {"ncnn"})
                   | ({"engine"} if want_engine else set()) | ({"int8-openvino"} if want_ov else set()))
-    total = 3 + 2 * ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + want_ov
+    total = 3 + 2 * ("int8" in precisions) + ("qat" in precisions) + bool(want_engine) + want_ov + (not no_ncnn)
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -237,6 +249,7 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     fp32 = run.path(rec, "onnx-fp32")
     artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
     cpu_files: list[Path] = []  # the ORT-CPU int8 file where it pays: parity only, no TensorRT engine
+    ncnn_pairs = _ncnn_step(run, total, root, fused, fp32, precisions, no_ncnn, echo)
 
     if "int8" in precisions:
         def do_int8():
@@ -290,7 +303,8 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
         from .parity_report import runtime_verdicts
 
         # The CPU int8 file's row is reported, never gating: whether it exists depends on this CPU.
-        report = parity(artifacts + cpu_files, root / "parity", ref=src, scale=s, force=True, ungated=tuple(cpu_files))
+        report = parity(artifacts + cpu_files + ncnn_pairs, root / "parity", ref=src, scale=s, force=True,
+                        ungated=tuple(cpu_files))
         return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
                  "meta": {"passed": report["passed"], "runtimes": runtime_verdicts(report)}},
                 {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
@@ -298,7 +312,8 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
                 *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
                   for png in report["outputs"]["pngs"])]
 
-    inputs = {"reference": src, **{p.name: p for p in artifacts + cpu_files}}
+    inputs = {"reference": src, **{p.name: p for p in artifacts + cpu_files + ncnn_pairs},
+              **{p.with_suffix(".bin").name: p.with_suffix(".bin") for p in ncnn_pairs}}
     rec = run.step("parity", total, inputs, {}, do_parity)
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
 
@@ -348,6 +363,32 @@ def _int8_cpu_step(run: _Run, total: int, root: Path, fp32: Path, calib, calib_d
     return [run.root / a["path"] for a in rec["artifacts"] if a["kind"] == "onnx-int8-cpu"]
 
 
+def _ncnn_step(run: _Run, total: int, root: Path, fused: Path, fp32: Path, precisions, reason: str | None,
+               echo) -> list[Path]:
+    """NCNN pairs (fp32, and fp16 storage with fp16) from the release's own fp32 ONNX, verified against
+    the fused checkpoint; skipped with a note when pnnx/ncnn are missing. Returns the .param paths."""
+    if reason:
+        echo(f"ncnn: skipped ({reason})")
+        return []
+    wanted = ("fp32", "fp16") if "fp16" in precisions else ("fp32",)
+
+    def do_ncnn():
+        from .ncnn_export import export_ncnn
+
+        arts = export_ncnn(fused, root / "ncnn", onnx=fp32, precisions=wanted, force=True)
+        outs = []
+        for p, art in arts.items():
+            v = art.meta["verification"]
+            outs += [{"path": art.path, "kind": f"ncnn-{p}", "parent": _rel(root, fp32),
+                      "meta": {"max_abs": v["max_abs"], "min_psnr": v["min_psnr"], "pnnx": art.meta["converter"]["pnnx"]}},
+                     {"path": art.path.with_suffix(".bin"), "kind": f"ncnn-{p}-bin", "parent": _rel(root, art.path)},
+                     {"path": art.path.with_suffix(".json"), "kind": f"ncnn-{p}-json", "parent": _rel(root, art.path)}]
+        return outs
+
+    rec = run.step("ncnn", total, {"fused": fused, "fp32": fp32}, {"precisions": list(wanted)}, do_ncnn)
+    return [root / a["path"] for a in rec["artifacts"] if a["kind"] in ("ncnn-fp32", "ncnn-fp16")]
+
+
 def _write_card(root: Path, manifest: Manifest) -> None:
     d = manifest.data
     src = d["source"]
@@ -356,7 +397,7 @@ def _write_card(root: Path, manifest: Manifest) -> None:
              "| artifact | kind | size | sha256 | parent |", "|---|---|---|---|---|"]
     for name, rec in d["steps"].items():
         for a in rec["artifacts"]:
-            if a["kind"].startswith(("fused", "onnx", "engine")):
+            if a["kind"].startswith(("fused", "onnx", "engine")) or a["kind"] in ("ncnn-fp32", "ncnn-fp16"):
                 lines.append(f"| `{a['path']}` | {a['kind']} | {a['bytes'] / 1024:.0f} KiB | `{a['sha256'][:12]}` | "
                              f"{a.get('parent') or ''} |")
     cpu = [a["meta"] for a in d["steps"].get("int8-cpu", {}).get("artifacts", []) if a.get("meta")]

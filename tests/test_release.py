@@ -8,6 +8,7 @@ from conftest import write_model
 
 
 def run(ckpt, out, **kw):
+    kw.setdefault("ncnn", False)  # the NCNN step has its own tests (test_ncnn.py)
     lines = []
     release(ckpt, out, echo=lines.append, **kw)
     return lines

@@ -13,13 +13,15 @@ from ..release import DEFAULT_PRECISIONS, release
               help="fp32 plus any of fp16, int8, qat.")
 @click.option("--engine/--no-engine", default=None,
               help="Build TensorRT engines (default: only where TensorRT and a GPU exist).")
+@click.option("--ncnn/--no-ncnn", default=None,
+              help="Write NCNN .param/.bin pairs (default: when pnnx and ncnn are installed, the [ncnn] extra).")
 @click.option("--scale", type=int, help="Upscale factor for checkpoints that do not record it (traiNNer-redux).")
 @click.option("--force", is_flag=True, help="Release into a non-empty folder that has no manifest.")
-def command(checkpoint, output, calib, precisions, engine, scale, force):
+def command(checkpoint, output, calib, precisions, engine, ncnn, scale, force):
     """Fuse, export, quantize, verify (and build engines): everything a release needs, in one folder.
 
     Without CHECKPOINT the embedded trained default model is released."""
     precs = tuple(p.strip() for p in precisions.split(",") if p.strip())
     release(checkpoint, output, calib=calib, precisions=precs, engine=engine, scale=scale, force=force,
-            echo=click.echo)
+            echo=click.echo, ncnn=ncnn)
     click.echo(f"release ready: {output}/manifest.json, {output}/MODEL_CARD.md, {output}/parity/parity.md")
