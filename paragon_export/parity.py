@@ -29,9 +29,9 @@ from .manifest import tool_versions
 from .memory import refuse_what_cannot_fit
 from .metrics import psnr_y, ssim_y
 from .parity_report import write_outputs
-from .parity_rows import (Entry, artifact_entry, classify, first_line, native_int8_entry, reference_entries,
-                          runtime_entries)
-from .runners import INPUT_NAME, onnx_precision
+from .parity_rows import (RUNNER_LABELS, Entry, artifact_entry, classify, first_line, native_int8_entry,
+                          reference_entries, runtime_entries)
+from .runners import INPUT_NAME, onnx_precision, open_runner
 from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 __all__ = ["parity", "classify", "onnx_precision", "DEFAULT_SIZES"]
@@ -126,13 +126,15 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
            images: Path | str | None = None, sizes: str | list[tuple[int, int]] = DEFAULT_SIZES,
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
            force: bool = False, png_crops: int = 3, scale: int | None = None,
-           runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = ()) -> dict:
+           runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = (),
+           ungated: tuple[Path | str, ...] = ()) -> dict:
     """Compare every artifact with the fp32 torch reference; write parity.json/.md and PNGs to out_dir.
 
     Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
     `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux).
     Every ONNX artifact also gets a row per other runtime that can run it (OpenVINO), or only for
-    those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing)."""
+    those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing).
+    Artifacts in `ungated` get reported rows that do not decide the result."""
     paths = [Path(a) for a in artifacts]
     inputs = [*paths, ref, images]  # the report folder replaces DIR as a whole: never over an input
     out_dir = check_output(Path(os.path.abspath(out_dir)), force=force, inputs=inputs)
@@ -147,9 +149,9 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     loaded, fused, entries = reference_entries(ref, taken, scale)
     scale = loaded.scale
     _check_sizes(size_list, scale)
-    entries += _artifact_entries(paths, scale, taken, runtimes, require)
+    entries += _artifact_entries(paths, scale, taken, runtimes, require, ungated)
     for e in entries:
-        if e.gated and e.skip and e.role == "runtime":
+        if e.gated and e.skip and e.role == "runtime" and e.runner in {RUNNER_LABELS[r] for r in require}:
             e.error, e.skip = f"required runtime: {e.skip}", None
         e.limits = thresholds[e.precision] if (e.gated or e.compat) else None
 
@@ -162,6 +164,9 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     case_info = _case_info(cases, entries[0], scale)
     ref_y = float(np.mean([c["reference_y_psnr"] for c in case_info]))
     _judge(entries, cases, ref_y, scale)
+    for e in entries:
+        if e.runner == RUNNER_LABELS["openvino"] and e.precision == "int8" and e.status == "fail":
+            _diagnose_openvino_int8(e, feeds[_worst_case(e)], thresholds["int8"].min_psnr)
     if localize:
         _localize(entries, feeds, cases, fused)
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
@@ -194,11 +199,12 @@ def _check_sizes(size_list: list[tuple[int, int]], scale: int) -> None:
                            f"inside the {scale}-px border), got {','.join(f'{h}x{w}' for h, w in size_list)}")
 
 
-def _artifact_entries(paths: list[Path], scale: int, taken: set, runtimes, require) -> list[Entry]:
-    """Each artifact's row, its native-int8 row and its other-runtime rows."""
+def _artifact_entries(paths: list[Path], scale: int, taken: set, runtimes, require, ungated) -> list[Entry]:
+    """Each artifact's row (not gating for those in `ungated`), its native-int8 row and its other-runtime rows."""
     entries: list[Entry] = []
+    free = {os.path.abspath(u) for u in ungated}
     for p in paths:
-        art = artifact_entry(p, scale, taken)
+        art = artifact_entry(p, scale, taken, gated=os.path.abspath(p) not in free)
         entries.append(art)
         if art.kind == "onnx" and art.precision == "int8" and not art.error:
             entries.append(native_int8_entry(art, taken))
@@ -281,6 +287,19 @@ def _localize(entries: list[Entry], feeds: list, cases: list, fused) -> None:
         e.localization["case"] = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
 
 
+def _diagnose_openvino_int8(e: Entry, feed: dict, min_psnr: float) -> None:
+    """Put the measured cause of a failing OpenVINO int8 row into its reasons (`openvino_int8.diagnose`)."""
+    from .openvino_int8 import diagnose
+
+    try:
+        with _quiet_polygraphy():
+            d = diagnose(e.path, lambda p: open_runner(p, "openvino", name="diagnose"), [feed], min_psnr)
+        text = d["reason"]
+    except Exception as ex:  # the verdict stands without it; say why the cause is missing
+        text = f"cause not measured: {type(ex).__name__}: {first_line(ex)}"
+    e.reasons.insert(len(e.reasons) - bool(e.context), text)
+
+
 def _worst_case(e: Entry) -> int:
     def badness(r):
         if r["nonfinite"] or r["error"]:
@@ -295,6 +314,10 @@ def _tool_versions(entries) -> dict:
         from .openvino_runner import openvino_version
 
         tv["openvino"] = openvino_version()
+    if any(e.runner == "ncnn-cpu" and not e.skip for e in entries):
+        from .ncnn_runner import ncnn_version
+
+        tv["ncnn"] = ncnn_version()
     return tv
 
 

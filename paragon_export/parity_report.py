@@ -194,6 +194,33 @@ def verified_on(report: dict) -> list[str]:
     return lines
 
 
+def runtime_verdicts(report: dict) -> dict:
+    """Per file name: the runtimes whose row passed (verified), and every other judged or skipped
+    row with its status and reasons (not verified). Info rows (ungated diagnostics) are neither."""
+    out: dict = {}
+    for a in report["artifacts"]:
+        if a["role"] not in ("artifact", "runtime") or not a["path"]:
+            continue
+        v = out.setdefault(Path(a["path"]).name, {"precision": a["precision"], "verified": [], "not_verified": []})
+        if a["status"] == "pass":
+            v["verified"].append(a["runner"])
+        elif a["status"] in ("fail", "error", "skipped"):
+            v["not_verified"].append({"runner": a["runner"], "status": a["status"], "reasons": a["reasons"]})
+    return out
+
+
+def card_lines(verdicts: dict) -> list[str]:
+    """The model card's runtime section: exactly the passing rows as verified, the rest as not."""
+    lines = ["## Runtimes", "", "A file is verified on the runtimes whose parity row passed, and on no other:", ""]
+    for name, v in sorted(verdicts.items()):  # the manifest stores keys sorted: one order either way
+        text = f"- `{name}` ({v['precision']}): verified on " + (", ".join(v["verified"]) or "no runtime")
+        for n in v["not_verified"]:
+            what = "not tested" if n["status"] == "skipped" else "**not verified**"
+            text += f"; {what} on {n['runner']} ({n['status'].upper()}: {'; '.join(n['reasons'])})"
+        lines.append(text)
+    return lines
+
+
 def _finite(obj):
     """NaN/Inf are not JSON: a metric that is not finite is recorded as null."""
     if isinstance(obj, dict):

@@ -14,6 +14,7 @@ from .artifact import sha256_file
 from .checkpoint import load_model
 from .cpu import isa
 from .errors import ParagonError, require_file
+from .onnx_graph import read_metadata
 from .runners import (RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision, onnx_runner,
                       open_runner, resolve_runtime)
 from .verify import Limits
@@ -101,6 +102,10 @@ def artifact_entry(path: Path, ref_scale: int, taken: set, runtime: str | None =
         e.note = "Q/DQ reference semantics (the same on every CPU)"
     elif rt == "openvino":
         e.note, e.context = _openvino_context(e.precision)
+    elif rt == "ncnn":
+        from .ncnn_runner import ncnn_version
+
+        e.note = f"ncnn {ncnn_version()} CPU on {isa()}, fp32 arithmetic ({e.precision} weights)"
     return e
 
 
@@ -111,10 +116,9 @@ def _openvino_context(precision: str) -> tuple[str, str]:
     where = f"OpenVINO {openvino_version()} CPU on {isa()}"
     if precision != "int8":
         return f"{where}, f32 inference precision", ""
-    vnni = "vnni" in isa() or isa() == "amx"
-    cause = ("" if vnni else "; without VNNI its u8s8 int8 kernels saturate")
+    # A failing row's cause is measured afterwards (`parity._diagnose_openvino_int8`), not assumed from the ISA.
     return (f"{where}: OpenVINO's own int8 kernels (numerics depend on the ISA)",
-            f"OpenVINO int8 on this CPU ({isa()}{cause}): do not ship this file to OpenVINO on such CPUs")
+            f"do not ship this file to OpenVINO on {isa()} CPUs (`paragon-export int8 --openvino` writes one for it)")
 
 
 def runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required) -> list[Entry]:
@@ -123,10 +127,12 @@ def runtime_entries(art: Entry, ref_scale: int, taken: set, runtimes, required) 
     if art.error or art.path is None:
         return []
     out = []
+    # a file made for one runtime (the OpenVINO int8 file) is judged there, not only checked for compatibility
+    target = read_metadata(art.path).get("target_runtime") if art.kind == "onnx" else None
     for rt in RUNTIMES[art.kind][1:]:
         if runtimes is not None and rt not in runtimes:
             continue
-        e = artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required)
+        e = artifact_entry(art.path, ref_scale, taken, rt, role="runtime", gated=rt in required or rt == target)
         e.compat = True
         out.append(e)
     return out

@@ -24,14 +24,12 @@ from .defaults import default_checkpoint
 from .errors import ParagonError
 from .images import list_images, sample_photo_paths
 from .manifest import Manifest, step_key, tool_versions
+from . import release_steps as steps
+from .release_steps import rel
 
 PRECISIONS = ("fp32", "fp16", "int8", "qat")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 17
-
-
-def _rel(root: Path, p: Path) -> str:
-    return str(Path(p).resolve().relative_to(root.resolve()))
 
 
 def _folder_digest(folder: Path | None) -> str:
@@ -44,6 +42,14 @@ def _folder_digest(folder: Path | None) -> str:
     return h.hexdigest()
 
 
+def ncnn_unavailable() -> str | None:
+    """None when the ncnn step can run (pnnx converts, the ncnn wheel verifies), else why not."""
+    missing = [m for m in ("pnnx", "ncnn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'paragon-export[ncnn]')"
+    return None
+
+
 def _tensorrt_ready() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
@@ -54,6 +60,11 @@ def _tensorrt_ready() -> bool:
     except ParagonError:
         return False
     return True
+
+
+def _openvino_ready() -> bool:
+    """The OpenVINO int8 file is checked on OpenVINO when it is written: only where OpenVINO is installed."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 class _Run:
@@ -82,10 +93,10 @@ class _Run:
         except ParagonError as e:
             raise ParagonError(f"release stopped at step '{name}': {e}") from None
         rec = {
-            "key": key, "inputs": {k: {"path": _rel(self.root, p) if p.resolve().is_relative_to(self.root.resolve())
+            "key": key, "inputs": {k: {"path": rel(self.root, p) if p.resolve().is_relative_to(self.root.resolve())
                                        else str(p), "sha256": hashes[k]} for k, p in inputs.items()},
             "params": params, "seconds": round(time.perf_counter() - t0, 2), "tool_versions": tool_versions(),
-            "artifacts": [{"path": _rel(self.root, o["path"]), "sha256": sha256_file(o["path"]), "kind": o["kind"],
+            "artifacts": [{"path": rel(self.root, o["path"]), "sha256": sha256_file(o["path"]), "kind": o["kind"],
                            "parent": o.get("parent"), "bytes": Path(o["path"]).stat().st_size,
                            **({"meta": o["meta"]} if o.get("meta") else {})} for o in outs],
         }
@@ -165,9 +176,10 @@ def _folder_lock(root: Path) -> Iterator[None]:
 
 def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str | None = None,
             precisions: tuple[str, ...] = DEFAULT_PRECISIONS, engine: bool | None = None, scale: int | None = None,
-            force: bool = False, progress: Callable[[str], None] = print) -> dict:
+            force: bool = False, progress: Callable[[str], None] = print, ncnn: bool | None = None) -> dict:
     """Run the release pipeline into `out_dir`; returns the manifest data. `engine=None` builds an
-    engine only where TensorRT and a GPU exist, True requires them, False skips."""
+    engine only where TensorRT and a GPU exist, True requires them, False skips; `ncnn` likewise for
+    the NCNN pairs (pnnx and ncnn installed)."""
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown or "fp32" not in precisions:
         raise ParagonError(f"--precisions takes fp32 plus any of fp16,int8,qat (got {','.join(precisions)})")
@@ -182,18 +194,24 @@ def release(ckpt: Path | str | None, out_dir: Path | str, *, calib: Path | str |
     loaded = load_model(src, scale=scale)  # fail fast on a bad checkpoint, before any step
     if calib is not None:
         list_images(calib)  # a missing folder fails now, not after fuse/onnx/parity
+    if ncnn and ncnn_unavailable():
+        raise ParagonError(f"--ncnn needs pnnx and ncnn: {ncnn_unavailable()}")
+    no_ncnn = "not requested (--no-ncnn)" if ncnn is False else ncnn_unavailable()
     want_engine = _tensorrt_ready() if engine is None else engine
     check_output_dir(root)
     with _folder_lock(root):
-        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, progress)
+        return _release(src, ckpt is None, loaded, root, calib, precisions, want_engine, scale, progress, no_ncnn)
 
 
-def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, progress) -> dict:
+def _release(src, default_model, loaded, root, calib, precisions, want_engine, scale, progress, no_ncnn) -> dict:
     variant, s = loaded.variant, loaded.scale
     run = _Run(root, progress)
+    int8 = "int8" in precisions
+    want_ov = int8 and _openvino_ready()
     run.keep_only({"fuse", "onnx", "parity"} | ({"int8", "qat"} & set(precisions))
-                  | ({"engine"} if want_engine else set()))
-    total = 3 + ("int8" in precisions) + ("qat" in precisions) + bool(want_engine)
+                  | ({"int8-cpu"} if int8 else set()) | (set() if no_ncnn else {"ncnn"})
+                  | ({"engine"} if want_engine else set()) | ({"int8-openvino"} if want_ov else set()))
+    total = 3 + 2 * int8 + ("qat" in precisions) + bool(want_engine) + want_ov + (not no_ncnn)
     calib_digest = _folder_digest(calib) if {"int8", "qat"} & set(precisions) else None
     run.manifest.data["source"] = {"path": str(src), "sha256": loaded.sha256, "variant": variant, "scale": s,
                                    "upsampler": loaded.upsampler, "default_model": default_model}
@@ -201,24 +219,35 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     sub = lambda m: progress(f"    {m}")  # noqa: E731  (a step's own progress, indented under its line)
 
     fused_path = root / f"{variant}_x{s}_fused.safetensors"
-    rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s}, lambda: _fuse_step(src, loaded, fused_path, scale))
+    rec = run.step("fuse", total, {"checkpoint": src}, {"scale": s},
+                   lambda: steps.fuse_step(src, loaded, fused_path, scale))
     fused = run.path(rec, "fused")
     rec = run.step("onnx", total, {"fused": fused}, {"opset": OPSET, "fp16": "fp16" in precisions},
-                   lambda: _onnx_step(root, fused, "fp16" in precisions))
+                   lambda: steps.onnx_step(root, fused, "fp16" in precisions, OPSET))
     fp32 = run.path(rec, "onnx-fp32")
     artifacts = [fused] + [root / a["path"] for a in rec["artifacts"]]
-    if "int8" in precisions:
-        rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest}, lambda: _int8_step(root, fp32, calib, sub))
+    cpu_files: list[Path] = []  # the ORT-CPU int8 file where it pays: parity only, no TensorRT engine
+    ncnn_pairs = steps.ncnn_step(run, total, root, fused, fp32, precisions, no_ncnn, progress)
+    if int8:
+        rec = run.step("int8", total, {"fp32": fp32}, {"calib": calib_digest},
+                       lambda: steps.int8_step(root, fp32, calib, sub))
         artifacts.append(run.path(rec, "onnx-int8"))
+        cpu_files = steps.int8_cpu_step(run, total, root, fp32, calib, calib_digest, progress)
+    if want_ov:
+        artifacts += steps.int8_openvino_step(run, total, root, artifacts[-1], progress)
     if "qat" in precisions:
-        rec = run.step("qat", total, {"fused": fused}, {"calib": calib_digest}, lambda: _qat_step(root, fused, calib, sub))
+        rec = run.step("qat", total, {"fused": fused}, {"calib": calib_digest},
+                       lambda: steps.qat_step(root, fused, calib, sub))
         artifacts.append(run.path(rec, "onnx-qat"))
 
-    inputs = {"reference": src, **{p.name: p for p in artifacts}}
-    rec = run.step("parity", total, inputs, {}, lambda: _parity_step(root, artifacts, src, s))
+    inputs = {"reference": src, **{p.name: p for p in artifacts + cpu_files + ncnn_pairs},
+              **{p.with_suffix(".bin").name: p.with_suffix(".bin") for p in ncnn_pairs}}
+    rec = run.step("parity", total, inputs, {}, lambda: steps.parity_step(root, artifacts, cpu_files, ncnn_pairs, src, s))
     parity_ok = rec["artifacts"][0]["meta"]["passed"]
     if want_engine:
-        run.step("engine", total, {p.name: p for p in artifacts[1:]}, {}, lambda: _engine_step(root, artifacts[1:], sub))
+        # the OpenVINO int8 file is for OpenVINO; the TensorRT engines come from the TensorRT-targeted files
+        trt_files = [p for p in artifacts[1:] if not p.stem.endswith("_openvino")]
+        run.step("engine", total, {p.name: p for p in trt_files}, {}, lambda: steps.engine_step(root, trt_files, sub))
     else:
         progress("engine: skipped (needs TensorRT and an NVIDIA GPU; pip install 'paragon-export[trt]')")
 
@@ -229,76 +258,6 @@ def _release(src, default_model, loaded, root, calib, precisions, want_engine, s
     return run.manifest.data
 
 
-# ---------------------------------------------------------------- the steps (each returns its artifacts)
-
-def _fuse_step(src: Path, loaded, fused_path: Path, scale: int | None) -> list[dict]:
-    if loaded.fused:
-        with atomic_output(fused_path, force=True, inputs=[src]) as tmp:
-            shutil.copyfile(src, tmp)
-        return [{"path": fused_path, "kind": "fused", "parent": str(src), "meta": {"note": "source already fused"}}]
-    from .fuse import fuse
-
-    art, report = fuse(src, fused_path, scale=scale, force=True)
-    return [{"path": art.path, "kind": "fused", "parent": str(src),
-             "meta": {"exactness_max_abs": report["exactness_max_abs"], "gap": report["gap"],
-                      "params_before": report["params_before"], "params_after": report["params_after"]}}]
-
-
-def _onnx_step(root: Path, fused: Path, fp16: bool) -> list[dict]:
-    from .export_onnx import export_onnx
-
-    arts = export_onnx(fused, root, opset=OPSET, fp16=fp16, force=True)
-    outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": _rel(root, fused),
-             "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
-    if "fp16" in arts:
-        outs.append({"path": arts["fp16"].path, "kind": "onnx-fp16", "parent": _rel(root, arts["fp32"].path)})
-    return outs
-
-
-def _int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
-    from .int8 import quantize_int8
-
-    # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
-    # ships only the TensorRT recipe, and the comparison costs a second calibration.
-    art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
-    q = art.meta["quality"]
-    report_path = Path(art.meta["output"]["report"])
-    return [{"path": art.path, "kind": "onnx-int8", "parent": _rel(root, fp32),
-             "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
-                      "kept_float": art.meta["mixed_precision"].get("kept_float"),
-                      "mac_share": art.meta["mixed_precision"].get("mac_share")}},
-            {"path": report_path, "kind": "int8-report", "parent": _rel(root, art.path)}]
-
-
-def _qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
-    from .qat import qat
-
-    art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=progress, bar=False)
-    return [{"path": art.path, "kind": "onnx-qat", "parent": _rel(root, fused)}]
-
-
-def _parity_step(root: Path, artifacts: list[Path], src: Path, scale: int) -> list[dict]:
-    from .parity import parity
-
-    report = parity(artifacts, root / "parity", ref=src, scale=scale, force=True)
-    return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
-             "meta": {"passed": report["passed"]}},
-            {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
-            # every file of the folder, so a later run can prove it ours and remove it whole
-            *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
-              for png in report["outputs"]["pngs"])]
-
-
-def _engine_step(root: Path, models: list[Path], progress: Callable[[str], None]) -> list[dict]:
-    from paragon_export.engines.build import build_engine
-
-    outs = []
-    for p in models:
-        art, _ = build_engine(p, root / "engines", check=True, force=True, progress=progress)
-        outs.append({"path": art.path, "kind": "engine", "parent": _rel(root, p)})
-    return outs
-
-
 def _write_card(root: Path, manifest: Manifest) -> None:
     d = manifest.data
     src = d["source"]
@@ -307,15 +266,24 @@ def _write_card(root: Path, manifest: Manifest) -> None:
              "| artifact | kind | size | sha256 | parent |", "|---|---|---|---|---|"]
     for name, rec in d["steps"].items():
         for a in rec["artifacts"]:
-            if a["kind"].startswith(("fused", "onnx", "engine")):
+            if a["kind"].startswith(("fused", "onnx", "engine")) or a["kind"] in ("ncnn-fp32", "ncnn-fp16"):
                 lines.append(f"| `{a['path']}` | {a['kind']} | {a['bytes'] / 1024:.0f} KiB | `{a['sha256'][:12]}` | "
                              f"{a.get('parent') or ''} |")
+    cpu = [a["meta"] for a in d["steps"].get("int8-cpu", {}).get("artifacts", []) if a.get("meta")]
+    if cpu:
+        lines += ["", cpu[0]["line"]]
     fuse = d["steps"].get("fuse", {}).get("artifacts", [{}])[0].get("meta", {})
     if "gap" in fuse:
         g = fuse["gap"]
         lines += ["", f"Fusion: exact to {fuse['exactness_max_abs']:.1e} max abs; params {fuse['params_before']:,} -> "
                       f"{fuse['params_after']:,}; held-out Y-PSNR dynamic {g['y_psnr_dynamic']:.2f} dB, "
                       f"fused {g['y_psnr_fused']:.2f} dB."]
+    verdicts = next((a["meta"]["runtimes"] for a in d["steps"].get("parity", {}).get("artifacts", [])
+                     if a["kind"] == "parity-json" and "runtimes" in a.get("meta", {})), None)
+    if verdicts:
+        from .parity_report import card_lines
+
+        lines += ["", *card_lines(verdicts)]
     par = [a for a in d["steps"].get("parity", {}).get("artifacts", []) if a["kind"] == "parity-md"]
     if par:  # the report this manifest records (its sha256 says it is that file), not whatever lies there
         text = (root / par[0]["path"]).read_text()

@@ -256,9 +256,11 @@ def open_runner(path: Path | str, runtime: str | None = None, *, threads: int | 
         info = RunnerInfo(path, kind, rt, precision, source)
         runner = trt_runner(path, name=name)
     else:
-        from .ncnn import NcnnRunner, ncnn_info
+        from .ncnn_runner import NcnnRunner, ncnn_info
 
-        info = ncnn_info(path)
+        found = ncnn_info(path)  # a .param or its .bin: the pair is opened through the .param
+        info = RunnerInfo(found["path"], kind, rt, found["precision"], found["precision_source"], found["scale"],
+                          found["meta"])
         runner = NcnnRunner(info.path, name=name, threads=threads)
     runner.info = info
     return runner

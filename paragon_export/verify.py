@@ -35,6 +35,9 @@ LIMITS = {
     "fp16": Limits(max_abs=1e-2, min_psnr=50.0),
     "int8": Limits(max_abs=0.25, min_psnr=32.0),
 }
+# NCNN pairs (`ncnn_export`, parity's ncnn rows) run fp32 arithmetic on the CPU; they meet the same limits
+# as an ONNX file of their storage precision: fp32 exactly, fp16 (fp16-rounded weights) as fp16.
+NCNN_LIMITS = {"fp32": LIMITS["fp32"], "fp16": LIMITS["fp16"]}
 
 
 @dataclass(frozen=True)

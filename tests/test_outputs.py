@@ -143,6 +143,7 @@ def test_a_live_writers_temp_is_left_alone(tmp_path):
 @pytest.mark.parametrize("args", [
     ["int8", "{bad}.onnx", "-o", "{out}"],
     ["onnx", "{bad}.safetensors", "-o", "{out}"],
+    ["ncnn", "{bad}.safetensors", "-o", "{out}"],
     ["qat", "{bad}.safetensors", "-o", "{out}", "--steps", "0"],
     ["parity", "{bad}.safetensors", "-o", "{out}"],
     ["release", "{bad}.safetensors", "-o", "{out}", "--no-engine"],

@@ -8,6 +8,7 @@ from conftest import write_model
 
 
 def run(ckpt, out, **kw):
+    kw.setdefault("ncnn", False)  # the NCNN step has its own tests (test_ncnn.py)
     lines = []
     release(ckpt, out, progress=lines.append, **kw)
     return lines
@@ -127,6 +128,44 @@ def test_second_concurrent_release_refuses_with_the_holders_pid(tmp_path):
         holder.kill()
         holder.wait()
     assert not (out / "paragonsr2_nano_x2_fused.safetensors").exists()
+
+
+def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_path, monkeypatch):
+    """The step's wiring: manifest kinds and figures, the file only for parity (ungated). The speed
+    test is made to pass whatever this CPU measures: nothing here depends on a timing."""
+    import functools
+    import math
+
+    import paragon_export.int8_cpu as int8_cpu
+    from paragon_export.cpu import isa
+    from paragon_export.export_onnx import export_onnx
+    from paragon_export.int8_recipe import Int8Recipe
+    from paragon_export.parity import parity
+    from paragon_export.release import _int8_cpu_step, _Run
+
+    ckpt = write_model(tmp_path / "nano.safetensors", fused=True, seed=6)
+    out = tmp_path / "rel"
+    fp32 = export_onnx(ckpt, out, opset=17)["fp32"].path
+    small = Int8Recipe(lr_size=(24, 24), crops_per_image=1, eval_size=(32, 32))
+    monkeypatch.setattr(int8_cpu, "cpu_int8", functools.partial(
+        int8_cpu.cpu_int8, recipe=small, min_speedup=0.0, min_psnr=-math.inf, probe_lr=(32, 32), budget_s=0.0,
+        cache_dir=tmp_path / "cache"))
+    lines = []
+    files = _int8_cpu_step(_Run(out, lines.append), 1, out, fp32, None, "digest", lines.append)
+    assert [f.name for f in files] == [f"paragonsr2_nano_x2_int8_cpu_{isa().replace('-', '')}_op17.onnx"]
+    m = json.loads((out / "manifest.json").read_text())
+    arts = {a["kind"]: a for a in m["steps"]["int8-cpu"]["artifacts"]}
+    assert set(arts) == {"onnx-int8-cpu", "int8-cpu-report"} and m["steps"]["int8-cpu"]["params"]["isa"] == isa()
+    meta = arts["onnx-int8-cpu"]["meta"]
+    assert meta["shipped"] and meta["isa"] == isa() and meta["speedup"] > 0 and "CPU int8" in meta["line"]
+    assert any("CPU int8" in ln for ln in lines)
+
+    report = parity([fp32, *files], tmp_path / "par", ref=ckpt, ungated=tuple(files))
+    rows = {a["name"]: a for a in report["artifacts"]}
+    cpu_rows = [a for n, a in rows.items() if n.startswith(files[0].name)]
+    # the file (Q/DQ reference semantics), its native-kernel row and other runtimes' rows
+    assert len(cpu_rows) >= 2 and not any(a["gated"] for a in cpu_rows)
+    assert rows[fp32.name]["gated"] and report["passed"]
 
 
 def test_manifest_has_the_same_permissions_as_every_artifact(tmp_path):

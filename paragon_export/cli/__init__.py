@@ -17,6 +17,7 @@ from ..errors import ParagonError
 COMMANDS = {
     "fuse": "fuse",
     "onnx": "onnx",
+    "ncnn": "ncnn",
     "int8": "int8",
     "qat": "qat",
     "upscale": "upscale",
@@ -30,7 +31,7 @@ COMMANDS = {
 _ONE_LINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # upscale and bench have --threads; the rest only verify on small crops.
-SINGLE_THREAD = {"fuse", "onnx", "int8", "qat", "parity", "release", "engine"}
+SINGLE_THREAD = {"fuse", "onnx", "ncnn", "int8", "qat", "parity", "release", "engine"}
 
 
 # Parameters that name what a command writes; every other path parameter is an input.

@@ -40,15 +40,28 @@ RECIPE_OPTIONS = [
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Calibration cache folder "
               "(default: $PARAGON_EXPORT_CACHE or ~/.cache/paragon-export/calibration).")
 @click.option("--no-peer", is_flag=True, help="Skip the original deploy recipe's comparison row.")
+@click.option("--cpu", is_flag=True,
+              help="Also make a separate int8 file for ONNX Runtime's own CPU kernels (..._int8_cpu_<isa>...): "
+                   "written only if on this CPU it is >= 1.2x faster than fp32 and >= 40 dB from it; "
+                   "the figures and the decision go to its _report.json either way.")
 @threads_option()
 @variant_option("Expected variant, for checkpoint input.")
 @scale_option("Upscale factor (checked against the model).")
+@click.option("--openvino", is_flag=True,
+              help="Also write <stem>_openvino.onnx: the INT8 file for OpenVINO (needs openvino; the TensorRT file "
+                   "is unchanged).")
 @force_option()
-def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, threads, variant, scale, force):
+def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, cpu, threads, variant, scale, openvino, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
     from ..int8_eval import format_table
 
+    if openvino:  # before the quantization, not after it
+        from ..errors import ParagonError
+        from ..runners import runtime_unavailable
+
+        if runtime_unavailable("openvino"):
+            raise ParagonError(f"--openvino: {runtime_unavailable('openvino')}")
     art = quantize_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, peer=not no_peer,
                         threads=threads, variant=variant, scale=scale, force=force,
                         progress=lambda m: click.echo(m, err=True))
@@ -57,3 +70,17 @@ def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, threads, vari
     if mp["kept_float"]:
         click.echo(f"kept in float: {', '.join(mp['kept_float'])}")
     click.echo(f"wrote {art.path} and {art.meta['output']['report']}")
+    if openvino:
+        from ..int8_openvino import write_openvino_int8
+
+        ov = write_openvino_int8(art.path, out_dir, force=force)
+        chk = ov.meta["openvino_vs_reference"]
+        fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
+        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
+    if cpu:
+        from ..int8_cpu import cpu_int8, describe
+
+        res = cpu_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, measure_all=True, force=force,
+                       variant=variant, scale=scale,
+                       progress=lambda m: click.echo(m, err=True))
+        click.echo(describe(res.record))

@@ -14,13 +14,15 @@ from .options import force_option, output_option, scale_option
               help="fp32 plus any of fp16, int8, qat.")
 @click.option("--engine/--no-engine", default=None,
               help="Build TensorRT engines (default: only where TensorRT and a GPU exist).")
+@click.option("--ncnn/--no-ncnn", default=None,
+              help="Write NCNN .param/.bin pairs (default: when pnnx and ncnn are installed, the [ncnn] extra).")
 @scale_option()
 @force_option("Release into a non-empty folder that has no manifest.")
-def command(checkpoint, output, calib, precisions, engine, scale, force):
+def command(checkpoint, output, calib, precisions, engine, ncnn, scale, force):
     """Fuse, export, quantize, verify (and build engines): everything a release needs, in one folder.
 
     Without CHECKPOINT the embedded trained default model is released."""
     precs = tuple(p.strip() for p in precisions.split(",") if p.strip())
     release(checkpoint, output, calib=calib, precisions=precs, engine=engine, scale=scale, force=force,
-            progress=click.echo)
+            progress=click.echo, ncnn=ncnn)
     click.echo(f"release ready: {output}/manifest.json, {output}/MODEL_CARD.md, {output}/parity/parity.md")
