@@ -141,7 +141,8 @@ def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_p
     from paragon_export.export_onnx import export_onnx
     from paragon_export.int8_recipe import Int8Recipe
     from paragon_export.parity import parity
-    from paragon_export.release import _int8_cpu_step, _Run
+    from paragon_export.release import _Run
+    from paragon_export.release_steps import int8_cpu_step
 
     ckpt = write_model(tmp_path / "nano.safetensors", fused=True, seed=6)
     out = tmp_path / "rel"
@@ -151,7 +152,7 @@ def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_p
         int8_cpu.cpu_int8, recipe=small, min_speedup=0.0, min_psnr=-math.inf, probe_lr=(32, 32), budget_s=0.0,
         cache_dir=tmp_path / "cache"))
     lines = []
-    files = _int8_cpu_step(_Run(out, lines.append), 1, out, fp32, None, "digest", lines.append)
+    files = int8_cpu_step(_Run(out, lines.append), 1, out, fp32, None, "digest", lines.append)
     assert [f.name for f in files] == [f"paragonsr2_nano_x2_int8_cpu_{isa().replace('-', '')}_op17.onnx"]
     m = json.loads((out / "manifest.json").read_text())
     arts = {a["kind"]: a for a in m["steps"]["int8-cpu"]["artifacts"]}
