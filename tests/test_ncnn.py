@@ -158,9 +158,9 @@ def test_missing_packages_give_the_install_hint_and_a_skipped_row(tmp_path, pair
     r = CliRunner().invoke(main, ["ncnn", str(pairs["ckpt"]), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "paragon-export[ncnn]" in r.output and "Traceback" not in r.output
     with pytest.raises(ParagonError, match=r"--ncnn needs pnnx and ncnn: pnnx not installed"):
-        release(pairs["ckpt"], tmp_path / "rel0", ncnn=True, echo=print)
+        release(pairs["ckpt"], tmp_path / "rel0", ncnn=True, progress=print)
     lines = []
-    release(pairs["ckpt"], tmp_path / "rel", precisions=("fp32",), engine=False, echo=lines.append)
+    release(pairs["ckpt"], tmp_path / "rel", precisions=("fp32",), engine=False, progress=lines.append)
     assert any(ln.startswith("ncnn: skipped (pnnx not installed") for ln in lines)
     assert "ncnn" not in json.loads((tmp_path / "rel" / "manifest.json").read_text())["steps"]
 
@@ -170,7 +170,7 @@ def test_release_writes_verified_ncnn_pairs_and_parity_rows(tmp_path, pairs):
     out = tmp_path / "rel"
     lines = []
     # fp32 only, for test time: the fp16 pair's parity row is test_parity_bench_and_upscale_take_param_artifacts's
-    release(pairs["ckpt"], out, precisions=("fp32",), engine=False, echo=lines.append)
+    release(pairs["ckpt"], out, precisions=("fp32",), engine=False, progress=lines.append)
     m = json.loads((out / "manifest.json").read_text())
     kinds = {a["kind"]: a for a in m["steps"]["ncnn"]["artifacts"]}
     assert set(kinds) == {"ncnn-fp32", "ncnn-fp32-bin", "ncnn-fp32-json"}
@@ -184,5 +184,5 @@ def test_release_writes_verified_ncnn_pairs_and_parity_rows(tmp_path, pairs):
     assert files == listed | {"manifest.json", "MODEL_CARD.md"}  # no pnnx side file anywhere
     assert "ncnn/paragonsr2_nano_x2_fp32.param" in (out / "MODEL_CARD.md").read_text()
     again = []
-    release(pairs["ckpt"], out, precisions=("fp32",), engine=False, echo=again.append)
+    release(pairs["ckpt"], out, precisions=("fp32",), engine=False, progress=again.append)
     assert any("ncnn: unchanged, skipped" in ln for ln in again)
