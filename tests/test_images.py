@@ -46,7 +46,7 @@ def test_calibration_skips_a_bomb_as_it_promises(tmp_path, small_bomb_limit):
     cal = build_calibration_set(folder, scale=2, lr_size=(16, 16), eval_size=(16, 16), holdout=0.34)
     assert any("bomb.png" in str(s) for s in cal.skipped)
     # qat --data: the same set, and its training patches skip the bomb too (each file is decoded again).
-    from paragon_export.qat import PATCHES_PER_IMAGE, train_patches
+    from paragon_export.qat_data import PATCHES_PER_IMAGE, train_patches
 
     patches = train_patches([folder / "bomb.png", folder / "ok0.png"], scale=2, patch=8, seed=0)
     assert len(patches.lr) == PATCHES_PER_IMAGE
