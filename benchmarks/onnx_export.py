@@ -30,6 +30,7 @@ import torch
 from paragon_export.checkpoint import save_model
 from paragon_export.errors import ParagonError
 from paragon_export.export_onnx import export_onnx
+from paragon_export.export_recipe import ExportRecipe
 from paragon_export.images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr_y
 from paragon_export.onnx_graph import ort_session, run_session
@@ -64,9 +65,9 @@ def export_gated(ckpt: Path, out_dir: Path) -> tuple[dict, str]:
     """FP32 + FP16 ONNX and the FP16 gate's verdict ("pass" or its error). A stand-in that misses the
     gate is exported again with the gate at 0 dB, so its figures can still be reported."""
     try:
-        return export_onnx(ckpt, out_dir, fp16=True, force=True), "pass"
+        return export_onnx(ckpt, out_dir, ExportRecipe(fp16=True), force=True), "pass"
     except ParagonError as e:
-        return export_onnx(ckpt, out_dir, fp16=True, fp16_target_psnr=0.0, force=True), str(e)
+        return export_onnx(ckpt, out_dir, ExportRecipe(fp16=True, fp16_target_psnr=0.0), force=True), str(e)
 
 
 def latency(fns: dict, runs: int, warmup: int = 2) -> dict:

@@ -2,9 +2,9 @@
 
 API (what `int8`, `parity` and `release` call):
 
-    export_onnx(ckpt, out_dir, *, opset=17, fp16=False, fp16_io=False, exporter="torchscript",
-                static_shape=None, variant=None, scale=None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, fp16_target_psnr=None (60 dB), profile="default", force=False)
+    export_onnx(ckpt, out_dir, recipe=ExportRecipe(opset=17, exporter="torchscript", static_shape=None,
+                fp16=False, fp16_io=False, fp16_target_psnr=None (60 dB), profile="default"), *,
+                variant=None, scale=None, verify_sizes=VERIFY_SIZES, calib_paths=None, force=False)
         -> {"fp32": Artifact, "fp16": Artifact (with fp16=True)}
 
     Loads CKPT (fused or not: an unfused one is fused first and the fusion verified as by
@@ -14,8 +14,9 @@ API (what `int8`, `parity` and `release` call):
     on real photos at every `verify_sizes` LR size (one non-square, not a multiple of 8) plus a
     batch of 2: max abs <= FP32_ATOL. Writes `{out_dir}/{variant}_x{scale}_{fp32|fp16}_op{opset}.onnx`
     atomically; if anything fails nothing is written and a ParagonError carries the figures.
+    The recipe (export_recipe.py) is stored in each Artifact.meta["recipe"].
     profile="community": batch fixed to 1 (verified without the batch of 2), fp16 with fp16 I/O
-    besides fp32, files `{scale}x_{checkpoint name}_{fp32|fp16}.onnx` (see PROFILES).
+    besides fp32, files `{scale}x_{checkpoint name}_{fp32|fp16}.onnx` (see export_recipe.PROFILES).
 
     Artifact.meta: "metadata" (the file's metadata_props), "nodes_before"/"nodes_after" (op type ->
     count), "simplify" ({"simplifier", "reason"}), "verification", "fusion" (None for a fused input),
@@ -41,17 +42,12 @@ from . import __version__
 from .artifact import Artifact, atomic_output, check_output
 from .checkpoint import LoadedModel, load_model
 from .errors import ParagonError
+from .export_recipe import DEFAULT_OPSET, ExportRecipe
 from .fuse import EXACT_ATOL, verify_fusion
 from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, set_metadata, simplify)
 from .verify import LIMITS, VERIFY_SIZES, describe, verify_against
 
-OPSETS = range(13, 21)
-DEFAULT_OPSET = 17
-EXPORTERS = ("torchscript", "dynamo")
 FP32_ATOL = LIMITS["fp32"].max_abs
-# "community": what chaiNNer and VideoJaNai-style TensorRT frontends load without options: batch
-# fixed to 1, dynamic height/width, fp32 and fp16 (fp16 input/output) files named `2x_<name>_fp16.onnx`.
-PROFILES = ("default", "community")
 # Traced at a size no verification uses, so a shape baked in at trace time cannot pass.
 TRACE_SHAPE = (2, 3, 40, 56)
 
@@ -70,24 +66,6 @@ def community_filename(source: Path | str, scale: int, precision: str) -> str:
     for tag in (f"_x{scale}", f"_{scale}x"):
         name = name[:-len(tag)] if name.lower().endswith(tag) else name
     return f"{scale}x_{name or 'model'}_{precision}.onnx"
-
-
-def check_options(*, opset: int, exporter: str, static_shape, fp16: bool = False, fp16_io: bool = False,
-                  fp16_target_psnr: float | None = None, profile: str = "default") -> None:
-    if profile not in PROFILES:
-        raise ParagonError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
-    if profile == "community" and static_shape is not None:
-        raise ParagonError("--profile community keeps height and width dynamic: drop --static-shape")
-    if opset not in OPSETS:
-        raise ParagonError(f"opset must be {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
-    if exporter not in EXPORTERS:
-        raise ParagonError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    if static_shape is not None and (len(static_shape) != 2 or min(static_shape) < 1):
-        raise ParagonError(f"static shape must be (height, width) >= 1, got {static_shape}")
-    if fp16_io and not fp16:
-        raise ParagonError("--fp16-io needs --fp16")
-    if fp16_target_psnr is not None and not fp16:
-        raise ParagonError("--fp16-min-psnr needs --fp16")
 
 
 def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, dict | None]:
@@ -226,7 +204,7 @@ def export_model(model: torch.nn.Module, out_path: Path | str, *, meta: dict, op
                  atol: float = FP32_ATOL, force: bool = False) -> Artifact:
     """Export an in-memory fused model to a verified FP32 ONNX file (see the module docstring).
     `meta` needs at least "scale"; it becomes the file's metadata_props."""
-    check_options(opset=opset, exporter=exporter, static_shape=static_shape)
+    ExportRecipe(opset=opset, exporter=exporter, static_shape=static_shape).check()
     meta = {**meta, "opset": str(opset)}
     with atomic_output(out_path, force=force) as tmp:
         graph, info = _write_fp32(model, tmp, meta=meta, opset=opset, exporter=exporter, static_shape=static_shape,
@@ -234,19 +212,15 @@ def export_model(model: torch.nn.Module, out_path: Path | str, *, meta: dict, op
     return Artifact(Path(out_path), "onnx", {"metadata": meta, **info})
 
 
-def export_onnx(ckpt: Path | str, out_dir: Path | str, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                fp16_io: bool = False, exporter: str = "torchscript", static_shape: tuple[int, int] | None = None,
+def export_onnx(ckpt: Path | str, out_dir: Path | str, recipe: ExportRecipe | None = None, *,
                 variant: str | None = None, scale: int | None = None, verify_sizes=VERIFY_SIZES,
-                calib_paths=None, fp16_target_psnr: float | None = None, profile: str = "default",
-                force: bool = False) -> dict[str, Artifact]:
+                calib_paths=None, force: bool = False) -> dict[str, Artifact]:
     """Checkpoint -> verified ONNX FP32 (+ FP16). See the module docstring for the contract."""
-    community = profile == "community"
-    fp16, fp16_io = fp16 or community, fp16_io or community
-    check_options(opset=opset, exporter=exporter, static_shape=static_shape, fp16=fp16, fp16_io=fp16_io,
-                  fp16_target_psnr=fp16_target_psnr, profile=profile)
+    r = (recipe or ExportRecipe()).check()
+    opset, exporter, static_shape, community = r.opset, r.exporter, r.static_shape, r.community
     loaded = load_model(ckpt, variant=variant, scale=scale)
     out_dir = Path(out_dir)
-    precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+    precisions = ("fp32", "fp16") if r.fp16 else ("fp32",)
     paths = {p: out_dir / (community_filename(loaded.path, loaded.scale, p) if community
                            else onnx_filename(loaded.variant, loaded.scale, p, opset)) for p in precisions}
     for p in paths.values():
@@ -263,15 +237,17 @@ def export_onnx(ckpt: Path | str, out_dir: Path | str, *, opset: int = DEFAULT_O
         tmp32 = stack.enter_context(atomic_output(paths["fp32"], force=force))
         graph, info = _write_fp32(model, tmp32, meta=meta, opset=opset, exporter=exporter, static_shape=static_shape,
                                   verify_sizes=verify_sizes, atol=FP32_ATOL, batch1=community)
-        arts["fp32"] = Artifact(paths["fp32"], "onnx", {"metadata": meta, **info, "fusion": fusion})
-        if fp16:
+        arts["fp32"] = Artifact(paths["fp32"], "onnx",
+                                {"metadata": meta, **info, "fusion": fusion, "recipe": (recipe or ExportRecipe()).as_dict()})
+        if r.fp16:
             from .fp16 import write_fp16
 
             tmp16 = stack.enter_context(atomic_output(paths["fp16"], force=force))
             meta16, info16 = write_fp16(graph, tmp16, reference=model, fp32_path=tmp32,
-                                        keep_io_types=not fp16_io, static_shape=static_shape,
+                                        keep_io_types=not r.fp16_io, static_shape=static_shape,
                                         verify_sizes=verify_sizes, calib_paths=calib_paths,
-                                        target_psnr=fp16_target_psnr)
-            arts["fp16"] = Artifact(paths["fp16"], "onnx", {"metadata": meta16, **info16, "fusion": fusion})
+                                        target_psnr=r.fp16_target_psnr)
+            arts["fp16"] = Artifact(paths["fp16"], "onnx", {"metadata": meta16, **info16, "fusion": fusion,
+                                                            "recipe": arts["fp32"].meta["recipe"]})
     return arts
 

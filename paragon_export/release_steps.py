@@ -31,8 +31,9 @@ def fuse_step(src: Path, loaded, fused_path: Path, scale: int | None) -> list[di
 
 def onnx_step(root: Path, fused: Path, fp16: bool, opset: int) -> list[dict]:
     from .export_onnx import export_onnx
+    from .export_recipe import ExportRecipe
 
-    arts = export_onnx(fused, root, opset=opset, fp16=fp16, force=True)
+    arts = export_onnx(fused, root, ExportRecipe(opset=opset, fp16=fp16), force=True)
     outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": rel(root, fused),
              "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
     if "fp16" in arts:

@@ -26,6 +26,7 @@ def written(tmp_path_factory):
     """{kind: path} of every ONNX kind the pipeline writes, plus the community CLI's output."""
     from paragon_export.calibration import build_calibration_set
     from paragon_export.export_onnx import export_onnx
+    from paragon_export.export_recipe import ExportRecipe
     from paragon_export.int8 import quantize_int8
     from paragon_export.int8_recipe import Int8Recipe
     from paragon_export.qat import qat
@@ -33,7 +34,7 @@ def written(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("written")
     ckpt = write_model(d / "2x_Nano.safetensors", fused=True)
-    plain = export_onnx(ckpt, d / "plain", fp16=True, verify_sizes=SIZES)
+    plain = export_onnx(ckpt, d / "plain", ExportRecipe(fp16=True), verify_sizes=SIZES)
     calib = build_calibration_set(None, scale=2, **CALIB)
     out = {"fp32": plain["fp32"].path, "fp16": plain["fp16"].path, "ckpt": ckpt}
     for remainder in ("fp32", "fp16"):

@@ -20,6 +20,7 @@ from paragon_export.artifact import sha256_file
 from paragon_export.checkpoint import load_model, save_model
 from paragon_export.cli import main
 from paragon_export.errors import ParagonError
+from paragon_export.export_recipe import ExportRecipe
 from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr
 from paragon_export.onnx_graph import io_dims, ort_session, read_metadata, run_session
@@ -120,8 +121,9 @@ def test_export_variant_plain_dynamic_verified(tmp_path, variant, upsampler, sca
 
 def test_unfused_checkpoint_is_fused_and_verified_first(tmp_path):
     ckpt = write_model(tmp_path / "nano.safetensors", upsampler="legacy")
-    art = eo.export_onnx(ckpt, tmp_path, opset=13, verify_sizes=SIZES)["fp32"]
+    art = eo.export_onnx(ckpt, tmp_path, ExportRecipe(opset=13), verify_sizes=SIZES)["fp32"]
     assert art.path.name == "paragonsr2_nano_x2_fp32_op13.onnx"
+    assert art.meta["recipe"] == {**ExportRecipe().as_dict(), "opset": 13}  # the recipe travels with the artifact
     assert art.meta["fusion"]["exactness_max_abs"] <= 1e-5
     meta = read_metadata(art.path)
     assert meta["source_fused"] == "false" and meta["source_sha256"] == sha256_file(ckpt) and meta["opset"] == "13"
@@ -230,7 +232,8 @@ def test_fp16_io_and_overflow_aware_blocking(tmp_path):
         m.conv_fuse.bias.mul_(k)
         m.upsampler.weight.div_(k)
     save_model(m, tmp_path / "hot.safetensors", variant="paragonsr2_nano")
-    arts = eo.export_onnx(tmp_path / "hot.safetensors", tmp_path / "out", fp16=True, fp16_io=True, verify_sizes=SIZES)
+    arts = eo.export_onnx(tmp_path / "hot.safetensors", tmp_path / "out", ExportRecipe(fp16=True, fp16_io=True),
+                          verify_sizes=SIZES)
     info = arts["fp16"].meta["fp16"]
     assert info["activation_peak"] > fp16_mod.FP16_SAFE_ABS
     assert info["kept_fp32"] and all("activation" in r for r in info["kept_fp32"].values())
@@ -256,7 +259,7 @@ def test_fp16_failure_leaves_no_file_at_all(tmp_path, monkeypatch):
     ckpt = write_model(tmp_path / "nano.safetensors", fused=True)
     with pytest.raises(ParagonError, match=r"FP16 verification failed \(PSNR\): ORT fp16 vs fp32 ONNX \(limit 200 "
                                            r"dB\): 32x32: [0-9.]+ dB.*kept fp32: [01] nodes"):
-        eo.export_onnx(ckpt, tmp_path / "out", fp16=True, verify_sizes=SIZES)
+        eo.export_onnx(ckpt, tmp_path / "out", ExportRecipe(fp16=True), verify_sizes=SIZES)
     assert list((tmp_path / "out").iterdir()) == []  # the verified fp32 file is not left behind either
 
 

@@ -139,6 +139,7 @@ def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_p
     import paragon_export.int8_cpu as int8_cpu
     from paragon_export.cpu import isa
     from paragon_export.export_onnx import export_onnx
+    from paragon_export.export_recipe import ExportRecipe
     from paragon_export.int8_recipe import Int8Recipe
     from paragon_export.parity import parity
     from paragon_export.release import _Run
@@ -146,7 +147,7 @@ def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_p
 
     ckpt = write_model(tmp_path / "nano.safetensors", fused=True, seed=6)
     out = tmp_path / "rel"
-    fp32 = export_onnx(ckpt, out, opset=17)["fp32"].path
+    fp32 = export_onnx(ckpt, out, ExportRecipe(opset=17))["fp32"].path
     small = Int8Recipe(lr_size=(24, 24), crops_per_image=1, eval_size=(32, 32))
     monkeypatch.setattr(int8_cpu, "cpu_int8", functools.partial(
         int8_cpu.cpu_int8, recipe=small, min_speedup=0.0, min_psnr=-math.inf, probe_lr=(32, 32), budget_s=0.0,

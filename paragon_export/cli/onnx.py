@@ -33,6 +33,7 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
     """Export CHECKPOINT (fused or not) to verified, simplified ONNX."""
     from ..errors import ParagonError
     from ..export_onnx import export_onnx
+    from ..export_recipe import ExportRecipe
     from ..verify import describe
 
     shape = None
@@ -41,9 +42,9 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
         if len(sizes) != 1:
             raise ParagonError(f"--static-shape takes one HxW, got {static_shape!r}")
         shape = sizes[0]
-    arts = export_onnx(checkpoint, out_dir, opset=opset, fp16=fp16, fp16_io=fp16_io, exporter=exporter,
-                       static_shape=shape, variant=variant, scale=scale, fp16_target_psnr=fp16_min_psnr,
-                       profile=profile, force=force)
+    recipe = ExportRecipe(opset=opset, exporter=exporter, static_shape=shape, fp16=fp16, fp16_io=fp16_io,
+                          fp16_target_psnr=fp16_min_psnr, profile=profile)
+    arts = export_onnx(checkpoint, out_dir, recipe, variant=variant, scale=scale, force=force)
     a = arts["fp32"]
     md, m = a.meta["metadata"], a.meta
     click.echo(f"{md['variant']} x{md['scale']} ({md['upsampler']}), {md['exporter']} exporter, opset {md['opset']}, "

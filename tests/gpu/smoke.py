@@ -42,12 +42,13 @@ def export_models(work: Path) -> dict[str, Path]:
     """fp32 + fp16 ONNX through paragon_export.export_onnx, int8 through our int8 recipe (SPEC §5)."""
     from paragon_export.checkpoint import save_model
     from paragon_export.export_onnx import export_onnx
+    from paragon_export.export_recipe import ExportRecipe
     from paragon_export.int8 import quantize_int8
     from paragon_export.seeded import seeded_model
 
     ckpt = work / "nano_x2.safetensors"
     save_model(seeded_model("paragonsr2_nano", 2), ckpt, variant="paragonsr2_nano", force=True)
-    paths = {k: Path(a.path) for k, a in export_onnx(ckpt, work, fp16=True, force=True).items()}
+    paths = {k: Path(a.path) for k, a in export_onnx(ckpt, work, ExportRecipe(fp16=True), force=True).items()}
     # peer=False: the deploy script's recipe is a comparison for the int8 report, not something to build
     paths["int8"] = Path(quantize_int8(paths["fp32"], work, peer=False, force=True).path)
     print(f"exported: {', '.join(p.name for p in paths.values())}")
