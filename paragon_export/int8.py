@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from paragon_export.calibration import CalibrationSet, build_calibration_set
+from paragon_export.calibration import CalibrationSet
 from paragon_export.calibration.ranges import Ranges, calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
@@ -34,7 +34,7 @@ from .int8_cache import load_search, search_cache_base, store_search
 from .int8_check import brief, inspect_qdq, mac_shares, trt_blockers
 from .int8_compare import comparisons
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference
-from .int8_input import from_checkpoint, infer_scale, load_fp32, prepare, static_dims
+from .int8_input import from_checkpoint, infer_scale, load_fp32, prepare, recipe_calibration_set, static_dims
 from .int8_recipe import Int8Recipe
 from .int8_remainder import FP16_QDQ_OPSET, Remainder, dtype_mac_shares, plan_remainder
 from .int8_search import TRT_OPS, mixed_precision
@@ -130,14 +130,7 @@ def _fp32_model(fp32_src: Path, tmp: Path, scale: int | None) -> tuple[Path, int
 def _calibration_set(calib: CalibrationSet | None, calib_dir, r: Int8Recipe, scale: int, batch: int | None,
                      static_hw: tuple[int, int] | None, progress: Callable[[str], None]) -> CalibrationSet:
     """The recipe's calibration set (a static input shape fixes crops and batch), or the one given."""
-    if calib is None:
-        calib = build_calibration_set(calib_dir, scale=scale, lr_size=static_hw or r.lr_size,
-                                      crops_per_image=r.crops_per_image, batch_size=batch or r.batch_size,
-                                      seed=r.seed, holdout=r.holdout, eval_size=static_hw or r.eval_size)
-    elif calib.params["scale"] != scale:
-        raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{scale}")
-    if not calib.holdout:
-        raise ParagonError("the calibration set has no held-out images to evaluate on")
+    calib = recipe_calibration_set(calib, calib_dir, r, scale, batch, static_hw)
     if r.max_drop is not None and not all(h.hr is not None for h in calib.holdout):
         raise ParagonError("held-out images have no HR ground truth: use --target-psnr instead of --max-drop")
     for s in calib.skipped:

@@ -34,12 +34,11 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from paragon_export.calibration import CalibrationSet, build_calibration_set
+from paragon_export.calibration import CalibrationSet
 from paragon_export.calibration.ranges import calibration_ranges
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .cpu import isa
-from .errors import ParagonError
 from .int8_check import quiet_quantizer
 from .int8_eval import run, session
 from .int8_recipe import Int8Recipe
@@ -236,18 +235,11 @@ def _inputs(fp32: Path, proto: onnx.ModelProto, r: Int8Recipe, calib_dir, calib:
             probe_lr: tuple[int, int]):
     """The calibration set `int8` would build, and the probe input (a real photo crop)."""
     from .bench import bench_input
-    from .int8_input import infer_scale, static_dims
+    from .int8_input import infer_scale, recipe_calibration_set, static_dims
 
     batch, static_hw = static_dims(proto)
     found = infer_scale(fp32, static_hw)
-    if calib is None:
-        calib = build_calibration_set(calib_dir, scale=found, lr_size=static_hw or r.lr_size,
-                                      crops_per_image=r.crops_per_image, batch_size=batch or r.batch_size,
-                                      seed=r.seed, holdout=r.holdout, eval_size=static_hw or r.eval_size)
-    elif calib.params["scale"] != found:
-        raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{found}")
-    if not calib.holdout:
-        raise ParagonError("the calibration set has no held-out images to evaluate on")
+    calib = recipe_calibration_set(calib, calib_dir, r, found, batch, static_hw)
     x = bench_input(*(static_hw or probe_lr)).astype(np.float32)
     return calib.with_input_name(proto.graph.input[0].name), np.repeat(x, batch or 1, axis=0)
 

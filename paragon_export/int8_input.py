@@ -94,3 +94,19 @@ def from_checkpoint(ckpt: Path, tmp: Path, variant: str | None, scale: int | Non
                            "and pass the .onnx") from None
     arts = export_onnx(ckpt, tmp, variant=variant, scale=scale, force=True)
     return Path(arts["fp32"].path)
+
+
+def recipe_calibration_set(calib, calib_dir, r, scale: int, batch: int | None, static_hw: tuple[int, int] | None):
+    """The recipe's calibration set (a static input shape fixes crops and batch), or the one given,
+    checked for the model's scale and for held-out images."""
+    from paragon_export.calibration import build_calibration_set
+
+    if calib is None:
+        calib = build_calibration_set(calib_dir, scale=scale, lr_size=static_hw or r.lr_size,
+                                      crops_per_image=r.crops_per_image, batch_size=batch or r.batch_size,
+                                      seed=r.seed, holdout=r.holdout, eval_size=static_hw or r.eval_size)
+    elif calib.params["scale"] != scale:
+        raise ParagonError(f"calibration set is for x{calib.params['scale']}, the model is x{scale}")
+    if not calib.holdout:
+        raise ParagonError("the calibration set has no held-out images to evaluate on")
+    return calib

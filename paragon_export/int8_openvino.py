@@ -21,6 +21,7 @@ import onnx
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
+from .int8_search import float_behind_qdq
 from .metrics import psnr
 from .onnx_graph import ort_session, read_metadata, set_metadata
 from .verify import LIMITS, verification_inputs
@@ -45,10 +46,8 @@ def dedicate_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if node.op_type in WEIGHTED or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         for i, name in enumerate(node.input):
-            dq = prod.get(name)
-            q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
+            if (src := float_behind_qdq(prod, name)) is not None:
+                node.input[i] = src
                 rewired += 1
     return out, rewired
 

@@ -62,6 +62,13 @@ def _step(kept: list[str], q: dict, added: str | None) -> dict:
             "y_psnr": m.get("y_psnr"), "ssim": m.get("ssim"), "y_psnr_drop": m.get("y_psnr_drop")}
 
 
+def float_behind_qdq(producer: dict[str, onnx.NodeProto], tensor: str) -> str | None:
+    """The float tensor a Q->DQ pair quantizes, if `tensor` is that pair's output; else None."""
+    dq = producer.get(tensor)
+    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+
 def keep_float(model: onnx.ModelProto, nodes: list[str],
                undo: dict[str, tuple[str, np.ndarray]] | None = None) -> onnx.ModelProto:
     """A copy of a Q/DQ model with `nodes` reading the float tensors behind their Q->DQ inputs, and
@@ -81,10 +88,8 @@ def keep_float(model: onnx.ModelProto, nodes: list[str],
         if n.name not in wanted:
             continue
         for i, t in enumerate(n.input):
-            dq = producer.get(t)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                n.input[i] = q.input[0]
+            if (src := float_behind_qdq(producer, t)) is not None:
+                n.input[i] = src
     while True:
         used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
         dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
