@@ -93,3 +93,26 @@ def test_cycle_finder_finds_a_cycle():
 def test_one_installed_namespace():
     top = importlib.metadata.distribution("paragon-export").read_text("top_level.txt")
     assert top is not None and top.split() == ["paragon_export"]
+
+
+# The brief's size guideline, held: a file a newcomer can read, a function that fits on a screen.
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def _oversized(files) -> list[str]:
+    out = []
+    for f in files:
+        text = f.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            out.append(f"{f.name}: {text.count(chr(10))} lines")
+        for n in ast.walk(ast.parse(text)):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES:
+                out.append(f"{f.name}: {n.name}() {n.end_lineno - n.lineno + 1} lines")
+    return out
+
+
+def test_no_file_over_400_lines_or_function_over_60(tmp_path):
+    assert _oversized(_modules().values()) == []
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert _oversized([long]) == ["long.py: f() 61 lines"]
