@@ -55,7 +55,7 @@ def find_reference(model: OnnxInfo, reference: Path | str | None = None) -> Onnx
     return found[0]
 
 
-def compare(out: np.ndarray, ref: np.ndarray, precision: str) -> dict:
+def verdict_row(out: np.ndarray, ref: np.ndarray, precision: str) -> dict:
     """One engine output against the fp32 ONNX's, as a JSON-ready row with the verdict."""
     c = verify.compare(np.asarray(out, np.float32), np.asarray(ref, np.float32))
     fails = c.failures(LIMITS[precision])
@@ -112,7 +112,7 @@ def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profi
     for name, x in check_inputs(profile, scale):
         expected = np.array(ref_runner.infer({ref.input_name: x})[ref.output_name], np.float32)
         got = np.array(runner.infer({model.input_name: x.astype(in_dtype)})[model.output_name], np.float32)
-        rows.append({"input": name, **compare(got, expected, precision)})
+        rows.append({"input": name, **verdict_row(got, expected, precision)})
     finite_psnr = [r["psnr"] for r in rows if r["psnr"] is not None]
     return {"precision": precision, "reference": str(ref.path), "thresholds": thresholds(precision), "scale": scale,
             "rows": rows, "passed": all(r["passed"] for r in rows),

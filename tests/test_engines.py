@@ -22,7 +22,7 @@ import torch
 from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Profile, Target, build_engine, choose_profile,
                      engine_filename, incompatibility, inspect_onnx, load_engine, make_key, parse_profile,
                      preset_profile, read_manifest, rebuild_engine, trtexec_command, validate_profile)
-from paragon_export.engines.check import compare, find_reference, run_check
+from paragon_export.engines.check import find_reference, run_check, verdict_row
 from paragon_export.engines.gpu import parse_nvidia_smi, query_gpu
 from paragon_export.engines.manifest import entry_for_file, put_entry, remove_entry
 from paragon_export.engines.onnx_info import detect_precision
@@ -437,9 +437,9 @@ def test_compare_flags_nan_and_shape():
     ref = np.zeros((1, 3, 8, 8), np.float32)
     out = ref.copy()
     out[0, 0, 0, 0] = np.nan
-    assert "NaN/Inf" in compare(out, ref, "fp16")["why"]
-    assert "shape" in compare(ref[:, :, :4], ref, "fp32")["why"]
-    assert compare(ref + 1e-5, ref, "fp32")["passed"]
+    assert "NaN/Inf" in verdict_row(out, ref, "fp16")["why"]
+    assert "shape" in verdict_row(ref[:, :, :4], ref, "fp32")["why"]
+    assert verdict_row(ref + 1e-5, ref, "fp32")["passed"]
 
 
 def test_reference_discovery(onnx_dir, tmp_path):
