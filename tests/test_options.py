@@ -63,6 +63,10 @@ def test_int8_and_qat_options_reach_the_api_as_one_recipe(tmp_path, monkeypatch)
     args, kwargs = seen["int8"]
     assert args[2] == Int8Recipe(method="entropy", lr_size=(32, 48), max_drop=0.2, bias_correction=False, seed=3)
     assert kwargs["threads"] == 2 and kwargs["force"] is False
+    # --max-drop -1 disables the drop limit, as its help says (calibration photos without HR ground truth)
+    r = CliRunner().invoke(main, ["int8", str(ck), "-o", str(tmp_path / "a"), "--max-drop", "-1", "--target-psnr", "40"])
+    assert r.exit_code == 1 and "stopped before any work" in r.output, r.output
+    assert seen["int8"][0][2] == Int8Recipe(max_drop=None, target_psnr=40.0)
     r = CliRunner().invoke(main, ["qat", str(ck), "-o", str(tmp_path / "q"), "--steps", "7", "--eval-size", "40x40",
                                   "--holdout", "0.5", "--seed", "3", "--magic", "float"])
     assert r.exit_code == 1 and "stopped before any work" in r.output, r.output

@@ -22,7 +22,7 @@ from .options import force_option, threads_option
               help="Run each artifact on this runtime where it can (repeatable: --runtime onnxruntime "
                    "--runtime openvino times every .onnx on both). Default: each artifact's own runtime.")
 def command(artifacts, sizes, threads, runs, warmup, baseline, json_path, force, runtimes):
-    """Latency, throughput and peak memory of ARTIFACTS (checkpoints, ONNX, engines) vs PyTorch eager."""
+    """Latency, throughput and peak memory of ARTIFACTS (checkpoints, ONNX, NCNN .param, engines) vs PyTorch eager."""
     report = bench(list(artifacts), sizes=parse_sizes(sizes), threads=threads, runs=runs, warmup=warmup,
                    baseline=baseline, json_path=json_path, force=force, runtimes=runtimes or None,
                    progress=lambda msg: click.echo(msg, err=True))

@@ -25,7 +25,7 @@ RULES: dict[str, tuple[float | None, float | None, bool]] = {
     "eval_every": (1, None, True), "save_every": (1, None, True),
     "lr": (None, None, True), "gt_weight": (0, None, True),  # qat says "lr > 0" itself
     "atol": (0, None, False), "min_psnr": (0, None, True), "target_psnr": (0, None, False),
-    "fp16_min_psnr": (0, None, False), "max_drop": (0, None, True),
+    "fp16_min_psnr": (0, None, False), "max_drop": (None, None, True),  # int8: a negative value disables it
     "holdout": (0, 1, False), "workspace": (0, None, False),
 }
 SIZE_OPTIONS = ("sizes", "crop", "eval_size")
