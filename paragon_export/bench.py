@@ -97,7 +97,8 @@ class PeakRss:
 
 
 LIMIT_NOTE = ("macs_per_lr_pixel: multiply-accumulates of one inference per LR input pixel (ONNX: counted "
-              "from the graph's Conv/ConvTranspose shapes; checkpoints: their conv calls; engines: none); "
+              "from the graph's Conv/ConvTranspose shapes; checkpoints: their conv calls; NCNN: its ONNX's count, "
+              "stored at export; engines: none); "
               "gmac_s = that x pixels / median latency; peak_fraction = gmac_s / peak.fp32_gmac_s")
 
 MEMORY_NOTE = ("peak_rss_mib: rise of the process's peak resident set over its size before the runner was built, "

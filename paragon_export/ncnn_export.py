@@ -221,9 +221,20 @@ def _sidecar(info: dict, precision: str, source: Path, onnx_path: Path, pnnx_ver
         "source": {"path": str(source), "sha256": sha256_file(source)},
         "converter": {"route": "fp32 ONNX (opset 17) -> pnnx -> ncnn", "pnnx": pnnx_version,
                       "onnx_sha256": sha256_file(onnx_path)},
+        # the pair is the ONNX graph layer for layer: bench's MACs per LR pixel come from it (SAME-padded
+        # convs: the figure does not depend on the input size)
+        "macs_per_lr_pixel": _macs_per_pixel(onnx_path),
         "files": {"param": sha256_file(param), "bin": sha256_file(weights)},
         "verification": _finite({**report, "runtime": f"ncnn {ncnn_version()} CPU, fp32 arithmetic"}),
     }
+
+
+def _macs_per_pixel(onnx_path: Path) -> float | None:
+    import onnx
+
+    from .onnx_graph import macs_per_pixel
+
+    return macs_per_pixel(onnx.load(str(onnx_path)), VERIFY_SIZES[0])
 
 
 def _finite(obj):

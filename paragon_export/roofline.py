@@ -80,7 +80,7 @@ def torch_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:
 
 
 def artifact_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:
-    """MACs per LR pixel of one inference at `hw`; None for engines and NCNN (no graph to count here)."""
+    """MACs per LR pixel of one inference at `hw`; NCNN: as counted on its ONNX at export; None for engines."""
     from .runners import artifact_kind
 
     kind = artifact_kind(path)
@@ -88,4 +88,8 @@ def artifact_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | No
         return onnx_macs_per_pixel(path, hw)
     if kind == "checkpoint":
         return torch_macs_per_pixel(path, hw)
+    if kind == "ncnn":
+        from .ncnn_runner import pair, read_sidecar
+
+        return read_sidecar(pair(path)[0]).get("macs_per_lr_pixel")
     return None

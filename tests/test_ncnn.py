@@ -107,8 +107,12 @@ def test_parity_bench_and_upscale_take_param_artifacts(tmp_path, pairs):
     r = CliRunner().invoke(main, ["bench", str(pairs["ckpt"]), str(p32), "--sizes", "32x32", "--threads", "1",
                                   "--runs", "2", "--warmup", "1", "--json", str(js)])
     assert r.exit_code == 0, r.output
-    rows = {(x["name"], x["runtime"], x["precision"]) for x in json.loads(js.read_text())["results"]}
+    results = json.loads(js.read_text())["results"]
+    rows = {(x["name"], x["runtime"], x["precision"]) for x in results}
     assert rows == {("nano_x2_fused.safetensors", "torch", "fp32"), (p32.name, "ncnn", "fp32")}
+    # the pair's MACs per LR pixel (counted on its ONNX at export) match the fused checkpoint's own count
+    macs = {x["runtime"]: x["macs_per_lr_pixel"] for x in results}
+    assert macs["ncnn"] and abs(macs["ncnn"] - macs["torch"]) <= 0.02 * macs["torch"], macs
 
 
 @needs_ncnn
