@@ -20,6 +20,7 @@ import torch
 from polygraphy import constants
 from polygraphy.backend.onnx import ModifyOutputs
 
+from .metrics import json_finite
 from .runners import onnx_runner
 
 # Relative RMS error a tensor must exceed to count as a jump: well above the arithmetic noise of
@@ -163,7 +164,7 @@ def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch
     def public(row: dict | None) -> dict | None:
         if row is None:
             return None
-        out = {k: _finite(v) for k, v in row.items() if not k.startswith("_")}
+        out = {k: json_finite(v) for k, v in row.items() if not k.startswith("_")}
         out.setdefault("module", scope_to_module(row["node"]) if row["node"].startswith("/") else None)
         out["weights"] = _weight_names(model, row["_node"])
         return out
@@ -180,9 +181,3 @@ def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch
     return {"method": method, "reference": reference, "layers_compared": len(rows), "floor": floor,
             "ratio": JUMP_RATIO, "culprit": public(culprit), "sharp_jump": first is not None, "note": note,
             "top": [public(r) for r in top]}
-
-
-def _finite(v):
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v

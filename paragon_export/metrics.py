@@ -29,3 +29,15 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     a, b = _crop(to_y(sr), border), _crop(to_y(hr), border)
     return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False))
+
+
+def json_finite(obj):
+    """A report made JSON-safe: a metric that is not finite (an identical output's infinite PSNR, a
+    NaN) is recorded as null, in nested dicts and lists alike."""
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

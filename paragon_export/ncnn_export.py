@@ -31,6 +31,7 @@ from pathlib import Path
 from . import __version__
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
+from .metrics import json_finite
 from .ncnn_runner import INSTALL_HINT, SIDECAR_FORMAT, NcnnRunner, ncnn_version
 from .verify import NCNN_LIMITS, VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_torch, verification_inputs
 
@@ -225,7 +226,7 @@ def _sidecar(info: dict, precision: str, source: Path, onnx_path: Path, pnnx_ver
         # convs: the figure does not depend on the input size)
         "macs_per_lr_pixel": _macs_per_pixel(onnx_path),
         "files": {"param": sha256_file(param), "bin": sha256_file(weights)},
-        "verification": _finite({**report, "runtime": f"ncnn {ncnn_version()} CPU, fp32 arithmetic"}),
+        "verification": json_finite({**report, "runtime": f"ncnn {ncnn_version()} CPU, fp32 arithmetic"}),
     }
 
 
@@ -235,12 +236,3 @@ def _macs_per_pixel(onnx_path: Path) -> float | None:
     from .onnx_graph import macs_per_pixel
 
     return macs_per_pixel(onnx.load(str(onnx_path)), VERIFY_SIZES[0])
-
-
-def _finite(obj):
-    """JSON has no inf: an identical output's infinite PSNR is stored as null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and math.isinf(obj):
-        return None
-    return obj

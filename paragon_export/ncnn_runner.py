@@ -75,11 +75,6 @@ def ncnn_info(path: Path | str) -> dict:
             "meta": {k: str(v) for k, v in meta.items() if not isinstance(v, (dict, list))}}
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 class NcnnRunner(BaseRunner):
     """Loads the pair into an ncnn.Net at activation; NCHW float32 in, NCHW float32 out."""
 

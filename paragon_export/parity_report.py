@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .artifact import atomic_folder
 from .errors import ParagonError
 from .images import bicubic_upscale, to_image
+from .metrics import json_finite
 
 # PNG layout: a grid of HR-sized panels, PAD pixels apart, each under a LABEL_H-pixel caption.
 # Row 1: LR bicubic | reference | each artifact. Row 2: under each artifact, |artifact - reference|
@@ -221,17 +222,6 @@ def card_lines(verdicts: dict) -> list[str]:
     return lines
 
 
-def _finite(obj):
-    """NaN/Inf are not JSON: a metric that is not finite is recorded as null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def _pick_crops(cases: list, n: int) -> list[int]:
     """Up to n cases, alternating sizes and preferring images not shown yet."""
     sizes = list(dict.fromkeys(tuple(c[1]) for c in cases))
@@ -263,7 +253,7 @@ def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir:
             render_crop(lr, ref_img, arts, scale).save(tmp / rel)
             pngs.append(rel)
         report["outputs"] = {"json": "parity.json", "markdown": "parity.md", "pngs": pngs}
-        report = _finite(report)
+        report = json_finite(report)
         validate(report)
         (tmp / "parity.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         (tmp / "parity.md").write_text(markdown(report))
