@@ -26,6 +26,7 @@ from paragon_export.export_recipe import ExportRecipe
 from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr
 from paragon_export.onnx_graph import io_dims, ort_session, read_metadata, run_session
+from paragon_export.torch_half import torch_half_model
 
 from chainner_scale import chainner_scale
 from conftest import make_model, write_model
@@ -311,6 +312,6 @@ def test_torch_half_reference_runs_long_band_kernels():
     x = torch.from_numpy(_photo(2, (32, 32)))
     with torch.no_grad():
         ref = m(x).numpy()
-        half = fp16_mod.torch_half_model(m)(x.half()).float().numpy()
+        half = torch_half_model(m)(x.half()).float().numpy()
     assert half.dtype == np.float32 and np.isfinite(half).all()
     assert 0 < np.abs(half - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
