@@ -460,6 +460,26 @@ def test_check_passes_fp16_and_catches_a_broken_model(onnx_dir, tmp_path):
     assert "max abs" in bad.rows[0].why
 
 
+def test_check_engine_opens_its_reference_through_open_runner(onnx_dir, monkeypatch):
+    import polygraphy.backend.trt as polygraphy_trt
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    import paragon_export.runners as runners
+    from paragon_export.engines import builder, check, trt
+
+    fp16 = inspect_onnx(onnx_dir / "nano_x2_fp16.onnx")
+    # No TensorRT here: the "plan" is the fp16 ONNX's path, run by ORT where TrtRunner would run it.
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(builder, "deserialize", lambda _trt, data, options, onnx: data)
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", lambda plan: OnnxrtRunner(SessionFromOnnx(plan)))
+    opened, real = [], runners.open_runner
+    monkeypatch.setattr(runners, "open_runner", lambda *a, **k: opened.append(a) or real(*a, **k))
+    rep = check.check_engine(str(fp16.path), fp16, parse_profile("32x32:45x64:64x77"))
+    ref = (onnx_dir / "nano_x2_fp32.onnx").resolve()
+    assert opened == [(ref, "onnxruntime")] and rep.reference == str(ref)
+    assert rep.passed and rep.precision == "fp16" and len(rep.rows) >= 2
+
+
 def test_compare_flags_nan_and_shape():
     ref = np.zeros((1, 3, 8, 8), np.float32)
     out = ref.copy()
