@@ -100,7 +100,7 @@ def _refuse_foreign_engine(path: Path) -> dict | None:
     """Consult the engine folder's manifest: a plan built for another GPU or TensorRT version would only
     fail inside TensorRT with a traceback, so it is refused first with the rebuild command. Returns the
     engine's manifest entry (None when it has none)."""
-    from .engines.build import EngineMismatch, current_target, load_engine
+    from .engines.load import EngineMismatch, current_target, load_engine
     from .engines.manifest import entry_for_file
 
     try:
