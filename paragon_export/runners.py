@@ -46,7 +46,7 @@ class TorchCpuRunner(PytRunner):
     def activate_impl(self):
         # A copy: casting to half must not change the caller's fp32 model.
         if self.dtype == torch.float16:
-            from .fp16 import torch_half_model  # avoids oneDNN's fp16 long-kernel convs, which hang
+            from .torch_half import torch_half_model  # avoids oneDNN's fp16 long-kernel convs, which hang
 
             # oneDNN's fp16 convs are far faster channels-last on CPU (README: measured figures)
             self.model = torch_half_model(self._model).to(memory_format=torch.channels_last)
