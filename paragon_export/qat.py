@@ -44,13 +44,14 @@ from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .checkpoint import load_model
 from .errors import ParagonError
 from .qat_data import TrainPatches, calibration_image_paths, train_patches
-from .qat_export import check_verification, export_qdq, remainder_effect, verify_qdq
+from .qat_export import REMAINDER_MIN_PSNR, check_verification, export_qdq, remainder_effect, verify_qdq
 from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, QATRecipe
-from .qat_report import build_report, format_table, json_default, torch_quality, with_drop
-from .qat_run import STATE_JSON, QATRun, check_diverged, read_state, save_state
+from .qat_report import QATReport, build_report, json_default, torch_quality
+from .qat_result import HistoryPoint, Output, PTQBaseline, Quality, Verification
+from .qat_run import STATE_JSON, Baselines, QATRun, check_diverged, read_state, save_state
 from .verify import VERIFY_SIZES
 
-__all__ = ["qat", "QATRecipe", "format_table", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH", "DEFAULT_PATCH"]
+__all__ = ["qat", "QATRecipe", "QATReport", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH", "DEFAULT_PATCH"]
 
 REPORT_NAME = "qat_report.json"
 VERIFY_MIN_PSNR = 40.0  # ORT's int8 kernels vs torch fake quant differ by rounding flips only
@@ -63,10 +64,10 @@ def onnx_name(variant: str, scale: int, opset: int) -> str:
 def qat(ckpt: Path | str, out_dir: Path | str, recipe: QATRecipe | None = None, *,
         data_dir: Path | str | None = None, resume: bool = False, force: bool = False, opset: int = 17,
         verify_sizes=VERIFY_SIZES, ptq_baseline: bool = True, threads: int = 1, train_threads: int | None = None,
-        progress: Callable[[str], None] | None = None, bar: bool = True) -> tuple[Artifact, dict]:
+        progress: Callable[[str], None] | None = None, bar: bool = True) -> tuple[Artifact, QATReport]:
     """Checkpoint + images -> QAT fine-tuned, verified Q/DQ INT8 ONNX in `out_dir` (module docstring),
     made as `recipe` says (default `QATRecipe()`). Returns the ONNX Artifact (meta: metadata + report)
-    and the report (also `qat_report.json`). `threads`: ORT threads for evaluation and timing;
+    and the report (`QATReport`; its JSON is `qat_report.json`). `threads`: ORT threads for evaluation and timing;
     `train_threads`: torch threads (None: torch's default; on a machine shared with other jobs, fewer
     threads are often faster). `progress` gets one line per stage; `bar`: a tqdm bar while training."""
     if train_threads is not None and train_threads < 1:
@@ -136,7 +137,7 @@ def _job(ckpt, out_dir: Path, data_dir, recipe: QATRecipe, resume: bool, force: 
 
 
 def _qat(ckpt, out_dir: Path, recipe: QATRecipe, *, data_dir, resume, force, opset, verify_sizes, ptq_baseline,
-         threads, progress, bar) -> tuple[Artifact, dict]:
+         threads, progress, bar) -> tuple[Artifact, QATReport]:
     import onnx
 
     from .int8 import CALIB_PROBES
@@ -157,32 +158,32 @@ def _qat(ckpt, out_dir: Path, recipe: QATRecipe, *, data_dir, resume, force, ops
         rest = plan_remainder("fp16", fp32_graph, [cal.batch(i) for i in range(min(len(cal), CALIB_PROBES))])
         job.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            run, extra = _resumed(job, progress)
+            run, base = _resumed(job, progress)
         else:
-            run, extra = _started(job, fp32_path, ev, excluded, ptq_baseline, threads, force, progress)
-            save_state(run, job.out_dir, extra)  # step 0: a run interrupted in its first steps resumes without PTQ
+            run, base = _started(job, fp32_path, ev, excluded, ptq_baseline, threads, force, progress)
+            save_state(run, job.out_dir, base.to_json())  # step 0: a run interrupted in its first steps resumes without PTQ
         start_step = run.step
-        train_s = _train(run, job.patches, cal.holdout, job.out_dir, extra, bar=bar)
+        train_s = _train(run, job.patches, cal.holdout, job.out_dir, base.to_json(), bar=bar)
 
         progress("exporting Q/DQ ONNX and verifying it on ONNX Runtime")
         graph, info, meta, verification = _export_verified(run, job, rest, opset, verify_sizes)
         qat_path = tmp / "qat.onnx"
         onnx.save(graph, str(qat_path))
-        report = build_report(job=job, run=run, extra=extra, graph=graph, info=info, fp32_graph=fp32_graph,
+        report = build_report(job=job, run=run, base=base, graph=graph, info=info, fp32_graph=fp32_graph,
                               fp32_path=fp32_path, qat_path=qat_path, ev=ev, excluded=excluded, rest=rest,
-                              verification=verification, verify_min_psnr=VERIFY_MIN_PSNR, threads=threads,
+                              verification=verification, threads=threads,
                               start_step=start_step if resume else None, train_s=train_s, progress=progress)
         with atomic_output(job.onnx_path, force=force) as t:
             t.write_bytes(qat_path.read_bytes())
-    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["output"] = {"model": str(job.onnx_path), "sha256": sha256_file(job.onnx_path),
-                        "report": str(job.report_path)}
+    report.wall_seconds = round(time.perf_counter() - t_start, 1)
+    report.output = Output(str(job.onnx_path), sha256_file(job.onnx_path), str(job.report_path))
+    doc = report.to_json()
     with atomic_output(job.report_path, force=force) as t:
-        t.write_text(json.dumps(report, indent=1, default=json_default))
-    return Artifact(job.onnx_path, "onnx-int8", {"metadata": meta, **report}), report
+        t.write_text(json.dumps(doc, indent=1, default=json_default))
+    return Artifact(job.onnx_path, "onnx-int8", {"metadata": meta, **doc}), report
 
 
-def _resumed(job: _Job, progress) -> tuple[QATRun, dict]:
+def _resumed(job: _Job, progress) -> tuple[QATRun, Baselines]:
     """The saved run, checked against this call's checkpoint, images and recipe."""
     doc, tensors = job.saved
     s = job.recipe
@@ -192,21 +193,18 @@ def _resumed(job: _Job, progress) -> tuple[QATRun, dict]:
                            "(same checkpoint, images and settings needed; --force starts over)")
     if doc["step"] > s.steps:
         raise ParagonError(f"--resume: the saved run is at step {doc['step']}, past --steps {s.steps}")
-    keep_float = doc["keep_float"]
+    base = Baselines.from_json(doc, job.ident)
     first = torch.from_numpy(job.cal.batch(0))
     # Calibrating on one batch only creates the amax buffers; the saved values replace them.
-    run = QATRun.create(job.fused, lambda m: m(first), s, job.loaded.scale, keep_float)
+    run = QATRun.create(job.fused, lambda m: m(first), s, job.loaded.scale, base.keep_float)
     run.load_tensors(tensors)
-    run.step, run.history = int(doc["step"]), list(doc.get("history", []))
+    run.step, run.history = int(doc["step"]), [HistoryPoint.from_json(h) for h in doc.get("history", [])]
     progress(f"resuming at step {run.step} of {s.steps}")
-    ptq = doc.get("ptq")
-    extra = {**job.ident, "ptq_baseline": ptq is not None, "ptq": ptq, "keep_float": keep_float,
-             "unmatched_float_nodes": doc.get("unmatched_float_nodes", []), "ptq_modelopt": doc["ptq_modelopt"]}
-    return run, extra
+    return run, base
 
 
 def _started(job: _Job, fp32_path: Path, ev, excluded: dict, ptq_baseline: bool, threads: int,
-             force: bool, progress) -> tuple[QATRun, dict]:
+             force: bool, progress) -> tuple[QATRun, Baselines]:
     """A new run: the PTQ baseline, then the student calibrated with TensorRT's float convs left float."""
     cal, scale = job.cal, job.loaded.scale
     ptq = _ptq(fp32_path, cal, job.out_dir / "ptq", threads, force, progress) if ptq_baseline else None
@@ -214,11 +212,9 @@ def _started(job: _Job, fp32_path: Path, ev, excluded: dict, ptq_baseline: bool,
     progress(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops; "
         f"{len(excluded)} convs without a TensorRT int8 kernel stay fp16")
     run = QATRun.create(job.fused, cal.forward_loop, job.recipe, scale, keep_float)
-    ptq_modelopt = with_drop(torch_quality(run.student, cal.holdout, scale, ev.ref), ev.fp32)
-    run.history.append({"step": 0, "distill_l1": None, "heldout_y_psnr": ptq_modelopt["mean"]["y_psnr"]})
-    extra = {**job.ident, "ptq_baseline": ptq is not None, "ptq": ptq, "keep_float": keep_float,
-             "unmatched_float_nodes": unmatched, "ptq_modelopt": ptq_modelopt}
-    return run, extra
+    ptq_modelopt = torch_quality(run.student, cal.holdout, scale, ev.ref).with_drop(Quality.from_json(ev.fp32))
+    run.history.append(HistoryPoint(0, None, ptq_modelopt.mean.y_psnr))
+    return run, Baselines(job.ident, ptq, ptq_modelopt, keep_float, unmatched)
 
 
 def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
@@ -228,8 +224,8 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
 
     loaded, cal = job.loaded, job.cal
     graph, info = export_qdq(run.student, opset=opset)
-    if info["trt_blockers"]:
-        raise ParagonError(f"the QAT Q/DQ model is not TensorRT-compatible: {'; '.join(info['trt_blockers'])}")
+    if info.trt_blockers:
+        raise ParagonError(f"the QAT Q/DQ model is not TensorRT-compatible: {'; '.join(info.trt_blockers)}")
     meta = {"producer": "paragon-export", "variant": loaded.variant, "scale": str(loaded.scale),
             "upsampler": loaded.upsampler, "precision": "int8-qdq", "quantization": "qat (nvidia-modelopt)",
             "io_dtype": "float32", "opset": str(opset), "source_sha256": loaded.sha256,
@@ -237,11 +233,12 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
             "magic_filters": job.recipe.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
     # The export is checked before the fp16 remainder, whose own effect is measured apart
     # (the fp32 fake-quant student cannot show fp16 rounding ahead of each QuantizeLinear).
-    verification = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
+    export = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
     plain, graph = graph, rest.apply(graph)
     set_metadata(graph, meta)
-    verification["remainder"] = remainder_effect(plain, graph, loaded.scale, verify_sizes)
-    check_verification(verification, VERIFY_MIN_PSNR)
+    verification = Verification(export, remainder_effect(plain, graph, loaded.scale, verify_sizes),
+                                VERIFY_MIN_PSNR, REMAINDER_MIN_PSNR)
+    check_verification(verification)
     return graph, info, meta, verification
 
 
@@ -253,16 +250,16 @@ def _train(run: QATRun, patches: TrainPatches, holdout, out_dir: Path, extra: di
     t0 = time.perf_counter()
     shown = tqdm(total=s.steps, initial=run.step, desc="QAT", unit="step", disable=not bar, dynamic_ncols=True)
     losses: list[float] = []
-    held = run.history[-1]["heldout_y_psnr"] if run.history else None
+    held = run.history[-1].heldout_y_psnr if run.history else None
     try:
         while run.step < s.steps:
             losses.append(check_diverged(run.train_step(patches), run.step, s.lr))
             shown.update(1)
             if run.step % s.eval_every == 0 or run.step == s.steps:
-                held = torch_quality(run.student, holdout, run.scale, None)["mean"].get("y_psnr")
-                run.history.append({"step": run.step, "distill_l1": float(np.mean(losses)), "heldout_y_psnr": held})
+                held = torch_quality(run.student, holdout, run.scale, None).mean.y_psnr
+                run.history.append(HistoryPoint(run.step, float(np.mean(losses)), held))
                 losses = []
-            recent = losses[-20:] or [run.history[-1]["distill_l1"]]
+            recent = losses[-20:] or [run.history[-1].distill_l1]
             shown.set_postfix_str(f"distill L1 {np.mean(recent):.2e}" + (f", held-out Y-PSNR {held:.3f} dB" if held else ""))
             if run.step % s.save_every == 0 and run.step < s.steps:
                 save_state(run, out_dir, extra)
@@ -287,7 +284,7 @@ def _fp32_onnx(fused, loaded, tmp: Path, opset: int) -> Path:
     return path
 
 
-def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> dict:
+def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> PTQBaseline:
     """The `int8` command with its defaults on the same FP32 graph and calibration set; its model and
     report are written to `out` (the user gets the PTQ artifact too)."""
     from .int8 import quantize_int8
@@ -295,10 +292,10 @@ def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> dic
     progress("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
     art = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
                         progress=lambda m: progress(f"  {m}"))
-    r = art.meta
-    return {"model": r["output"]["model"], "report": r["output"]["report"], "quality": r["quality"]["int8"],
-            "checks": r["checks"], "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],
-            "mixed_precision_met": r["mixed_precision"]["met"]}
+    r = art.meta  # the int8 report
+    return PTQBaseline(r["output"]["model"], r["output"]["report"], Quality.from_json(r["quality"]["int8"]),
+                       r["checks"], r["mixed_precision"]["kept_float"], r["recipe"]["method"],
+                       r["mixed_precision"]["met"])
 
 
 def _float_quantizers(fused, excluded: dict) -> tuple[list[str], list[str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ParagonError
+from .qat_result import ExportInfo, Verification
 
 TRACE_SHAPE = (2, 3, 40, 56)  # a size no verification uses: a shape baked in at trace time cannot pass
 
@@ -48,7 +49,7 @@ def _per_channel_form(model) -> int:
     return fixed
 
 
-def export_qdq(student: torch.nn.Module, *, opset: int = 17):
+def export_qdq(student: torch.nn.Module, *, opset: int = 17) -> tuple[object, ExportInfo]:
     """Student (fake quant) -> simplified Q/DQ ONNX proto with dynamic batch/height/width, and info
     (node counts, simplifier, `int8_check.inspect_qdq` figures, TensorRT blockers)."""
     import io
@@ -85,8 +86,7 @@ def export_qdq(student: torch.nn.Module, *, opset: int = 17):
     except onnx.checker.ValidationError as e:
         raise ParagonError(f"exported Q/DQ graph fails the ONNX checker: {str(e).splitlines()[0]}") from None
     checks = inspect_qdq(graph)
-    return graph, {"nodes_before": before, "nodes_after": op_counts(graph), "simplify": info,
-                   "per_channel_rewritten": per_channel_fixed, "checks": checks, "trt_blockers": trt_blockers(checks)}
+    return graph, ExportInfo(before, op_counts(graph), info, per_channel_fixed, trt_blockers(checks), checks)
 
 
 def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
@@ -116,15 +116,15 @@ def remainder_effect(plain, final, scale: int, sizes, *, paths=None) -> dict:
 REMAINDER_MIN_PSNR = 30.0
 
 
-def check_verification(verification: dict, min_psnr: float) -> None:
+def check_verification(v: Verification) -> None:
     """One line when the Q/DQ export disagrees with the student, or its fp16 remainder changes the
-    output by more than rounding."""
+    output by more than rounding (each against its limit in `v`)."""
     from .verify import describe
 
-    if not verification["min_psnr"] >= min_psnr:
+    if not v.min_psnr >= v.min_psnr_limit:
         raise ParagonError("the Q/DQ ONNX disagrees with the torch fake-quant model (PSNR "
-                           f"{describe(verification, 'psnr')}; limit {min_psnr} dB); nothing written")
-    rest = verification.get("remainder")
-    if rest is not None and not rest["min_psnr"] >= REMAINDER_MIN_PSNR:
+                           f"{describe(v.export, 'psnr')}; limit {v.min_psnr_limit} dB); nothing written")
+    rest = v.remainder
+    if rest is not None and not rest["min_psnr"] >= v.remainder_min_psnr_limit:
         raise ParagonError("the fp16 remainder changes the Q/DQ model's output beyond rounding (PSNR vs an fp32 "
-                           f"remainder {describe(rest, 'psnr')}; limit {REMAINDER_MIN_PSNR} dB); nothing written")
+                           f"remainder {describe(rest, 'psnr')}; limit {v.remainder_min_psnr_limit} dB); nothing written")

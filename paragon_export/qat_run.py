@@ -21,6 +21,7 @@ from .artifact import atomic_output, sha256_file
 from .errors import ParagonError
 from .qat_data import TrainPatches
 from .qat_recipe import QATRecipe
+from .qat_result import HistoryPoint, PTQBaseline, Quality
 
 WARMUP = 0.05  # fraction of the steps
 STATE_NAME, STATE_JSON = "qat_state.safetensors", "qat_state.json"
@@ -55,7 +56,7 @@ class QATRun:
     recipe: QATRecipe
     scale: int
     step: int = 0
-    history: list = field(default_factory=list)
+    history: list[HistoryPoint] = field(default_factory=list)
 
     @classmethod
     def create(cls, fused: torch.nn.Module, forward_loop, recipe: QATRecipe, scale: int,
@@ -128,7 +129,33 @@ class QATRun:
                                            "exp_avg_sq": st["exp_avg_sq"].clone()}
 
 
+@dataclass
+class Baselines:
+    """What a run carries besides its tensors, saved with them: the PTQ baseline (None: --no-ptq),
+    ModelOpt's calibrated student before training, the quantizers left float (and the ONNX nodes
+    no quantizer matched), and `ident`, what a resumed run must share with the saved one."""
+
+    ident: dict
+    ptq: PTQBaseline | None
+    ptq_modelopt: Quality
+    keep_float: list[str]
+    unmatched_float_nodes: list[str]
+
+    def to_json(self) -> dict:
+        return {**self.ident, "ptq_baseline": self.ptq is not None, "ptq": None if self.ptq is None else self.ptq.to_json(),
+                "keep_float": self.keep_float, "unmatched_float_nodes": self.unmatched_float_nodes,
+                "ptq_modelopt": self.ptq_modelopt.to_json()}
+
+    @classmethod
+    def from_json(cls, doc: dict, ident: dict) -> "Baselines":
+        """From a saved state (`read_state`), for a run that shares `ident` with it."""
+        ptq = doc.get("ptq")
+        return cls(ident, None if ptq is None else PTQBaseline.from_json(ptq), Quality.from_json(doc["ptq_modelopt"]),
+                   doc["keep_float"], doc.get("unmatched_float_nodes", []))
+
+
 def save_state(run: QATRun, out_dir: Path, extra: dict) -> None:
+    """The run's tensors and `qat_state.json`: the run's step, recipe and history, plus `extra` (`Baselines.to_json`)."""
     from safetensors.torch import save_file
 
     tensor_path, json_path = out_dir / STATE_NAME, out_dir / STATE_JSON
@@ -136,7 +163,7 @@ def save_state(run: QATRun, out_dir: Path, extra: dict) -> None:
         save_file(run.state_tensors(), str(tmp), metadata={"format": STATE_FORMAT, "step": str(run.step)})
     doc = {"format": STATE_FORMAT, "step": run.step, "steps": run.recipe.steps, "lr": run.recipe.lr,
            "betas": list(run.recipe.betas), "eps": run.recipe.eps, **run.recipe.identity(),
-           "history": run.history, "tensors_sha256": sha256_file(tensor_path), **extra}
+           "history": [h.to_json() for h in run.history], "tensors_sha256": sha256_file(tensor_path), **extra}
     with atomic_output(json_path, force=True) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
 

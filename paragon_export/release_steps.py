@@ -59,7 +59,7 @@ def int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[st
 def qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
     from .qat import qat
 
-    art, report = qat(fused, root / "qat", data_dir=calib, force=True, progress=progress, bar=False)
+    art, _ = qat(fused, root / "qat", data_dir=calib, force=True, progress=progress, bar=False)
     return [{"path": art.path, "kind": "onnx-qat", "parent": rel(root, fused)}]
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import make_model, write_model
 from paragon_export.images import load_image, sample_photo_paths, save_image
 from paragon_export.metrics import psnr
+from paragon_export.qat_report import QATReport, json_default
 
 CALIB = {"lr_size": (16, 16), "eval_size": (32, 32), "crops_per_image": 1, "batch_size": 2}
 SIZES = ((32, 32), (27, 45))  # LR; the second is non-square and not a multiple of 8
@@ -145,10 +146,11 @@ def test_qdq_export_symmetric_per_channel_and_ort_agrees(calib):
 
     run = _run(calib, QATRecipe(magic="int8"))
     graph, info = export_qdq(run.student)
-    checks = info["checks"]
+    checks = info.checks
     assert checks["q_nodes"] > 0 and checks["q_nodes"] == checks["dq_nodes"]
     assert checks["zero_points_all_zero"] and checks["zero_point_types"] == ["int8"]
-    assert checks["weights_per_channel"] and not info["trt_blockers"]
+    assert checks["weights_per_channel"] and not info.trt_blockers
+    assert "checks" not in info.to_json()  # the report's checks are of the shipped graph
     assert not checks["float_nodes"]  # magic="int8": the Magic ConvTranspose/Convs are quantized too
     assert "ConvTranspose" in checks["op_counts"]
     assert io_dims(graph)["input"][2:] == ["height", "width"]
@@ -191,21 +193,33 @@ def test_cli_interrupt_then_resume(photos, tmp_path, monkeypatch):
     monkeypatch.setattr(qat_mod.QATRun, "train_step", real_step)
     r = CliRunner().invoke(main, args + ["--resume"])
     assert r.exit_code == 0, r.output
-    report = json.loads((out / "qat_report.json").read_text())
-    t = report["training"]
-    assert (t["resumed_from"], t["steps"], t["steps_this_run"]) == (3, 4, 1)
-    assert [h["step"] for h in t["history"]] == [0, 2, 4]
-    assert report["checks"]["zero_points_all_zero"] and report["checks"]["weights_per_channel"]
+    doc = json.loads((out / "qat_report.json").read_text())
+    report = QATReport.from_json(doc)
+    assert report.to_json() == doc  # read back whole
+    t = report.training
+    assert (t.resumed_from, t.steps, t.steps_this_run) == (3, 4, 1)
+    # The saved history (steps 0 and 2) comes back from qat_state.json with the resumed run's step 4.
+    assert [h.step for h in t.history] == [0, 2, 4] and t.history[0].distill_l1 is None
+    assert all(h.heldout_y_psnr > 0 for h in t.history)
+    assert report.checks["zero_points_all_zero"] and report.checks["weights_per_channel"]
     # Full int8 but for the convs TensorRT has no int8 kernel for, which run fp16
-    rec = report["recipe"]
-    assert rec["magic_filters"] == "int8" and set(report["checks"]["float_nodes"]) == set(rec["trt_excluded"])
-    assert rec["mac_share"]["int8"] >= 0.9 and rec["mac_share"]["fp32"] == 0 and rec["remainder"]["dtype"] == "fp16"
-    assert abs(sum(rec["mac_share"].values()) - 1) < 1e-6
-    assert report["verification"]["min_psnr"] > 40
-    assert {"fp32", "ptq_modelopt", "qat_torch", "qat_int8"} <= set(report["quality"])
+    rec = report.recipe
+    assert rec.magic_filters == "int8" and set(report.checks["float_nodes"]) == set(rec.trt_excluded)
+    assert rec.mac_share["int8"] >= 0.9 and rec.mac_share["fp32"] == 0 and rec.remainder["dtype"] == "fp16"
+    assert abs(sum(rec.mac_share.values()) - 1) < 1e-6
+    assert report.verification.min_psnr > 40
+    q = report.quality
+    assert q.ptq_int8 is None and report.ptq is None and "ptq_int8" not in report.latency.median_ms  # --no-ptq
+    assert q.qat_int8.mean.y_psnr_drop == pytest.approx(q.fp32.mean.y_psnr - q.qat_int8.mean.y_psnr)
+    assert report.table() in r.output  # what the command printed, rebuilt from the file
     assert "QAT int8 (4 steps)" in r.output
+    md = report.markdown().splitlines()
+    assert md[0] == "| model | Y-PSNR | SSIM | PSNR/fp32 | ms | x fp32 | Q/DQ | float | TensorRT |" and len(md[1].split("|")) == 11
+    assert any(m.startswith(f"| QAT int8 (4 steps) | {q.qat_int8.mean.y_psnr:.3f} | {q.qat_int8.mean.ssim:.4f} |")
+               for m in md)
+    assert any(m.startswith("- held-out: ") for m in md)
     onnx_files = list(out.glob("*_int8_qat_op19.onnx"))
-    assert len(onnx_files) == 1 and report["output"]["model"] == str(onnx_files[0])
+    assert len(onnx_files) == 1 and report.output.model == str(onnx_files[0])
 
 
 def test_cli_errors(photos, tmp_path):
@@ -260,9 +274,10 @@ def test_qat_writes_its_artifact_for_other_checkpoints(model, photos, tmp_path):
     recipe = QATRecipe(steps=2, batch=2, patch=16, eval_every=2, save_every=2, lr_size=(16, 16), eval_size=(32, 32))
     art, report = qat(ckpt, tmp_path / "out", recipe, data_dir=photos, ptq_baseline=False, bar=False,
                       verify_sizes=SIZES)
-    v = report["verification"]
-    assert art.path.is_file() and v["min_psnr"] >= v["min_psnr_limit"]
-    assert report["recipe"]["remainder"]["dtype"] == "fp16" and v["remainder"]["min_psnr"] >= v["remainder_min_psnr_limit"]
+    v = report.verification
+    assert art.path.is_file() and v.min_psnr >= v.min_psnr_limit
+    assert report.recipe.remainder["dtype"] == "fp16" and v.remainder["min_psnr"] >= v.remainder_min_psnr_limit
+    _assert_written_as_before(report, art, tmp_path / "out" / "qat_report.json")
 
 
 def test_diverged_training_is_named_as_such(photos, tmp_path):
@@ -276,3 +291,51 @@ def test_diverged_training_is_named_as_such(photos, tmp_path):
         qat(ckpt, tmp_path / "out", QATRecipe(steps=3, lr=1e6, batch=2, patch=16, lr_size=(16, 16), eval_size=(32, 32)),
             data_dir=photos, ptq_baseline=False, bar=False, verify_sizes=SIZES)
     assert not list((tmp_path / "out").glob("*.onnx"))
+
+
+# qat_report.json's schema as readers know it (issue 15 typed the report; the file stays the same).
+REPORT_KEYS = {
+    None: ["command", "model", "calibration", "recipe", "checks", "export", "training", "verification",
+           "native_kernels", "quality", "ptq", "latency", "wall_seconds", "output"],
+    "model": ["source", "source_sha256", "variant", "scale", "upsampler", "fusion"],
+    "recipe": ["tool", "format", "calibrator", "activations", "weights", "bias", "quantized_ops", "output_quantization",
+               "magic_filters", "trt_excluded", "remainder", "mac_share", "float_quantizers", "unmatched_float_nodes",
+               "trt_compatible", "options"],
+    "export": ["nodes_before", "nodes_after", "simplify", "per_channel_rewritten", "trt_blockers"],
+    "training": ["steps", "resumed_from", "steps_this_run", "train_seconds", "seconds_per_step", "lr", "schedule",
+                 "batch", "patch", "gt_weight", "loss", "train_patches", "history"],
+    "verification": ["groups", "max_abs", "min_psnr", "remainder", "min_psnr_limit", "reference",
+                     "remainder_min_psnr_limit", "runtime"],
+    "quality": ["fp32", "ptq_modelopt", "qat_torch", "qat_int8"],
+    "latency": ["threads", "input", "repeats", "median_ms", "ratio_vs_fp32"],
+    "output": ["model", "sha256", "report"],
+}
+
+
+def _assert_written_as_before(report, art, path):
+    """The file on disk is `to_json()` and has the keys (in order) it had before the report was typed;
+    the artifact's meta is the same document plus the ONNX metadata."""
+    doc = json.loads(path.read_text())
+    assert doc == json.loads(json.dumps(report.to_json(), default=json_default))
+    assert {k: v for k, v in art.meta.items() if k != "metadata"} == report.to_json()
+    for part, keys in REPORT_KEYS.items():
+        assert list(doc if part is None else doc[part]) == keys, part
+    assert list(doc["quality"]["qat_int8"]) == ["mean", "images"]
+    assert list(doc["quality"]["qat_int8"]["mean"]) == ["psnr_vs_fp32", "y_psnr", "ssim", "y_psnr_drop"]
+    assert list(doc["quality"]["fp32"]["images"][0]) == ["image", "lr", "psnr_vs_fp32", "y_psnr", "ssim"]
+    assert [list(h) for h in doc["training"]["history"]] == [["step", "distill_l1", "heldout_y_psnr"]] * 2
+    assert doc["command"] == "qat" and doc["ptq"] is None and doc["training"]["history"][0]["distill_l1"] is None
+
+
+def test_quality_means_drop_and_json():
+    from paragon_export.qat_result import ImageScore, Quality
+
+    no_hr = Quality.of([ImageScore("a", [4, 4], psnr_vs_fp32=40.0), ImageScore("b", [4, 6], psnr_vs_fp32=50.0)])
+    assert no_hr.to_json() == {"mean": {"psnr_vs_fp32": 45.0},  # absent figures are left out, not null
+                               "images": [{"image": "a", "lr": [4, 4], "psnr_vs_fp32": 40.0},
+                                          {"image": "b", "lr": [4, 6], "psnr_vs_fp32": 50.0}]}
+    fp32 = Quality.of([ImageScore("a", [4, 4], y_psnr=30.0, ssim=0.9)])
+    q = Quality.of([ImageScore("a", [4, 4], psnr_vs_fp32=44.0, y_psnr=29.75, ssim=0.8)])
+    assert q.with_drop(fp32).mean.y_psnr_drop == 0.25 and q.mean.y_psnr_drop is None  # a new value
+    assert no_hr.with_drop(fp32) is no_hr  # no Y-PSNR: no drop
+    assert Quality.from_json(q.with_drop(fp32).to_json()) == q.with_drop(fp32)

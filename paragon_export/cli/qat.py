@@ -43,13 +43,13 @@ RECIPE_OPTIONS = [
 @force_option("Overwrite existing outputs (and start over from a saved run).")
 def command(checkpoint, data_dir, out_dir, recipe, no_ptq, threads, train_threads, resume, force):
     """Quantization-aware fine-tuning of CHECKPOINT with NVIDIA ModelOpt, exported as Q/DQ INT8 ONNX."""
-    from ..qat import format_table, qat
+    from ..qat import qat
 
     art, report = qat(checkpoint, out_dir, recipe, data_dir=data_dir, resume=resume, force=force,
                       ptq_baseline=not no_ptq, threads=threads, train_threads=train_threads,
                       progress=lambda m: click.echo(m, err=True))
-    t = report["training"]
-    click.echo(f"QAT: {t['steps_this_run']} steps this run ({t['steps']} in all) in {t['train_seconds']:.0f} s "
-               f"({t['seconds_per_step']:.2f} s/step); wall {report['wall_seconds']:.0f} s")
-    click.echo(format_table(report))
-    click.echo(f"wrote {art.path} and {report['output']['report']}")
+    t = report.training
+    click.echo(f"QAT: {t.steps_this_run} steps this run ({t.steps} in all) in {t.train_seconds:.0f} s "
+               f"({t.seconds_per_step:.2f} s/step); wall {report.wall_seconds:.0f} s")
+    click.echo(report.table())
+    click.echo(f"wrote {art.path} and {report.output.report}")

@@ -1,0 +1,298 @@
+"""qat_result: the QAT report as typed parts. `QATReport.to_json()` is the qat_report.json document
+(its keys and values are the file's schema, so existing files and their readers stay valid) and
+`from_json` reads one back; `table()` and `markdown()` render the fp32 / PTQ / QAT comparison.
+
+Parts written by other modules keep their own formats as plain dicts: `int8_check.inspect_qdq`
+(checks), `verify.compare_groups` (verification groups), `calibration` (summary), `int8_remainder`
+(remainder, MAC shares) and `int8_eval.native_vs_reference` (native kernels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+_SCORES = ("psnr_vs_fp32", "y_psnr", "ssim")
+
+
+def _set(obj, names) -> dict:
+    """The named attributes that are set: the report leaves an absent figure out rather than writing null."""
+    return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
+
+
+def _all(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+@dataclass
+class Scores:
+    """Mean held-out figures (SPEC §6). None: not measured (no HR: no Y-PSNR/SSIM; the fp32 row has no drop)."""
+
+    psnr_vs_fp32: float | None = None
+    y_psnr: float | None = None
+    ssim: float | None = None
+    y_psnr_drop: float | None = None
+
+    def to_json(self) -> dict:
+        return _set(self, [f.name for f in fields(self)])
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scores":
+        return cls(**d)
+
+
+@dataclass
+class ImageScore:
+    image: str
+    lr: list[int]
+    psnr_vs_fp32: float | None = None
+    y_psnr: float | None = None
+    ssim: float | None = None
+
+    def to_json(self) -> dict:
+        return {"image": self.image, "lr": self.lr, **_set(self, _SCORES)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ImageScore":
+        return cls(**d)
+
+
+@dataclass
+class Quality:
+    """One model's held-out quality in the int8 report's format (`int8_eval.Evaluator`)."""
+
+    mean: Scores
+    images: list[ImageScore]
+
+    @classmethod
+    def of(cls, images: list[ImageScore]) -> "Quality":
+        """Means over `images` of the figures the first one has."""
+        mean = {k: float(np.mean([getattr(p, k) for p in images]))
+                for k in _SCORES if images and getattr(images[0], k) is not None}
+        return cls(Scores(**mean), images)
+
+    def with_drop(self, fp32: "Quality") -> "Quality":
+        """With its Y-PSNR drop against `fp32` (positive = worse), when both have Y-PSNR."""
+        if self.mean.y_psnr is None or fp32.mean.y_psnr is None:
+            return self
+        return replace(self, mean=replace(self.mean, y_psnr_drop=fp32.mean.y_psnr - self.mean.y_psnr))
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.to_json(), "images": [i.to_json() for i in self.images]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Quality":
+        return cls(Scores.from_json(d["mean"]), [ImageScore.from_json(i) for i in d["images"]])
+
+
+@dataclass
+class ModelQualities:
+    """Held-out quality of every model the report compares; ptq_int8 is None without the PTQ baseline."""
+
+    fp32: Quality
+    ptq_modelopt: Quality  # ModelOpt's calibrated fake-quant student before training (torch)
+    qat_torch: Quality
+    qat_int8: Quality  # the shipped Q/DQ ONNX on ONNX Runtime
+    ptq_int8: Quality | None = None
+
+    def to_json(self) -> dict:
+        return {k: v.to_json() for k, v in _all(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelQualities":
+        return cls(**{k: Quality.from_json(v) for k, v in d.items()})
+
+
+@dataclass
+class HistoryPoint:
+    """One held-out check while training; step 0 is the calibrated student (no loss yet)."""
+
+    step: int
+    distill_l1: float | None
+    heldout_y_psnr: float | None
+
+    def to_json(self) -> dict:
+        return _all(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HistoryPoint":
+        return cls(**d)
+
+
+@dataclass
+class PTQBaseline:
+    """The `int8` command's result on the same FP32 graph and calibration set."""
+
+    model: str
+    report: str
+    quality: Quality
+    checks: dict  # int8_check.inspect_qdq
+    kept_float: list[str]
+    method: str
+    mixed_precision_met: bool
+
+    def to_json(self) -> dict:
+        return {**_all(self), "quality": self.quality.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PTQBaseline":
+        return cls(**{**d, "quality": Quality.from_json(d["quality"])})
+
+
+@dataclass
+class ModelInfo:
+    source: str
+    source_sha256: str
+    variant: str
+    scale: int
+    upsampler: str
+    fusion: dict
+
+    def to_json(self) -> dict:
+        return _all(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelInfo":
+        return cls(**d)
+
+
+@dataclass
+class Recipe:
+    """How the shipped file is quantized; the fixed parts are those of every QAT export."""
+
+    FIXED = {"tool": "nvidia-modelopt", "format": "QDQ", "calibrator": "max",
+             "activations": "int8 symmetric (zero point 0), per tensor",
+             "weights": "int8 symmetric, per-channel (Conv axis 0, ConvTranspose axis 1)",
+             "bias": "float", "quantized_ops": ["Conv", "ConvTranspose"], "output_quantization": False}
+
+    magic_filters: str
+    trt_excluded: dict  # int8_check.trt_int8_exclusions
+    remainder: dict  # int8_remainder.Remainder.summary
+    mac_share: dict[str, float]  # by dtype
+    float_quantizers: list[str]
+    unmatched_float_nodes: list[str]
+    options: dict  # QATRecipe.as_dict
+
+    def to_json(self) -> dict:
+        return {**self.FIXED, "magic_filters": self.magic_filters, "trt_excluded": self.trt_excluded,
+                "remainder": self.remainder, "mac_share": self.mac_share, "float_quantizers": self.float_quantizers,
+                "unmatched_float_nodes": self.unmatched_float_nodes, "trt_compatible": True, "options": self.options}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Recipe":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass
+class ExportInfo:
+    """`qat_export.export_qdq`'s account of the export; `checks` (of the graph before the fp16 remainder)
+    is not reported, the report's own checks are of the shipped graph."""
+
+    nodes_before: dict[str, int]
+    nodes_after: dict[str, int]
+    simplify: dict
+    per_channel_rewritten: int
+    trt_blockers: list[str]
+    checks: dict | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in _all(self).items() if k != "checks"}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExportInfo":
+        return cls(**d)
+
+
+@dataclass
+class Training:
+    steps: int
+    resumed_from: int | None
+    steps_this_run: int
+    train_seconds: float
+    seconds_per_step: float
+    lr: float
+    batch: int
+    patch: int
+    gt_weight: float
+    train_patches: int
+    history: list[HistoryPoint] = field(default_factory=list)
+
+    @property
+    def loss(self) -> str:
+        return "L1 to the fp32 teacher" + (f" + {self.gt_weight} x L1 to HR" if self.gt_weight else "")
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "resumed_from": self.resumed_from, "steps_this_run": self.steps_this_run,
+                "train_seconds": self.train_seconds, "seconds_per_step": self.seconds_per_step, "lr": self.lr,
+                "schedule": "cosine to 0", "batch": self.batch, "patch": self.patch,
+                "gt_weight": self.gt_weight, "loss": self.loss, "train_patches": self.train_patches,
+                "history": [h.to_json() for h in self.history]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Training":
+        kw = {f.name: d[f.name] for f in fields(cls)}
+        return cls(**{**kw, "history": [HistoryPoint.from_json(h) for h in kw["history"]]})
+
+
+@dataclass
+class Verification:
+    """ORT (Q/DQ reference semantics) vs the torch fake-quant student on the fp32-remainder export, and
+    the fp16 remainder's own effect; both `verify.compare_groups` figures."""
+
+    REFERENCE, RUNTIME = "torch fake-quant student", "onnxruntime CPU, Q/DQ reference semantics"
+
+    export: dict
+    remainder: dict | None
+    min_psnr_limit: float
+    remainder_min_psnr_limit: float
+
+    @property
+    def min_psnr(self) -> float:
+        return self.export["min_psnr"]
+
+    def to_json(self) -> dict:
+        return {**self.export, "remainder": self.remainder, "min_psnr_limit": self.min_psnr_limit,
+                "reference": self.REFERENCE, "remainder_min_psnr_limit": self.remainder_min_psnr_limit,
+                "runtime": self.RUNTIME}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Verification":
+        return cls({k: d[k] for k in ("groups", "max_abs", "min_psnr")}, d["remainder"], d["min_psnr_limit"],
+                   d["remainder_min_psnr_limit"])
+
+
+@dataclass
+class Latency:
+    """ORT CPU median ms per model (native integer kernels), and each as a ratio to fp32."""
+
+    threads: int
+    input: list[int]
+    repeats: int
+    median_ms: dict[str, float]
+    ratio_vs_fp32: dict[str, float]
+
+    @classmethod
+    def measured(cls, threads: int, input: list[int], repeats: int, median_ms: dict[str, float]) -> "Latency":
+        """From `int8_eval.latency`'s figures."""
+        return cls(threads, input, repeats, median_ms, {k: v / median_ms["fp32"] for k, v in median_ms.items()})
+
+    def to_json(self) -> dict:
+        return _all(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Latency":
+        return cls(**d)
+
+
+@dataclass
+class Output:
+    model: str
+    sha256: str
+    report: str
+
+    def to_json(self) -> dict:
+        return _all(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Output":
+        return cls(**d)
