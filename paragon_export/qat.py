@@ -230,7 +230,8 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
             "upsampler": loaded.upsampler, "precision": "int8-qdq", "quantization": "qat (nvidia-modelopt)",
             "io_dtype": "float32", "opset": str(opset), "source_sha256": loaded.sha256,
             "calibration_fingerprint": cal.fingerprint, "qat_steps": str(run.step),
-            "magic_filters": job.recipe.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]"}
+            "magic_filters": job.recipe.magic, "input_shape": "Nx3xHxW", "layout": "NCHW RGB [0,1]",
+            "min_size": f"{loaded.min_size}x{loaded.min_size}"}
     # The export is checked before the fp16 remainder, whose own effect is measured apart
     # (the fp32 fake-quant student cannot show fp16 rounding ahead of each QuantizeLinear).
     export = verify_qdq(graph, run.student, loaded.scale, verify_sizes)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -325,6 +326,11 @@ def _assert_written_as_before(report, art, path):
     assert list(doc["quality"]["fp32"]["images"][0]) == ["image", "lr", "psnr_vs_fp32", "y_psnr", "ssim"]
     assert [list(h) for h in doc["training"]["history"]] == [["step", "distill_l1", "heldout_y_psnr"]] * 2
     assert doc["command"] == "qat" and doc["ptq"] is None and doc["training"]["history"][0]["distill_l1"] is None
+    # the file records the model's minimum input (its band convs), as the graph's widest conv says
+    from paragon_export.engines.onnx_info import min_input_hw
+
+    h, w = min_input_hw(onnx.load(str(art.path)), {})
+    assert art.meta["metadata"]["min_size"] == f"{h}x{w}" and h > 3
 
 
 def test_quality_means_drop_and_json():
