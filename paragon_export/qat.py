@@ -293,12 +293,11 @@ def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> dic
     from .int8 import quantize_int8
 
     progress("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
-    art = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
-                        progress=lambda m: progress(f"  {m}"))
-    r = art.meta
-    return {"model": r["output"]["model"], "report": r["output"]["report"], "quality": r["quality"]["int8"],
-            "checks": r["checks"], "kept_float": r["mixed_precision"]["kept_float"], "method": r["recipe"]["method"],
-            "mixed_precision_met": r["mixed_precision"]["met"]}
+    r = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
+                      progress=lambda m: progress(f"  {m}"))
+    return {"model": r.output.model, "report": r.output.report, "quality": r.quality.int8.to_json(),
+            "checks": r.checks.to_json(), "kept_float": r.mixed_precision.kept_float, "method": r.recipe["method"],
+            "mixed_precision_met": r.mixed_precision.met}
 
 
 def _float_quantizers(fused, excluded: dict) -> tuple[list[str], list[str]]:

@@ -46,14 +46,12 @@ def int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[st
 
     # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
     # ships only the TensorRT recipe, and the comparison costs a second calibration.
-    art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
-    q = art.meta["quality"]
-    report_path = Path(art.meta["output"]["report"])
-    return [{"path": art.path, "kind": "onnx-int8", "parent": rel(root, fp32),
-             "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
-                      "kept_float": art.meta["mixed_precision"].get("kept_float"),
-                      "mac_share": art.meta["mixed_precision"].get("mac_share")}},
-            {"path": report_path, "kind": "int8-report", "parent": rel(root, art.path)}]
+    report = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
+    q, mp = report.quality, report.mixed_precision
+    return [{"path": report.path, "kind": "onnx-int8", "parent": rel(root, fp32),
+             "meta": {"fp32": q.fp32.mean.to_json(), "int8": q.int8.mean.to_json(), "kept_float": mp.kept_float,
+                      "mac_share": mp.mac_share}},
+            {"path": report.report_path, "kind": "int8-report", "parent": rel(root, report.path)}]
 
 
 def qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
