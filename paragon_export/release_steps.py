@@ -93,12 +93,12 @@ def int8_cpu_step(run, total: int, root: Path, fp32: Path, calib, calib_digest, 
     from .cpu import isa
 
     def do_int8_cpu():
-        from .int8_cpu import cpu_int8, describe, summary
+        from .int8_cpu import cpu_int8
 
         res = cpu_int8(fp32, root, calib_dir=calib, force=True, progress=lambda m: progress(f"    {m}"))
-        progress(f"    {describe(res.record)}")
-        meta, parent = summary(res.record), rel(root, fp32)
-        outs = [{"path": Path(res.record["output"]["report"]), "kind": "int8-cpu-report", "parent": parent,
+        progress(f"    {res.record.line()}")
+        meta, parent = res.record.summary(), rel(root, fp32)
+        outs = [{"path": Path(res.record.output.report), "kind": "int8-cpu-report", "parent": parent,
                  "meta": meta}]
         if res.artifact is not None:
             outs.insert(0, {"path": res.artifact.path, "kind": "onnx-int8-cpu", "parent": parent, "meta": meta})

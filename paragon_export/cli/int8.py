@@ -76,9 +76,9 @@ def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, cpu, threads,
         fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
         click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
     if cpu:
-        from ..int8_cpu import cpu_int8, describe
+        from ..int8_cpu import cpu_int8
 
         res = cpu_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, measure_all=True, force=force,
                        variant=variant, scale=scale,
                        progress=lambda m: click.echo(m, err=True))
-        click.echo(describe(res.record))
+        click.echo(res.record.line())
