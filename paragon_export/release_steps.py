@@ -114,9 +114,9 @@ def int8_openvino_step(run, total: int, root: Path, trt_int8: Path, progress) ->
     def do_int8_openvino():
         from .int8_openvino import write_openvino_int8
 
-        art = write_openvino_int8(trt_int8, root, force=True)
-        return [{"path": art.path, "kind": "onnx-int8-openvino", "parent": rel(root, trt_int8),
-                 "meta": {"openvino_vs_reference": art.meta["openvino_vs_reference"]}}]
+        ov = write_openvino_int8(trt_int8, root, force=True)
+        return [{"path": ov.path, "kind": "onnx-int8-openvino", "parent": rel(root, trt_int8),
+                 "meta": {"openvino_vs_reference": ov.check.to_json()}}]
 
     try:
         rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)

@@ -72,9 +72,7 @@ def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, cpu, threads,
         from ..int8_openvino import write_openvino_int8
 
         ov = write_openvino_int8(report.path, out_dir, force=force)
-        chk = ov.meta["openvino_vs_reference"]
-        fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
-        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
+        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {ov.check.figures()})")
     if cpu:
         from ..int8_cpu import cpu_int8
 
