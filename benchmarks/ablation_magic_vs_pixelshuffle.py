@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from paragon_export.artifact import atomic_output
-from paragon_export.bench import bench, format_table
+from paragon_export.bench import bench
 from paragon_export.checkpoint import load_model, param_count, save_model
 from paragon_export.errors import ParagonError
 from paragon_export.seeded import seeded_model
@@ -148,9 +148,9 @@ def run(variant: str, scale: int, sizes, threads: int, runs: int, trained: dict[
                   f"{b['max_abs_elsewhere']:.2e}")
         # One bench run for all six artifacts: every ratio is against mks2021's eager model.
         report = bench(artifacts, sizes=sizes, threads=threads, runs=runs, warmup=2)
-        out["speed"] = report
+        out["speed"] = report.to_json()
         print("\nSpeed (fused models; ratios against the mks2021 head in PyTorch eager):")
-        print(format_table(report))
+        print(report.markdown())
     if trained:
         out["quality"] = {ups: quality(p) for ups, p in trained.items()}
         out["quality_bicubic"] = quality(None, scale)

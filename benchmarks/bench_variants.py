@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from onnx_export import export_gated, fitted_model
-from paragon_export.bench import bench, format_table
+from paragon_export.bench import bench
 from paragon_export.checkpoint import save_model
 from paragon_export.defaults import default_checkpoint
 from paragon_export.images import parse_sizes
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             paths, info = artifacts(variant, Path(d), a.fit_steps)
             report = bench(paths, sizes=sizes, threads=a.threads, runs=a.runs)
-        print(f"\n## {variant}: {json.dumps(info)}\n{format_table(report)}", flush=True)
-        out.append({"variant": variant, **info, "bench": report})
+        print(f"\n## {variant}: {json.dumps(info)}\n{report.markdown()}", flush=True)
+        out.append({"variant": variant, **info, "bench": report.to_json()})
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))

@@ -5,10 +5,10 @@ TensorRT is optional (`pip install 'paragon-export[trt]'`) and imported only ins
 need it (`engines.trt.require_tensorrt`); importing this package never imports it.
 """
 
-from .build import (EngineMismatch, Target, build_engine, current_target, load_engine, rebuild_engine,
-                    verify_engine)
+from .build import build_engine, rebuild_engine, verify_engine
 from .gpu import GpuInfo, query_gpu
 from .identity import BuildOptions, EngineKey, engine_filename, incompatibility, make_key
+from .load import EngineMismatch, Target, current_target, load_engine
 from .manifest import read_manifest
 from .onnx_info import OnnxInfo, detect_precision, inspect_onnx
 from .profile import PRESETS, Profile, choose_profile, parse_profile, preset_profile, validate_profile

@@ -1,6 +1,6 @@
 """`build_engine`: ONNX -> TensorRT engine for this GPU, named by its identity and recorded in the
-folder's manifest; `load_engine` refuses engines built for another GPU/TensorRT; `rebuild_engine`
-rebuilds one from the ONNX its manifest entry names.
+folder's manifest; `verify_engine` loads one on this GPU (`load.load_engine` refuses engines built for
+another GPU/TensorRT); `rebuild_engine` rebuilds one from the ONNX its manifest entry names.
 
 `target` and `compile_fn` exist so the bookkeeping can be tested without TensorRT: by default the
 target is queried from TensorRT and the driver, and compilation is `builder.compile_engine`.
@@ -12,46 +12,64 @@ import datetime
 import functools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from paragon_export import __version__
 from paragon_export.artifact import Artifact, atomic_output, check_output_dir, sha256_file
 from paragon_export.errors import ParagonError
 
-from .gpu import GpuInfo, query_gpu
+from .gpu import GpuInfo
 from .identity import HARDWARE_COMPAT, BuildOptions, EngineKey, engine_filename, incompatibility, make_key
-from .manifest import entry_for_file, put_entry, read_manifest
+from .load import Target, current_target, load_engine, manifest_entry
+from .manifest import put_entry, read_manifest
 from .onnx_info import OnnxInfo, inspect_onnx
 from .profile import Profile, choose_profile, validate_profile
-from .trt import require_tensorrt
 from .trtexec import trtexec_command
+
+if TYPE_CHECKING:  # the check (numpy, images) is imported only when an engine is checked
+    from .check import EngineCheck
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where engines are built and run: the GPU and the TensorRT version."""
-    gpu: GpuInfo
+@dataclass
+class BuildReport:
+    """What `build_engine` did; `to_json` is the report as a dict (the check as its own JSON)."""
+
+    engine: str
+    digest: str
+    key: dict
+    trtexec: str
+    status: str  # built | up to date
+    gpu: str
     trt_version: str
-    trt: object = None  # the tensorrt module (None for a fake target)
+    precision: str
+    precision_note: str
+    profile: str
+    check: EngineCheck | None = None
+    others: list[str] = field(default_factory=list)  # the same model's engines for other GPUs/TensorRT
+    build_seconds: float | None = None  # None: nothing was built
 
+    def to_json(self) -> dict:
+        # build_seconds only when something was built, as the report always had it
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "build_seconds" or self.build_seconds is not None}
+        return {**out, "check": self.check.to_json() if self.check is not None else None}
 
-def current_target() -> Target:
-    trt = require_tensorrt()
-    return Target(gpu=query_gpu(), trt_version=trt.__version__, trt=trt)
-
-
-class EngineMismatch(ParagonError):
-    """The engine was built for another GPU or TensorRT version; `entry` says from what to rebuild."""
-
-    def __init__(self, message: str, path: Path, entry: dict):
-        super().__init__(message)
-        self.path, self.entry = path, entry
+    def text(self) -> str:
+        lines = [f"note: {self.precision_note}"] if "but the graph is" in self.precision_note else []
+        lines += [f"note: also in {Path(self.engine).parent}: {o} (kept; it is for another GPU/TensorRT)"
+                  for o in self.others]
+        lines += [f"{self.status}: {self.engine}",
+                  f"  {self.precision}, profile {self.profile} (min:opt:max), {self.gpu}, TensorRT {self.trt_version}, "
+                  f"key {self.digest}", "equivalent trtexec command:", f"  {self.trtexec}"]
+        if self.check is not None:
+            lines.append(self.check.text())
+        return "\n".join(lines)
 
 
 def _check_options(options: BuildOptions, gpu: GpuInfo | None = None) -> None:
@@ -65,14 +83,13 @@ def _check_options(options: BuildOptions, gpu: GpuInfo | None = None) -> None:
 
 
 def _entry(key: EngineKey, filename: str, model: OnnxInfo, data: bytes | None, engine_sha: str, *,
-           timing_cache: Path, trtexec: str, build_seconds: float | None, check: dict | None) -> dict:
+           timing_cache: Path, trtexec: str, build_seconds: float | None, check: EngineCheck | None) -> dict:
     return {"file": filename, "key": key.as_dict(), "engine_sha256": engine_sha,
             "engine_bytes": len(data) if data is not None else None,
             "onnx": {"path": str(model.path), "name": model.path.name, "meta": model.meta},
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": build_seconds, "timing_cache": str(timing_cache), "trtexec": trtexec,
-            "check": None if check is None else {k: check[k] for k in ("passed", "worst_psnr", "worst_max_abs",
-                                                                       "reference", "thresholds")},
+            "check": None if check is None else check.summary(),
             "toolkit_version": __version__}
 
 
@@ -80,11 +97,11 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
                  preset: str | None = None, options: BuildOptions = BuildOptions(),
                  timing_cache: Path | str | None = None, force: bool = False, check: bool = False,
                  reference: Path | str | None = None, progress: Callable[[str], None] = _stderr,
-                 target: Target | None = None, compile_fn=None, check_fn=None) -> tuple[Artifact, dict]:
+                 target: Target | None = None, compile_fn=None, check_fn=None) -> tuple[Artifact, BuildReport]:
     """Build (or find up to date) the engine of `onnx` for this GPU in `out_dir`.
 
     With `check`, the new plan is compared with the fp32 ONNX before anything is written: a failed
-    check leaves no engine. Returns the engine Artifact and a report dict.
+    check leaves no engine. Returns the engine Artifact and its BuildReport.
     """
     model = inspect_onnx(onnx)
     check_fn = check_fn or functools.partial(_check, options=options)
@@ -107,10 +124,8 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
     cmd = trtexec_command(onnx=model.path, engine=path, input_name=model.input_name, profile=prof,
                           precision=model.precision, options=options, trt_version=target.trt_version,
                           timing_cache=cache)
-    report = {"engine": str(path), "digest": key.digest, "key": key.as_dict(), "trtexec": cmd, "status": "built",
-              "gpu": target.gpu.name, "trt_version": target.trt_version, "precision": model.precision,
-              "precision_note": model.precision_note,
-              "profile": str(prof), "check": None, "others": _others(out, key, target)}
+    report = BuildReport(str(path), key.digest, key.as_dict(), cmd, "built", target.gpu.name, target.trt_version,
+                         model.precision, model.precision_note, str(prof), others=_others(out, key, target))
 
     if path.exists() and not force:
         return _up_to_date(out, path, key, report, check_fn if check else None, model, prof, reference)
@@ -126,28 +141,29 @@ def build_engine(onnx: Path | str, out_dir: Path | str, *, profile: Profile | st
                               progress=progress)
     seconds = round(time.monotonic() - start, 2)
     if check:
-        report["check"] = check_fn(data, model, prof, reference)
-        if not report["check"]["passed"]:
-            raise ParagonError(f"the new engine fails its check, nothing written: {_worst(report['check'])}")
+        report.check = check_fn(data, model, prof, reference)
+        if not report.check.passed:
+            raise ParagonError(f"the new engine fails its check, nothing written: {report.check.worst()}")
     with atomic_output(path, force=True) as tmp:
         tmp.write_bytes(data)
     entry = _entry(key, path.name, model, data, sha256_file(path), timing_cache=cache, trtexec=cmd,
-                   build_seconds=seconds, check=report["check"])
+                   build_seconds=seconds, check=report.check)
     put_entry(out, key.digest, entry)
-    report["build_seconds"] = seconds
+    report.build_seconds = seconds
     return Artifact(path, "engine", entry), report
 
 
-def _up_to_date(out: Path, path: Path, key, report: dict, check_fn, model, prof, reference) -> tuple[Artifact, dict]:
+def _up_to_date(out: Path, path: Path, key, report: BuildReport, check_fn, model, prof,
+                reference) -> tuple[Artifact, BuildReport]:
     """The engine already in `out` for this key, proved by its manifest entry (and checked again with `check_fn`)."""
     known = read_manifest(out)["engines"].get(key.digest)
     if known is None or known.get("file") != path.name or sha256_file(path) != known.get("engine_sha256"):
         raise ParagonError(f"{path} exists but does not match its manifest entry; use --force to rebuild it")
-    report["status"] = "up to date"
+    report.status = "up to date"
     if check_fn is not None:
-        report["check"] = check_fn(path.read_bytes(), model, prof, reference)
-        if not report["check"]["passed"]:
-            raise ParagonError(f"{path.name} fails its check: {_worst(report['check'])}")
+        report.check = check_fn(path.read_bytes(), model, prof, reference)
+        if not report.check.passed:
+            raise ParagonError(f"{path.name} fails its check: {report.check.worst()}")
     return Artifact(path, "engine", known), report
 
 
@@ -156,14 +172,9 @@ def _default_cache(target: Target) -> Path:
     return default_timing_cache(target.gpu, target.trt_version)
 
 
-def _check(data: bytes, model: OnnxInfo, prof: Profile, reference, options: BuildOptions) -> dict:
+def _check(data: bytes, model: OnnxInfo, prof: Profile, reference, options: BuildOptions) -> EngineCheck:
     from .check import check_engine
     return check_engine(data, model, prof, reference=reference, options=options)
-
-
-def _worst(check: dict) -> str:
-    bad = [r for r in check["rows"] if not r["passed"]]
-    return f"{bad[0]['input']}: {bad[0]['why']}" if bad else "no rows"
 
 
 def _others(out: Path, key: EngineKey, target: Target) -> list[str]:
@@ -179,42 +190,11 @@ def _others(out: Path, key: EngineKey, target: Target) -> list[str]:
     return found
 
 
-def _manifest_entry(path: Path) -> tuple[str, dict]:
-    if not path.is_file():
-        raise ParagonError(f"{path} does not exist")
-    found = entry_for_file(path.parent, path.name)
-    if found is None:
-        raise ParagonError(f"{path.name} has no entry in {path.parent / 'manifest.json'}, so which GPU and TensorRT "
-                           "built it is unknown: build it again with `paragon-export engine MODEL.onnx -o "
-                           f"{path.parent}`")
-    return found
-
-
-def load_engine(path: Path | str, *, target: Target | None = None) -> tuple[bytes, dict]:
-    """The engine's bytes and manifest entry, if it was built for this GPU and TensorRT version.
-
-    Raises EngineMismatch (a ParagonError) naming both sides and the rebuild command otherwise.
-    """
-    path = Path(path)
-    _, entry = _manifest_entry(path)
-    key = EngineKey.from_dict(entry["key"])
-    target = target or current_target()
-    why = incompatibility(key, target.gpu, target.trt_version)
-    if why:
-        raise EngineMismatch(f"refusing to load {path.name}: {why}. Rebuild it for this GPU with "
-                             f"`paragon-export engine {path} --rebuild` (from {entry['onnx']['path']})", path, entry)
-    data = path.read_bytes()
-    if sha256_file(path) != entry.get("engine_sha256"):
-        raise ParagonError(f"{path.name} does not match its manifest entry (modified or truncated): rebuild it with "
-                           f"`paragon-export engine {path} --rebuild`")
-    return data, entry
-
-
 def verify_engine(path: Path | str, *, check: bool = False, reference: Path | str | None = None,
-                  target: Target | None = None) -> tuple[dict, dict | None]:
+                  target: Target | None = None) -> tuple[dict, EngineCheck | None]:
     """Load an existing engine on this GPU (key, sha256 and TensorRT deserialization), optionally with
     the --check comparison; returns its manifest entry and the check report (None without check)."""
-    _manifest_entry(Path(path))  # a missing file or entry is reported before TensorRT is needed
+    manifest_entry(Path(path))  # a missing file or entry is reported before TensorRT is needed
     target = target or current_target()
     data, entry = load_engine(path, target=target)
     from .builder import deserialize
@@ -227,14 +207,14 @@ def verify_engine(path: Path | str, *, check: bool = False, reference: Path | st
                                options=key.options)
 
 
-def rebuild_engine(path: Path | str, **kwargs) -> tuple[Artifact, dict]:
+def rebuild_engine(path: Path | str, **kwargs) -> tuple[Artifact, BuildReport]:
     """Rebuild an engine for this GPU/TensorRT from the ONNX, profile and options its entry records.
 
     An engine built for another GPU stays where it is (it is still right for that GPU); the new one
     gets its own name. Rebuilding an engine that already fits this GPU replaces it.
     """
     path = Path(path)
-    _, entry = _manifest_entry(path)
+    _, entry = manifest_entry(path)
     key = EngineKey.from_dict(entry["key"])
     onnx = Path(entry["onnx"]["path"])
     if not onnx.is_file():

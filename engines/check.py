@@ -1,11 +1,12 @@
 """`--check`: run an engine through Polygraphy's TensorRT runner and the fp32 ONNX through ONNX Runtime
-on real photos, and compare.
+(`runners.open_runner`) on real photos, and compare; the result is an `EngineCheck`.
 
 The comparison loop takes any two Polygraphy runners, so it is exercised on CPU with ORT on both sides.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from paragon_export.errors import ParagonError
 from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export import verify
-from paragon_export.verify import LIMITS, VERIFY_SIZES
+from paragon_export.verify import LIMITS, VERIFY_SIZES, Limits
 
 from .identity import BuildOptions
 from .onnx_info import OnnxInfo, inspect_onnx
@@ -22,11 +23,71 @@ from .profile import Profile
 _MATCH_KEYS = ("variant", "scale", "upsampler")
 
 
-def thresholds(precision: str) -> dict:
-    """The limits `paragon-export parity` applies (verify.LIMITS), so a checked engine passes parity.
-    fp32 engines are built with TF32 off to meet them."""
-    lim = LIMITS[precision]
-    return {"max_abs": lim.max_abs, "min_psnr": lim.min_psnr}
+@dataclass
+class CheckRow:
+    """One input's engine output against the fp32 ONNX's; the fields are the JSON row's, in its order."""
+
+    input: str
+    max_abs: float | None  # None: the shapes differ, nothing was compared
+    mean_abs: float | None
+    psnr: float | None
+    finite: bool
+    passed: bool
+    why: str
+
+    def text(self) -> str:
+        if self.max_abs is None:
+            return f"  {self.input:<28} FAIL {self.why}"
+        return (f"  {self.input:<28} max abs {self.max_abs:.2e}  mean abs {self.mean_abs:.2e}  "
+                f"PSNR {self.psnr:.2f} dB  {'ok' if self.passed else 'FAIL ' + self.why}")
+
+
+@dataclass
+class EngineCheck:
+    """The --check result: every row against the limits `paragon-export parity` applies (verify.LIMITS),
+    so a checked engine passes parity. fp32 engines are built with TF32 off to meet them."""
+
+    precision: str
+    reference: str  # the fp32 ONNX's path
+    scale: int
+    rows: list[CheckRow]
+
+    @property
+    def limits(self) -> Limits:
+        return LIMITS[self.precision]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    @property
+    def worst_psnr(self) -> float | None:
+        return min((r.psnr for r in self.rows if r.psnr is not None), default=None)
+
+    @property
+    def worst_max_abs(self) -> float | None:
+        return max((r.max_abs for r in self.rows if r.max_abs is not None), default=None)
+
+    def summary(self) -> dict:
+        """What the engine's manifest entry records of its check."""
+        return {"passed": self.passed, "worst_psnr": self.worst_psnr, "worst_max_abs": self.worst_max_abs,
+                "reference": self.reference, "thresholds": asdict(self.limits)}
+
+    def to_json(self) -> dict:
+        return {"precision": self.precision, "reference": self.reference, "thresholds": asdict(self.limits),
+                "scale": self.scale, "rows": [asdict(r) for r in self.rows], "passed": self.passed,
+                "worst_psnr": self.worst_psnr, "worst_max_abs": self.worst_max_abs}
+
+    def worst(self) -> str:
+        """The first failing row, for the one-line error of a failed check."""
+        bad = next((r for r in self.rows if not r.passed), None)
+        return f"{bad.input}: {bad.why}" if bad else "no rows"
+
+    def text(self) -> str:
+        lim = f"PSNR >= {self.limits.min_psnr} dB" + (f", max abs <= {self.limits.max_abs:g}"
+                                                      if self.limits.max_abs else "")
+        head = f"check vs {Path(self.reference).name} on ORT CPU ({self.precision}: {lim})"
+        return "\n".join([head, *(r.text() for r in self.rows)])
 
 
 def find_reference(model: OnnxInfo, reference: Path | str | None = None) -> OnnxInfo:
@@ -55,14 +116,14 @@ def find_reference(model: OnnxInfo, reference: Path | str | None = None) -> Onnx
     return found[0]
 
 
-def verdict_row(out: np.ndarray, ref: np.ndarray, precision: str) -> dict:
-    """One engine output against the fp32 ONNX's, as a JSON-ready row with the verdict."""
+def verdict_row(name: str, out: np.ndarray, ref: np.ndarray, precision: str) -> CheckRow:
+    """The engine's output for input `name` against the fp32 ONNX's, with the verdict."""
     c = verify.compare(np.asarray(out, np.float32), np.asarray(ref, np.float32))
     fails = c.failures(LIMITS[precision])
     if c.shape_mismatch:
-        return {"max_abs": None, "mean_abs": None, "psnr": None, "finite": True, "passed": False, "why": fails[0]}
-    return {"max_abs": c.max_abs, "mean_abs": c.mean_abs, "psnr": c.psnr, "finite": not c.nonfinite,
-            "passed": not fails, "why": "; ".join(fails)}
+        return CheckRow(name, None, None, None, finite=True, passed=False, why=fails[0])
+    return CheckRow(name, c.max_abs, c.mean_abs, c.psnr, finite=not c.nonfinite, passed=not fails,
+                    why="; ".join(fails))
 
 
 def _clamp(v: int, lo: int, hi: int) -> int:
@@ -104,7 +165,7 @@ def _scale_of(runner, info: OnnxInfo) -> int:
     return int(out.shape[2]) // x.shape[2]
 
 
-def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profile, precision: str) -> dict:
+def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profile, precision: str) -> EngineCheck:
     """Compare `runner` (the engine) with `ref_runner` (fp32 ONNX on ORT) on real photos. Runners active."""
     scale = _scale_of(ref_runner, ref)
     in_dtype = np.float16 if model.input_dtype == "float16" else np.float32
@@ -112,22 +173,18 @@ def run_check(runner, model: OnnxInfo, ref_runner, ref: OnnxInfo, profile: Profi
     for name, x in check_inputs(profile, scale):
         expected = np.array(ref_runner.infer({ref.input_name: x})[ref.output_name], np.float32)
         got = np.array(runner.infer({model.input_name: x.astype(in_dtype)})[model.output_name], np.float32)
-        rows.append({"input": name, **verdict_row(got, expected, precision)})
-    finite_psnr = [r["psnr"] for r in rows if r["psnr"] is not None]
-    return {"precision": precision, "reference": str(ref.path), "thresholds": thresholds(precision), "scale": scale,
-            "rows": rows, "passed": all(r["passed"] for r in rows),
-            "worst_psnr": min(finite_psnr) if finite_psnr else None,
-            "worst_max_abs": max((r["max_abs"] for r in rows if r["max_abs"] is not None), default=None)}
+        rows.append(verdict_row(name, got, expected, precision))
+    return EngineCheck(precision, str(ref.path), scale, rows)
 
 
 def check_engine(engine_bytes: bytes, model: OnnxInfo, profile: Profile, *,
-                 reference: Path | str | None = None, options: BuildOptions = BuildOptions()) -> dict:
-    """Polygraphy TrtRunner on the engine vs OnnxrtRunner on the fp32 ONNX (needs TensorRT and a GPU).
+                 reference: Path | str | None = None, options: BuildOptions = BuildOptions()) -> EngineCheck:
+    """Polygraphy TrtRunner on the engine vs the fp32 ONNX on ONNX Runtime (needs TensorRT and a GPU).
     The plan is loaded by `builder.deserialize` (lean runtime, weights of a stripped plan)."""
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.logger import G_LOGGER
 
-    from paragon_export.onnx_graph import onnx_runner
+    from paragon_export.runners import open_runner
 
     from .builder import deserialize
     from .trt import require_tensorrt
@@ -135,21 +192,7 @@ def check_engine(engine_bytes: bytes, model: OnnxInfo, profile: Profile, *,
     ref = find_reference(model, reference)
     engine = deserialize(require_tensorrt(), engine_bytes, options, model.path)
     # The plan is not written yet (a failed check writes nothing), so its runner is made from the bytes;
-    # the reference runs on the ORT runner every ONNX artifact gets (`runners.open_runner` uses it too;
-    # engines sit below runners, so they take it from onnx_graph).
+    # the reference opens like any ONNX artifact, on ONNX Runtime's CPU provider.
     with G_LOGGER.verbosity(G_LOGGER.WARNING), TrtRunner(engine) as engine_runner, \
-            onnx_runner(ref.path, name="reference") as ref_runner:
+            open_runner(ref.path, "onnxruntime", name="reference") as ref_runner:
         return run_check(engine_runner, model, ref_runner, ref, profile, model.precision)
-
-
-def format_report(report: dict) -> str:
-    t = report["thresholds"]
-    lim = f"PSNR >= {t['min_psnr']} dB" + (f", max abs <= {t['max_abs']:g}" if t.get("max_abs") else "")
-    lines = [f"check vs {Path(report['reference']).name} on ORT CPU ({report['precision']}: {lim})"]
-    for r in report["rows"]:
-        if r["max_abs"] is None:
-            lines.append(f"  {r['input']:<28} FAIL {r['why']}")
-            continue
-        lines.append(f"  {r['input']:<28} max abs {r['max_abs']:.2e}  mean abs {r['mean_abs']:.2e}  "
-                     f"PSNR {r['psnr']:.2f} dB  {'ok' if r['passed'] else 'FAIL ' + r['why']}")
-    return "\n".join(lines)

@@ -61,9 +61,10 @@ def _parse_hw(text: str) -> tuple[int, int] | None:
 def min_input_hw(model: onnx.ModelProto, meta: dict) -> tuple[int, int]:
     """Smallest LR input (H, W) the model is meant for.
 
-    The exporter may record it as metadata "min_size" ("HxW" or one number). Otherwise it is the
-    widest convolution kernel in the graph: a narrower input leaves that conv (ParagonSR2's 1xbk/bkx1
-    band convs) reading padding on every output pixel.
+    Our exporter records it as metadata "min_size" ("HxW" or one number, `LoadedModel.min_size`).
+    For a file without it (written elsewhere, or before it was recorded) it is the widest convolution
+    kernel in the graph: a narrower input leaves that conv (ParagonSR2's 1xbk/bkx1 band convs) reading
+    padding on every output pixel.
     """
     for key in ("min_size", "min_input_size"):
         if key in meta:

@@ -61,7 +61,7 @@ def graph_difference(old_path: Path, new_path: Path) -> str | None:
 def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None,
                  progress: Callable[[str], None] = print) -> tuple[Artifact, dict]:
     """Refit the refittable engine `path` with the weights of `new_onnx`; returns the new engine and report."""
-    from .build import current_target, load_engine
+    from .load import current_target, load_engine
     from .builder import deserialize, refit_from_onnx
 
     path, new_onnx = Path(path), Path(new_onnx)

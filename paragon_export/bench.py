@@ -37,12 +37,11 @@ from .artifact import atomic_output, check_output
 from .errors import ParagonError, require_file
 from .memory import refuse_what_cannot_fit
 from .images import load_image, sample_photo_paths
-from .roofline import artifact_macs_per_pixel, peak_info
+from .bench_report import BenchReport, BenchResult, BenchSettings, Skipped
+from .roofline import Peak, artifact_macs_per_pixel, peak_info
 from .runners import RUNTIMES, artifact_kind, resolve_runtime, runtime_unavailable
 from .upscale import ModelRunner, open_model
 
-FORMAT = "paragon-export/bench"
-VERSION = 1
 DEFAULT_SIZES = [(256, 256)]
 
 
@@ -94,16 +93,6 @@ class PeakRss:
     def _maxrss_kib() -> int:
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
-
-
-LIMIT_NOTE = ("macs_per_lr_pixel: multiply-accumulates of one inference per LR input pixel (ONNX: counted "
-              "from the graph's Conv/ConvTranspose shapes; checkpoints: their conv calls; NCNN: its ONNX's count, "
-              "stored at export; engines: none); "
-              "gmac_s = that x pixels / median latency; peak_fraction = gmac_s / peak.fp32_gmac_s")
-
-MEMORY_NOTE = ("peak_rss_mib: rise of the process's peak resident set over its size before the runner was built, "
-               "through build and warm-up (weights + runtime workspace + activations); "
-               "method VmHWM is exact per artifact, ru_maxrss is a lower bound")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +178,10 @@ def choose_baseline(paths: list[Path], baseline: Path | None) -> Path | None:
 
 def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = None, threads: int | None = None,
           runs: int = 20, warmup: int = 3, baseline: Path | str | None = None, json_path: Path | str | None = None,
-          force: bool = False, progress: Callable[[str], None] | None = None, runtimes: tuple[str, ...] | None = None) -> dict:
+          force: bool = False, progress: Callable[[str], None] | None = None,
+          runtimes: tuple[str, ...] | None = None) -> BenchReport:
     """Benchmark every artifact at every LR size, each on every runtime of `runtimes` that can run it
-    (default: its own runtime); returns (and optionally writes) the report dict."""
+    (default: its own runtime); returns (and optionally writes, as its `to_json`) the report."""
     paths = [Path(p) for p in artifacts]
     if not paths:
         raise ParagonError("no artifact given")
@@ -224,25 +214,18 @@ def bench(artifacts: list[Path | str], *, sizes: list[tuple[int, int]] | None = 
         results += r
         skipped += s
 
-    report = dict(
-        format=FORMAT, version=VERSION, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        host=_host(), settings=dict(threads=threads, runs=runs, warmup=warmup, sizes=[f"{h}x{w}" for h, w in sizes],
-                                    input="crop of skimage astronaut.png (real photo), batch 1"),
-        latency="runtime time of one inference (Polygraphy last_inference_time), median and 90th percentile",
-        memory=MEMORY_NOTE, limit=LIMIT_NOTE, peak=peak,
-        baseline=dict(artifact=str(base), runtime="torch eager fp32") if base else None,
-        ratios=("speedup_vs_eager = eager median / this median, same size, same run (>1: faster)" if base else
-                "no PyTorch checkpoint given, so no ratios (pass one, or --baseline)"),
-        results=results, skipped=skipped,
-    )
+    report = BenchReport(datetime.now(timezone.utc).isoformat(timespec="seconds"), _host(),
+                         BenchSettings(threads, runs, warmup, [f"{h}x{w}" for h, w in sizes]), peak,
+                         str(base) if base else None, results, skipped)
     if json_path is not None:
         with atomic_output(json_path, force=force) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report
 
 
 def _bench_size(order: list[Path], size: tuple[int, int], runtimes, labels: dict, base: Path | None, *, threads: int,
-                runs: int, warmup: int, peak: dict, progress: Callable[[str], None] | None) -> tuple[list[dict], list[dict]]:
+                runs: int, warmup: int, peak: Peak,
+                progress: Callable[[str], None] | None) -> tuple[list[BenchResult], list[Skipped]]:
     """Every artifact on every runtime at one LR size, timed round-robin. Returns (results, skipped)."""
     h, w = size
     results, skipped = [], []
@@ -253,7 +236,7 @@ def _bench_size(order: list[Path], size: tuple[int, int], runtimes, labels: dict
         for e in entries:
             _prepare(e, x, threads=threads, warmup=warmup)
             if e.skipped:
-                skipped.append(dict(artifact=str(e.path), size=f"{h}x{w}", reason=e.skipped))
+                skipped.append(Skipped(str(e.path), f"{h}x{w}", e.skipped))
             if progress:
                 progress(f"{h}x{w} {e.path.name}: " + (f"skipped ({e.skipped})" if e.skipped else "ready"))
         live = [e for e in entries if not e.skipped]
@@ -269,7 +252,7 @@ def _bench_size(order: list[Path], size: tuple[int, int], runtimes, labels: dict
     ref_median = float(np.median(ref.times)) if ref else None
     for e in entries:
         if not e.skipped:
-            results.append(_result(e, h, w, ref_median, is_baseline=e is ref, peak=peak["fp32_gmac_s"]))
+            results.append(_result(e, h, w, ref_median, is_baseline=e is ref, peak=peak.fp32_gmac_s))
         e.runner = None
     _release_free_heap()
     return results, skipped
@@ -324,12 +307,12 @@ def _prepare(e: _Entry, x: np.ndarray, *, threads: int, warmup: int) -> None:
     e.form = form_of(e.kind, runner)
 
 
-def _result(e: _Entry, h: int, w: int, ref_median: float | None, *, is_baseline: bool, peak: float) -> dict:
+def _result(e: _Entry, h: int, w: int, ref_median: float | None, *, is_baseline: bool, peak: float) -> BenchResult:
     t = np.asarray(e.times, dtype=np.float64)
     median = float(np.median(t))
     s = e.runner.scale
     gmacs = e.macs_per_pixel * h * w / median / 1e9 if e.macs_per_pixel else None
-    return dict(
+    return BenchResult(
         artifact=str(e.path), name=e.path.name, label=e.label, runtime=e.kind, form=e.form, precision=e.precision, scale=s,
         size=f"{h}x{w}", input_hw=[h, w], output_hw=[h * s, w * s], runs=len(t),
         median_ms=median * 1e3, p90_ms=float(np.percentile(t, 90)) * 1e3, mean_ms=float(t.mean()) * 1e3,
@@ -354,27 +337,3 @@ def _host() -> dict:
         pass
     return dict(cpu=cpu, cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                 onnxruntime=onnxruntime.__version__, numpy=np.__version__, platform=platform.platform())
-
-
-def format_table(report: dict) -> str:
-    head = ["artifact", "runtime", "prec", "size", "median ms", "p90 ms", "img/s", "out MP/s", "peak MiB", "vs eager",
-            "kMAC/px", "GMAC/s", "% peak"]
-    rows = [[r["label"], r["form"], r["precision"], r["size"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
-             f"{r['throughput_img_s']:.2f}", f"{r['throughput_out_mpix_s']:.2f}", f"{r['peak_rss_mib']:.1f}",
-             "baseline" if r["baseline"] else (f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"),
-             f"{r['macs_per_lr_pixel'] / 1e3:.1f}" if r["macs_per_lr_pixel"] else "-",
-             f"{r['gmac_s']:.2f}" if r["gmac_s"] else "-",
-             f"{100 * r['peak_fraction']:.0f}%" if r["peak_fraction"] else "-"]
-            for r in report["results"]]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(wd) for c, wd in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(head), "|" + "|".join("-" * (wd + 2) for wd in widths) + "|", *map(line, rows)]
-    for s in report["skipped"]:
-        out.append(f"skipped {s['artifact']} at {s['size']}: {s['reason']}")
-    st = report["settings"]
-    out.append(f"threads {st['threads']}, {st['runs']} timed runs after {st['warmup']} warm-up, "
-               f"{report['ratios']}")
-    pk = report["peak"]
-    out.append(f"% peak: of {pk['fp32_gmac_s']:.1f} GMAC/s, this CPU's measured fp32 peak ({pk['isa']}, "
-               f"{pk['threads']} thread(s); MatMul probe)")
-    return "\n".join(out)

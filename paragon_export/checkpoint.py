@@ -40,6 +40,13 @@ class LoadedModel:
         return dict(variant=self.variant, scale=self.scale, upsampler=self.upsampler, fused=self.fused,
                     source=str(self.path), source_sha256=self.sha256)
 
+    @property
+    def min_size(self) -> int:
+        """The smallest LR side the model is meant for: its widest convolution, the 1xbk / bkx1 band
+        convs, which on a narrower input read padding at every output pixel. Every size from 1x1 runs;
+        exports record this (ONNX metadata "min_size") so engine profiles need not guess it from the graph."""
+        return int(self.model.hparams["band_kernel_size"])
+
 
 def _unwrap(flat: dict) -> dict:
     for w in WRAPPERS:

@@ -171,9 +171,10 @@ def verify_onnx(model: onnx.ModelProto | Path | str, reference: torch.nn.Module,
 # ---------------------------------------------------------------- the export step
 
 def _base_metadata(*, variant: str, scale: int, upsampler: str, opset: int, source_sha256: str,
-                   source_fused: bool, exporter: str, static_shape, batch1: bool = False) -> dict:
+                   source_fused: bool, exporter: str, static_shape, min_size: int, batch1: bool = False) -> dict:
     return {
         "producer": "paragon-export", "toolkit_version": __version__, "variant": variant, "scale": str(scale),
+        "min_size": f"{min_size}x{min_size}",
         "upsampler": upsampler, "precision": "fp32", "io_dtype": "float32", "opset": str(opset),
         "source_sha256": source_sha256, "source_fused": "true" if source_fused else "false", "exporter": exporter,
         "input_shape": ("1" if batch1 else "N") + ("x3xHxW" if static_shape is None
@@ -228,7 +229,7 @@ def export_onnx(ckpt: Path | str, out_dir: Path | str, recipe: ExportRecipe | No
     model, fusion = fused_model(loaded)
     meta = _base_metadata(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler, opset=opset,
                           source_sha256=loaded.sha256, source_fused=loaded.fused, exporter=exporter,
-                          static_shape=static_shape, batch1=community)
+                          static_shape=static_shape, min_size=loaded.min_size, batch1=community)
     if community:
         meta["profile"] = "community"
     arts: dict[str, Artifact] = {}

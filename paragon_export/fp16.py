@@ -22,7 +22,7 @@ rounding error is spread over every layer, and keeping single nodes fp32 does no
 
 API: write_fp16(fp32_graph, tmp_path, *, reference, fp32_path, ...) -> (metadata, info), used by
 `export_onnx(..., fp16=True)`; fp16_block_list(graph, calib) and emulate_fp16(graph, kept) alone;
-torch_half_model(model): a float16 copy that avoids torch 2.13's hanging oneDNN fp16 long-kernel convs.
+The torch half reference is `torch_half.torch_half_model`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ParagonError
 from .images import sample_photo_paths
+from .torch_half import torch_half_model
 from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
 from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_onnx, run_torch, session_batch,
                      verification_inputs)
@@ -260,37 +261,6 @@ def fp16_block_list(graph: onnx.ModelProto, calib: list[np.ndarray], *,
         kept, out_psnr, rel = trial, trial_psnr, trial_rel
     figures["calibration_psnr"] = out_psnr
     return kept, figures
-
-
-# ---------------------------------------------------------------- torch half reference
-
-# torch 2.13's oneDNN fp16 depthwise conv does not return (minutes at 32x32) for kernels of 15+ taps
-# (anime's 1x15/15x1 band convs), measured on this project's CPUs; 14 taps take milliseconds.
-ONEDNN_FP16_MAX_TAPS = 14
-
-
-class _NativeConv(torch.nn.Module):
-    """Runs one conv on torch's native kernels instead of oneDNN."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the flags context warns about TF32 on Intel GPUs
-            with torch.backends.mkldnn.flags(enabled=False):
-                return self.conv(x)
-
-
-def torch_half_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A float16 copy of `model`; long-kernel convs avoid the oneDNN fp16 path that hangs."""
-    half = copy.deepcopy(model).half().eval()
-    for parent in list(half.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Conv2d) and max(child.kernel_size) > ONEDNN_FP16_MAX_TAPS:
-                setattr(parent, name, _NativeConv(child))
-    return half
 
 
 # ---------------------------------------------------------------- the step

@@ -28,7 +28,8 @@ from .localize import localize as localize_onnx
 from .manifest import tool_versions
 from .memory import refuse_what_cannot_fit
 from .metrics import psnr_y, ssim_y
-from .parity_report import write_outputs
+from .parity_files import write_outputs
+from .parity_report import CaseInfo, CaseResult, Localization, ParityReport, PolygraphyCheck, Quality, Reference, Summary
 from .parity_rows import (RUNNER_LABELS, Entry, artifact_entry, classify, first_line, native_int8_entry,
                           reference_entries, runtime_entries)
 from .runners import INPUT_NAME, onnx_precision, open_runner
@@ -36,44 +37,37 @@ from .verify import LIMITS, VERIFY_SIZES, Limits, compare
 
 __all__ = ["parity", "classify", "onnx_precision", "DEFAULT_SIZES"]
 
-SCHEMA_VERSION = 1
 DEFAULT_SIZES = ",".join(f"{h}x{w}" for h, w in VERIFY_SIZES)
 
 
-def _case_metrics(out: np.ndarray, ref: np.ndarray, hr: np.ndarray, scale: int) -> dict:
+def _case_metrics(case: tuple, out: np.ndarray, ref: np.ndarray, scale: int) -> CaseResult:
+    name, size, _, hr = case
     c = compare(np.asarray(out, np.float32), ref)
-    m = {"max_abs": None, "mean_abs": None, "psnr": None, "y_psnr": None, "ssim": None,
-         "nonfinite": c.nonfinite, "error": None}
+    m = CaseResult(name, list(size), nonfinite=c.nonfinite)
     if c.shape_mismatch:
-        m["error"] = f"output shape {c.shape_mismatch.replace(' vs ', ' != reference ')}"
+        m.error = f"output shape {c.shape_mismatch.replace(' vs ', ' != reference ')}"
         return m
     if c.nonfinite:
         return m
     img = np.clip(to_image(out), 0.0, 1.0)
-    m.update(max_abs=c.max_abs, mean_abs=c.mean_abs, psnr=None if np.isinf(c.psnr) else c.psnr,
-             y_psnr=psnr_y(img, hr, scale), ssim=ssim_y(img, hr, scale))
+    m.max_abs, m.mean_abs, m.psnr = c.max_abs, c.mean_abs, None if np.isinf(c.psnr) else c.psnr
+    m.y_psnr, m.ssim = psnr_y(img, hr, scale), ssim_y(img, hr, scale)
     return m
 
 
-def _summarise(entry: Entry, ref_y: float) -> dict:
-    rs = entry.results
-    vals = lambda k: [r[k] for r in rs if r[k] is not None]  # noqa: E731
+def _summarise(rs: list[CaseResult], ref_y: float) -> Summary:
+    def vals(k: str) -> list[float]:
+        return [getattr(r, k) for r in rs if getattr(r, k) is not None]
+
+    mean = lambda k: float(np.mean(vals(k))) if vals(k) else None  # noqa: E731
     psnrs = vals("psnr")
-    identical = [r for r in rs if r["psnr"] is None and r["max_abs"] is not None]
-    y = float(np.mean(vals("y_psnr"))) if vals("y_psnr") else None
-    return {
-        "cases": len(rs),
-        "max_abs": max(vals("max_abs")) if vals("max_abs") else None,
-        "mean_abs": float(np.mean(vals("mean_abs"))) if vals("mean_abs") else None,
-        # null PSNR = bit-identical to the reference on every case (infinite PSNR)
-        "min_psnr": min(psnrs) if psnrs else None,
-        "mean_psnr": float(np.mean(psnrs)) if psnrs else None,
-        "y_psnr": y,
-        "y_psnr_delta": None if y is None else y - ref_y,
-        "ssim": float(np.mean(vals("ssim"))) if vals("ssim") else None,
-        "nonfinite": sum(r["nonfinite"] for r in rs),
-        "identical_cases": len(identical),
-    }
+    y = mean("y_psnr")
+    return Summary(cases=len(rs), max_abs=max(vals("max_abs"), default=None), mean_abs=mean("mean_abs"),
+                   # None = bit-identical to the reference on every case (infinite PSNR)
+                   min_psnr=min(psnrs, default=None), mean_psnr=mean("psnr"), y_psnr=y,
+                   y_psnr_delta=None if y is None else y - ref_y, ssim=mean("ssim"),
+                   nonfinite=sum(r.nonfinite for r in rs),
+                   identical_cases=sum(1 for r in rs if r.psnr is None and r.max_abs is not None))
 
 
 def _verdict(entry: Entry) -> None:
@@ -82,17 +76,15 @@ def _verdict(entry: Entry) -> None:
         return
     lim = entry.limits
     s = entry.summary
-    reasons = []
-    errors = sorted({r["error"] for r in entry.results if r["error"]})
-    reasons += errors
-    if s["nonfinite"]:
-        bad = sum(1 for r in entry.results if r["nonfinite"])
-        reasons.append(f"{s['nonfinite']} NaN/Inf output values in {bad} of {s['cases']} cases")
-    if s["max_abs"] is not None and s["max_abs"] > lim.max_abs:
-        reasons.append(f"max abs {s['max_abs']:.3g} > {lim.max_abs:g}")
-    if s["min_psnr"] is not None and s["min_psnr"] < lim.min_psnr:
-        reasons.append(f"PSNR {s['min_psnr']:.2f} dB < {lim.min_psnr:g} dB")
-    if entry.polygraphy and not entry.polygraphy["passed"] and not reasons:
+    reasons = sorted({r.error for r in entry.results if r.error})
+    if s.nonfinite:
+        bad = sum(1 for r in entry.results if r.nonfinite)
+        reasons.append(f"{s.nonfinite} NaN/Inf output values in {bad} of {s.cases} cases")
+    if s.max_abs is not None and s.max_abs > lim.max_abs:
+        reasons.append(f"max abs {s.max_abs:.3g} > {lim.max_abs:g}")
+    if s.min_psnr is not None and s.min_psnr < lim.min_psnr:
+        reasons.append(f"PSNR {s.min_psnr:.2f} dB < {lim.min_psnr:g} dB")
+    if entry.polygraphy and not entry.polygraphy.passed and not reasons:
         reasons.append("Polygraphy's max-abs comparison failed")
     if reasons and entry.context:
         reasons.append(entry.context)
@@ -127,10 +119,10 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
            atol: float | None = None, min_psnr: float | None = None, localize: bool = False,
            force: bool = False, png_crops: int = 3, scale: int | None = None,
            runtimes: tuple[str, ...] | None = None, require: tuple[str, ...] = (),
-           ungated: tuple[Path | str, ...] = ()) -> dict:
+           ungated: tuple[Path | str, ...] = ()) -> ParityReport:
     """Compare every artifact with the fp32 torch reference; write parity.json/.md and PNGs to out_dir.
 
-    Returns the report (a dict matching schemas/parity.schema.json); report["passed"] is the gate.
+    Returns the report as written (`ParityReport`; parity.json is its `to_json()`); `.passed` is the gate.
     `scale` is only needed for a reference checkpoint that does not record it (traiNNer-redux).
     Every ONNX artifact also gets a row per other runtime that can run it (OpenVINO), or only for
     those in `runtimes`; such a row gates only when its runtime is in `require` (skipped if missing).
@@ -162,7 +154,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
     with _quiet_polygraphy():
         _run_all(entries, feeds)
     case_info = _case_info(cases, entries[0], scale)
-    ref_y = float(np.mean([c["reference_y_psnr"] for c in case_info]))
+    ref_y = float(np.mean([c.reference_y_psnr for c in case_info]))
     _judge(entries, cases, ref_y, scale)
     for e in entries:
         if e.runner == RUNNER_LABELS["openvino"] and e.precision == "int8" and e.status == "fail":
@@ -171,7 +163,7 @@ def parity(artifacts: list[Path | str], out_dir: Path | str, *, ref: Path | str 
         _localize(entries, feeds, cases, fused)
     report = _report(entries, loaded, ref, image_paths, images, size_list, thresholds, atol, min_psnr,
                      case_info, ref_y)
-    report["notes"] += [f"image skipped: {s}" for s in skipped_images]
+    report.notes += [f"image skipped: {s}" for s in skipped_images]
     return write_outputs(report, entries, cases, scale, out_dir, force=force, png_crops=png_crops, inputs=inputs)
 
 
@@ -234,19 +226,18 @@ def _run_all(entries: list[Entry], feeds: list) -> None:
         func = SimpleCompareFunc(check_error_stat="max", atol=e.limits.max_abs, rtol=0.0)
         acc = Comparator.compare_accuracy(results, comparisons=[(0, names.index(e.name))], compare_func=func)
         matched, _, total = acc[0].stats((names[0], e.name))
-        e.polygraphy = {"compare_func": f"SimpleCompareFunc(check_error_stat=max, atol={e.limits.max_abs:g})",
-                        "passed": bool(acc), "iterations_passed": int(matched), "iterations": int(total)}
+        e.polygraphy = PolygraphyCheck(f"SimpleCompareFunc(check_error_stat=max, atol={e.limits.max_abs:g})",
+                                       bool(acc), int(matched), int(total))
 
 
-def _case_info(cases: list, reference: Entry, scale: int) -> list[dict]:
+def _case_info(cases: list, reference: Entry, scale: int) -> list[CaseInfo]:
     """Per case: bicubic's and the reference's Y-PSNR/SSIM against the HR crop."""
     out = []
     for k, (name, size, lr, hr) in enumerate(cases):
         bic = bicubic_upscale(lr, scale)
         ref_img = np.clip(to_image(reference.outputs[k]), 0.0, 1.0)
-        out.append({"image": name, "lr_size": list(size),
-                    "bicubic_y_psnr": psnr_y(bic, hr, scale), "bicubic_ssim": ssim_y(bic, hr, scale),
-                    "reference_y_psnr": psnr_y(ref_img, hr, scale), "reference_ssim": ssim_y(ref_img, hr, scale)})
+        out.append(CaseInfo(name, list(size), psnr_y(bic, hr, scale), ssim_y(bic, hr, scale),
+                            psnr_y(ref_img, hr, scale), ssim_y(ref_img, hr, scale)))
     return out
 
 
@@ -260,9 +251,8 @@ def _judge(entries: list[Entry], cases: list, ref_y: float, scale: int) -> None:
         if e.error:
             e.status, e.reasons = ("error" if e.gated or e.compat or e.role == "artifact" else "info"), [e.error]
             continue
-        e.results = [{"image": c[0], "lr_size": list(c[1]), **_case_metrics(out, reference.outputs[k], c[3], scale)}
-                     for k, (c, out) in enumerate(zip(cases, e.outputs))]
-        e.summary = _summarise(e, ref_y)
+        e.results = [_case_metrics(c, out, reference.outputs[k], scale) for k, (c, out) in enumerate(zip(cases, e.outputs))]
+        e.summary = _summarise(e.results, ref_y)
         if e.role == "reference":
             e.status = "reference"
         else:
@@ -278,13 +268,13 @@ def _localize(entries: list[Entry], feeds: list, cases: list, fused) -> None:
         worst = _worst_case(e)
         try:
             with _quiet_polygraphy():
-                e.localization = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused,
-                                               ref_onnx=passing_fp32_onnx)
+                found = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused, ref_onnx=passing_fp32_onnx)
         except Exception as ex:  # the verdict stands without it; say why it is missing
-            e.localization = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0,
-                              "ratio": 0.0, "culprit": None, "sharp_jump": False, "top": [],
-                              "note": f"localization failed: {type(ex).__name__}: {first_line(ex)}"}
-        e.localization["case"] = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
+            found = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0, "ratio": 0.0,
+                     "culprit": None, "sharp_jump": False, "top": [],
+                     "note": f"localization failed: {type(ex).__name__}: {first_line(ex)}"}
+        e.localization = Localization.from_json({**found, "case": {"image": cases[worst][0],
+                                                                   "lr_size": list(cases[worst][1])}})
 
 
 def _diagnose_openvino_int8(e: Entry, feed: dict, min_psnr: float) -> None:
@@ -301,11 +291,7 @@ def _diagnose_openvino_int8(e: Entry, feed: dict, min_psnr: float) -> None:
 
 
 def _worst_case(e: Entry) -> int:
-    def badness(r):
-        if r["nonfinite"] or r["error"]:
-            return float("inf")
-        return -(r["psnr"] if r["psnr"] is not None else 1e9)
-    return max(range(len(e.results)), key=lambda k: badness(e.results[k]))
+    return max(range(len(e.results)), key=lambda k: e.results[k].badness())
 
 
 def _tool_versions(entries) -> dict:
@@ -321,42 +307,21 @@ def _tool_versions(entries) -> dict:
     return tv
 
 
-def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, min_psnr, case_info, ref_y) -> dict:
+def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, min_psnr, case_info,
+            ref_y) -> ParityReport:
     gated = [e for e in entries if e.gated and e.role != "reference"]
-    passed = all(e.status in ("pass", "skipped") for e in gated)
-    arts = []
-    for e in entries:
-        arts.append({
-            "name": e.name, "role": e.role, "kind": e.kind, "path": str(e.path) if e.path else None,
-            "sha256": e.sha256, "runner": e.runner, "precision": e.precision,
-            "precision_source": e.precision_source, "gated": e.gated, "status": e.status,
-            "reasons": e.reasons, "note": e.note,
-            "limits": None if e.limits is None else {"max_abs": e.limits.max_abs, "min_psnr": e.limits.min_psnr},
-            "summary": e.summary, "polygraphy": e.polygraphy, "results": e.results, "localization": e.localization,
-        })
-    notes = [f"{e.name}: skipped, {e.skip}" for e in entries if e.skip]
-    return {
-        "schema": "paragon-export/parity",
-        "schema_version": SCHEMA_VERSION,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "passed": passed,
-        "tool_versions": _tool_versions(entries),
-        "reference": {"path": str(ref), "sha256": loaded.sha256, "variant": loaded.variant, "scale": loaded.scale,
-                      "upsampler": loaded.upsampler, "fused": loaded.fused,
-                      "runner": "torch-cpu fp32, fused" + ("" if loaded.fused else " from the unfused checkpoint")},
-        "images": [{"name": p.stem, "path": str(p)} for p in image_paths],
-        "image_source": "user folder" if images else "bundled held-out photos from scikit-image",
-        "sizes": [list(s) for s in sizes],
-        "thresholds": {k: {"max_abs": v.max_abs, "min_psnr": v.min_psnr} for k, v in thresholds.items()},
-        "overrides": {"atol": atol, "min_psnr": min_psnr},
-        "reference_quality": {
-            "y_psnr": ref_y, "ssim": float(np.mean([c["reference_ssim"] for c in case_info])),
-            "bicubic_y_psnr": float(np.mean([c["bicubic_y_psnr"] for c in case_info])),
-            "bicubic_ssim": float(np.mean([c["bicubic_ssim"] for c in case_info])),
-        },
-        "cases": case_info,
-        "artifacts": arts,
-        "notes": notes,
-        "outputs": {},
-    }
-
+    return ParityReport(
+        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        passed=all(e.status in ("pass", "skipped") for e in gated),
+        tool_versions=_tool_versions(entries),
+        reference=Reference(str(ref), loaded.sha256, loaded.variant, loaded.scale, loaded.upsampler, loaded.fused,
+                            "torch-cpu fp32, fused" + ("" if loaded.fused else " from the unfused checkpoint")),
+        images=[{"name": p.stem, "path": str(p)} for p in image_paths],
+        image_source="user folder" if images else "bundled held-out photos from scikit-image",
+        sizes=[list(s) for s in sizes], thresholds=dict(thresholds),
+        overrides={"atol": atol, "min_psnr": min_psnr},
+        reference_quality=Quality(ref_y, float(np.mean([c.reference_ssim for c in case_info])),
+                                  float(np.mean([c.bicubic_y_psnr for c in case_info])),
+                                  float(np.mean([c.bicubic_ssim for c in case_info]))),
+        cases=case_info, artifacts=[e.row() for e in entries],
+        notes=[f"{e.name}: skipped, {e.skip}" for e in entries if e.skip])

@@ -1,89 +1,317 @@
-"""Writes a parity run to disk: parity.json (schema-validated), parity.md and crop PNGs, as one folder
-that appears atomically (built in a temp folder next to it, then renamed into place)."""
+"""parity_report: the typed result of a parity run. It is what `parity()` returns and what parity.json
+holds (`to_json` / `from_json`, schemas/parity.schema.json), and it renders itself as parity.md and
+as the per-file runtime verdicts the manifest and the model card carry."""
 
 from __future__ import annotations
 
-import json
-from importlib import resources
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from .verify import Limits
 
-from .artifact import atomic_folder
-from .errors import ParagonError
-from .images import bicubic_upscale, to_image
-from .metrics import json_finite
-
-# PNG layout: a grid of HR-sized panels, PAD pixels apart, each under a LABEL_H-pixel caption.
-# Row 1: LR bicubic | reference | each artifact. Row 2: under each artifact, |artifact - reference|
-# (max over RGB) as a heat map where white means "at the artifact's max-abs limit".
-PAD = 4
-LABEL_H = 14
-BACKGROUND = (24, 24, 24)
+SCHEMA = "paragon-export/parity"
+SCHEMA_VERSION = 1
 
 
-def load_schema() -> dict:
-    return json.loads(resources.files("paragon_export").joinpath("schemas/parity.schema.json").read_text())
+def _build(cls, d: dict | None):
+    """A dataclass from its JSON object (None stays None); nested types are rebuilt by the caller."""
+    return None if d is None else cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
-def validate(report: dict) -> None:
-    import jsonschema
+@dataclass
+class CaseResult:
+    """One row on one case, against the reference's output. None: no finite value (see `error`/`nonfinite`);
+    a None PSNR with a max_abs is bit-identical (infinite PSNR)."""
 
-    errors = sorted(jsonschema.Draft202012Validator(load_schema()).iter_errors(report), key=lambda e: list(e.path))
-    if errors:
-        e = errors[0]
-        where = "/".join(str(p) for p in e.path) or "(root)"
-        raise ParagonError(f"parity report does not match its schema at {where}: {e.message}")
+    image: str
+    lr_size: list[int]
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    psnr: float | None = None
+    y_psnr: float | None = None
+    ssim: float | None = None
+    nonfinite: int = 0
+    error: str | None = None
 
-
-def grid_size(n_artifacts: int, hr_h: int, hr_w: int) -> tuple[int, int]:
-    """(width, height) of a crop PNG with n_artifacts columns after bicubic and reference."""
-    cols = 2 + n_artifacts
-    return cols * hr_w + (cols + 1) * PAD, 2 * (LABEL_H + hr_h) + 3 * PAD
-
-
-def _heat(diff: np.ndarray, limit: float) -> np.ndarray:
-    """Black -> red -> yellow -> white as diff goes 0 -> limit."""
-    v = np.clip(np.nan_to_num(diff, nan=limit, posinf=limit) / limit, 0.0, 1.0)[..., None]
-    return np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], -1), 0.0, 1.0)
-
-
-def _u8(img: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(np.nan_to_num(img), 0.0, 1.0) * 255 + 0.5).astype(np.uint8), "RGB")
+    def badness(self) -> float:
+        """Larger is worse: a failed or non-finite case first, then the lowest PSNR."""
+        if self.nonfinite or self.error:
+            return float("inf")
+        return -(self.psnr if self.psnr is not None else 1e9)
 
 
-def _fit(text: str, width: int) -> str:
-    room = max(4, width // 6)
-    return text if len(text) <= room else text[: room - 1] + "~"
+@dataclass
+class Summary:
+    cases: int
+    max_abs: float | None
+    mean_abs: float | None
+    min_psnr: float | None  # None with cases compared: bit-identical on every case
+    mean_psnr: float | None
+    y_psnr: float | None
+    y_psnr_delta: float | None
+    ssim: float | None
+    nonfinite: int
+    identical_cases: int
 
 
-def render_crop(lr: np.ndarray, ref: np.ndarray, arts: list[tuple[str, np.ndarray, float | None]], scale: int) -> Image.Image:
-    """arts: (label, HxWx3 output, max-abs limit or None to scale the heat map to its own maximum)."""
-    hr_h, hr_w = ref.shape[:2]
-    canvas = Image.new("RGB", grid_size(len(arts), hr_h, hr_w), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+@dataclass
+class PolygraphyCheck:
+    compare_func: str
+    passed: bool
+    iterations_passed: int
+    iterations: int
 
-    def put(col: int, row: int, label: str, img: np.ndarray | None) -> None:
-        x = PAD + col * (hr_w + PAD)
-        y = PAD + row * (LABEL_H + hr_h + PAD)
-        draw.text((x + 1, y + 1), _fit(label, hr_w), fill=(230, 230, 230), font=font)
-        if img is not None:
-            canvas.paste(_u8(img), (x, y + LABEL_H))
 
-    put(0, 0, "LR bicubic", bicubic_upscale(lr, scale))
-    put(1, 0, "reference", ref)
-    put(0, 1, "|diff| heat:", None)
-    put(1, 1, "white = limit", None)
-    for k, (label, out, limit) in enumerate(arts):
-        out = np.asarray(out, np.float32)
-        diff = np.abs(out - ref).max(-1) if out.shape == ref.shape else np.full(ref.shape[:2], np.inf, np.float32)
-        finite = diff[np.isfinite(diff)]
-        scale_to = limit if limit else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
-        put(2 + k, 0, label, out if out.shape == ref.shape else None)
-        put(2 + k, 1, f"|diff|/{scale_to:.2g}", _heat(diff, scale_to))
-    return canvas
+@dataclass
+class Layer:
+    node: str
+    op: str
+    tensor: str
+    rel_err: float | None  # None: NaN/Inf
+    prev_max_rel_err: float | None
+    jump_ratio: float | None
+    module: str | None
+    weights: list[str]
+
+
+@dataclass
+class Localization:
+    """Where a failing ONNX row departs from the reference (`localize.localize`), on its worst case."""
+
+    method: str  # onnx-reference | torch-hooks | none
+    reference: str
+    layers_compared: int
+    floor: float
+    ratio: float
+    culprit: Layer | None
+    sharp_jump: bool
+    note: str
+    top: list[Layer]
+    case: dict  # {"image", "lr_size"}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> Localization | None:
+        if d is None:
+            return None
+        loc = _build(cls, d)
+        loc.culprit = _build(Layer, d["culprit"])
+        loc.top = [_build(Layer, t) for t in d["top"]]
+        return loc
+
+    def line(self) -> str:
+        c = self.culprit
+        if c is None:
+            return f"  - localization: {self.note}"
+        weights = f", weights {', '.join(f'`{w}`' for w in c.weights)}" if c.weights else ""
+        module = f" (module `{c.module}`{weights})" if c.module else weights
+        err = "NaN/Inf" if c.rel_err is None else f"{c.rel_err:.2e}"
+        against = (f"passing fp32 ONNX `{Path(self.reference).name}`" if self.method == "onnx-reference"
+                   else "the fp32 torch reference (forward hooks)")
+        h, w = self.case["lr_size"]
+        where = f"{self.layers_compared} tensors compared with {against} on {self.case['image']} {h}x{w}"
+        if self.sharp_jump:
+            return (f"  - first layer whose error jumps: `{c.node}`{module}: relative error {err}, "
+                    f"at most {c.prev_max_rel_err:.1e} before it; {where}")
+        return (f"  - no single layer's error jumps {self.ratio:g}x above {self.floor:g} (the error "
+                f"builds up); largest increase at `{c.node}`{module}: {err}; {where}")
+
+
+@dataclass
+class Row:
+    """One thing run and judged: the reference, a derived torch model, an artifact or an artifact on
+    another runtime (role), with its verdict (status, reasons) and figures."""
+
+    name: str
+    role: str  # reference | derived | artifact | runtime
+    kind: str  # torch | checkpoint | onnx | engine | ncnn
+    path: str | None
+    sha256: str | None
+    runner: str
+    precision: str
+    precision_source: str
+    gated: bool
+    status: str  # reference | pass | fail | error | skipped | info
+    reasons: list[str]
+    note: str
+    limits: Limits | None
+    summary: Summary | None
+    polygraphy: PolygraphyCheck | None
+    results: list[CaseResult]
+    localization: Localization | None
+
+    @classmethod
+    def from_json(cls, d: dict) -> Row:
+        row = _build(cls, d)
+        row.limits, row.summary = _build(Limits, d["limits"]), _build(Summary, d["summary"])
+        row.polygraphy = _build(PolygraphyCheck, d["polygraphy"])
+        row.results = [_build(CaseResult, r) for r in d["results"]]
+        row.localization = Localization.from_json(d["localization"])
+        return row
+
+    def table_line(self) -> str:
+        result = {"reference": "ref", "pass": "PASS", "fail": "**FAIL**", "error": "**ERROR**",
+                  "skipped": "skipped", "info": "info"}[self.status]
+        s, lim = self.summary, self.limits
+        if s is None:
+            cells = ["–"] * 5
+        else:
+            max_abs = _fmt(s.max_abs, ".2e")
+            psnr_txt = "identical" if s.identical_cases == s.cases else _fmt(s.min_psnr, ".1f")
+            if self.role == "reference":
+                max_abs, psnr_txt = "–", "–"
+            if lim:
+                max_abs += f" ({lim.max_abs:g})"
+                psnr_txt += f" ({lim.min_psnr:g})"
+            delta = "" if s.y_psnr_delta is None or self.role == "reference" else f" ({s.y_psnr_delta:+.2f})"
+            cells = [max_abs, psnr_txt, _fmt(s.y_psnr, ".2f") + delta, _fmt(s.ssim, ".4f"), str(s.nonfinite)]
+        return f"| {result} | {self.name} | {self.runner} | {self.precision} | " + " | ".join(cells) + " |"
+
+    def notes(self) -> list[str]:
+        """The lines under the table: why this row failed, was skipped or is not gated, and where
+        localization puts the error."""
+        notes = []
+        if self.status in ("fail", "error", "skipped") or (self.status == "info" and self.reasons):
+            notes.append(f"- **{self.name}** ({self.status}): " + "; ".join(self.reasons))
+        elif self.status == "info":
+            notes.append(f"- {self.name}: not gated, {self.note}")
+        if self.localization:
+            notes.append(self.localization.line())
+        return notes
+
+
+@dataclass
+class Reference:
+    path: str
+    sha256: str
+    variant: str
+    scale: int
+    upsampler: str
+    fused: bool
+    runner: str
+
+
+@dataclass
+class CaseInfo:
+    """One LR crop: what bicubic and the reference reach against its HR crop (None: identical, x1)."""
+
+    image: str
+    lr_size: list[int]
+    bicubic_y_psnr: float | None
+    bicubic_ssim: float
+    reference_y_psnr: float | None
+    reference_ssim: float
+
+
+@dataclass
+class Quality:
+    y_psnr: float | None
+    ssim: float
+    bicubic_y_psnr: float | None
+    bicubic_ssim: float
+
+
+@dataclass
+class Outputs:
+    """The report folder's files, relative to it."""
+
+    json: str = "parity.json"
+    markdown: str = "parity.md"
+    pngs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParityReport:
+    created_utc: str
+    passed: bool  # every gated row passed (skipped ones do not count)
+    tool_versions: dict[str, str | None]
+    reference: Reference
+    images: list[dict]  # {"name", "path"}
+    image_source: str
+    sizes: list[list[int]]
+    thresholds: dict[str, Limits]
+    overrides: dict  # {"atol", "min_psnr"}: the user's overrides of the limits table, None where not given
+    reference_quality: Quality
+    cases: list[CaseInfo]
+    artifacts: list[Row]
+    notes: list[str] = field(default_factory=list)
+    outputs: Outputs = field(default_factory=Outputs)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ParityReport:
+        rep = _build(cls, d)
+        rep.reference, rep.reference_quality = _build(Reference, d["reference"]), _build(Quality, d["reference_quality"])
+        rep.thresholds = {k: _build(Limits, v) for k, v in d["thresholds"].items()}
+        rep.cases = [_build(CaseInfo, c) for c in d["cases"]]
+        rep.artifacts = [Row.from_json(a) for a in d["artifacts"]]
+        rep.outputs = _build(Outputs, d["outputs"])
+        return rep
+
+    def markdown(self) -> str:
+        r, q = self.reference, self.reference_quality
+        compat_fail = [a for a in self.artifacts if a.role == "runtime" and a.status in ("fail", "error") and not a.gated]
+        more = f" (runtime compatibility: {len(compat_fail)} row(s) FAIL, see below)" if compat_fail else ""
+        lines = [
+            f"# Parity: {'PASS' if self.passed else 'FAIL'}{more}",
+            "",
+            f"Reference: `{Path(r.path).name}` ({r.variant} x{r.scale}, {r.upsampler}, {r.runner}), "
+            f"sha256 `{r.sha256[:12]}`",
+            f"Images: {', '.join(i['name'] for i in self.images)} ({self.image_source}) at LR "
+            f"{', '.join(f'{h}x{w}' for h, w in self.sizes)}: {len(self.cases)} cases. "
+            f"Ground truth (HR): reference Y-PSNR {_db(q.y_psnr)} / SSIM {q.ssim:.4f}; "
+            f"bicubic {_db(q.bicubic_y_psnr)} / {q.bicubic_ssim:.4f}"
+            + (" (at x1 bicubic is the identity: LR = HR)." if r.scale == 1 else "."),
+            "",
+            "| result | artifact | runner | precision | max abs (limit) | min PSNR dB (limit) | Y-PSNR dB (Δ ref) | SSIM | NaN/Inf |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [a.table_line() for a in self.artifacts]
+        notes = [n for a in self.artifacts for n in a.notes()]
+        if notes:
+            lines += ["", *notes]
+        lines += self.verified_on()
+        pngs = self.outputs.pngs
+        if pngs:
+            lines += ["", "Crops (LR bicubic | reference | each artifact; row 2: |diff| heat maps, white = at the "
+                      "artifact's max-abs limit): " + ", ".join(f"[{Path(p).name}]({p})" for p in pngs)]
+        lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in self.tool_versions.items() if v), ""]
+        return "\n".join(lines)
+
+    def verified_on(self) -> list[str]:
+        """Per file, the runtimes it passed and failed on: what a user who picks a runtime reads."""
+        by_path: dict[str, list[Row]] = {}
+        for a in self.artifacts:
+            if a.role in ("artifact", "runtime") and a.path:
+                by_path.setdefault(a.path, []).append(a)
+        if not any(len(rows) > 1 for rows in by_path.values()):
+            return []
+        lines = ["", "Runtimes each file is verified on (gated rows decide the result above; the others are "
+                 "compatibility rows with the same limits):", ""]
+        for path, rows in by_path.items():
+            parts = []
+            for a in rows:
+                s = a.summary
+                fig = f", {s.min_psnr:.1f} dB" if a.status == "fail" and s and s.min_psnr is not None else ""
+                parts.append(f"{a.runner} {a.status.upper()}{fig}" + ("" if a.gated else " (not gated)"))
+            lines.append(f"- `{Path(path).name}`: " + ", ".join(parts))
+        return lines
+
+    def runtime_verdicts(self) -> dict:
+        """Per file name: the runtimes whose row passed (verified), and every other judged or skipped
+        row with its status and reasons (not verified). Info rows (ungated diagnostics) are neither.
+        Plain data: the manifest stores it and the model card is written from it (`card_lines`)."""
+        out: dict = {}
+        for a in self.artifacts:
+            if a.role not in ("artifact", "runtime") or not a.path:
+                continue
+            v = out.setdefault(Path(a.path).name, {"precision": a.precision, "verified": [], "not_verified": []})
+            if a.status == "pass":
+                v["verified"].append(a.runner)
+            elif a.status in ("fail", "error", "skipped"):
+                v["not_verified"].append({"runner": a.runner, "status": a.status, "reasons": a.reasons})
+        return out
 
 
 def _fmt(v, spec: str, none: str = "–") -> str:
@@ -91,127 +319,13 @@ def _fmt(v, spec: str, none: str = "–") -> str:
 
 
 def _db(v: float | None) -> str:
-    # null = infinite PSNR: identical to the ground truth (bicubic at x1, where LR is the HR crop)
+    # None = infinite PSNR: identical to the ground truth (bicubic at x1, where LR is the HR crop)
     return "identical (inf dB)" if v is None else f"{v:.2f} dB"
 
 
-def markdown(report: dict) -> str:
-    r = report["reference"]
-    q = report["reference_quality"]
-    imgs = ", ".join(i["name"] for i in report["images"])
-    sizes = ", ".join(f"{h}x{w}" for h, w in report["sizes"])
-    compat_fail = [a for a in report["artifacts"] if a["role"] == "runtime" and a["status"] in ("fail", "error")
-                   and not a["gated"]]
-    more = f" (runtime compatibility: {len(compat_fail)} row(s) FAIL, see below)" if compat_fail else ""
-    lines = [
-        f"# Parity: {'PASS' if report['passed'] else 'FAIL'}{more}",
-        "",
-        f"Reference: `{Path(r['path']).name}` ({r['variant']} x{r['scale']}, {r['upsampler']}, "
-        f"{r['runner']}), sha256 `{r['sha256'][:12]}`",
-        f"Images: {imgs} ({report['image_source']}) at LR {sizes}: {len(report['cases'])} cases. "
-        f"Ground truth (HR): reference Y-PSNR {_db(q['y_psnr'])} / SSIM {q['ssim']:.4f}; "
-        f"bicubic {_db(q['bicubic_y_psnr'])} / {q['bicubic_ssim']:.4f}"
-        + (" (at x1 bicubic is the identity: LR = HR)." if r["scale"] == 1 else "."),
-        "",
-        "| result | artifact | runner | precision | max abs (limit) | min PSNR dB (limit) | Y-PSNR dB (Δ ref) | SSIM | NaN/Inf |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for a in report["artifacts"]:
-        s, lim = a["summary"], a["limits"]
-        result = {"reference": "ref", "pass": "PASS", "fail": "**FAIL**", "error": "**ERROR**",
-                  "skipped": "skipped", "info": "info"}[a["status"]]
-        if s is None:
-            cells = ["–"] * 5
-        else:
-            max_abs = _fmt(s["max_abs"], ".2e")
-            psnr_txt = ("identical" if s["identical_cases"] == s["cases"] else _fmt(s["min_psnr"], ".1f"))
-            if a["role"] == "reference":
-                max_abs, psnr_txt = "–", "–"
-            if lim:
-                max_abs += f" ({lim['max_abs']:g})"
-                psnr_txt += f" ({lim['min_psnr']:g})"
-            delta = "" if s["y_psnr_delta"] is None or a["role"] == "reference" else f" ({s['y_psnr_delta']:+.2f})"
-            cells = [max_abs, psnr_txt, _fmt(s["y_psnr"], ".2f") + delta, _fmt(s["ssim"], ".4f"), str(s["nonfinite"])]
-        lines.append(f"| {result} | {a['name']} | {a['runner']} | {a['precision']} | " + " | ".join(cells) + " |")
-    notes = [n for a in report["artifacts"] for n in _notes(a)]
-    if notes:
-        lines += ["", *notes]
-    lines += verified_on(report)
-    pngs = report["outputs"]["pngs"]
-    if pngs:
-        lines += ["", "Crops (LR bicubic | reference | each artifact; row 2: |diff| heat maps, white = at the "
-                  "artifact's max-abs limit): " + ", ".join(f"[{Path(p).name}]({p})" for p in pngs)]
-    tv = report["tool_versions"]
-    lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in tv.items() if v), ""]
-    return "\n".join(lines)
-
-
-def _notes(a: dict) -> list[str]:
-    """The lines under the table for one row: why it failed, was skipped or is not gated, and where
-    localization puts the error."""
-    notes = []
-    if a["status"] in ("fail", "error", "skipped") or (a["status"] == "info" and a["reasons"]):
-        notes.append(f"- **{a['name']}** ({a['status']}): " + "; ".join(a["reasons"]))
-    elif a["status"] == "info":
-        notes.append(f"- {a['name']}: not gated, {a['note']}")
-    loc = a["localization"]
-    if loc and loc["culprit"]:
-        c = loc["culprit"]
-        weights = f", weights {', '.join(f'`{w}`' for w in c['weights'])}" if c["weights"] else ""
-        module = f" (module `{c['module']}`{weights})" if c["module"] else weights
-        err = "NaN/Inf" if c["rel_err"] is None else f"{c['rel_err']:.2e}"
-        against = (f"passing fp32 ONNX `{Path(loc['reference']).name}`" if loc["method"] == "onnx-reference"
-                   else "the fp32 torch reference (forward hooks)")
-        where = (f"{loc['layers_compared']} tensors compared with {against} on "
-                 f"{loc['case']['image']} {loc['case']['lr_size'][0]}x{loc['case']['lr_size'][1]}")
-        if loc["sharp_jump"]:
-            notes.append(f"  - first layer whose error jumps: `{c['node']}`{module}: relative error {err}, "
-                         f"at most {c['prev_max_rel_err']:.1e} before it; {where}")
-        else:
-            notes.append(f"  - no single layer's error jumps {loc['ratio']:g}x above {loc['floor']:g} (the error "
-                         f"builds up); largest increase at `{c['node']}`{module}: {err}; {where}")
-    elif loc:
-        notes.append(f"  - localization: {loc['note']}")
-    return notes
-
-
-def verified_on(report: dict) -> list[str]:
-    """Per file, the runtimes it passed and failed on: what the model card tells a user who picks a runtime."""
-    by_path: dict = {}
-    for a in report["artifacts"]:
-        if a["role"] in ("artifact", "runtime") and a["path"]:
-            by_path.setdefault(a["path"], []).append(a)
-    if not any(len(rows) > 1 for rows in by_path.values()):
-        return []
-    lines = ["", "Runtimes each file is verified on (gated rows decide the result above; the others are "
-             "compatibility rows with the same limits):", ""]
-    for path, rows in by_path.items():
-        parts = []
-        for a in rows:
-            s = a["summary"]
-            fig = f", {s['min_psnr']:.1f} dB" if a["status"] == "fail" and s and s["min_psnr"] is not None else ""
-            parts.append(f"{a['runner']} {a['status'].upper()}{fig}" + ("" if a["gated"] else " (not gated)"))
-        lines.append(f"- `{Path(path).name}`: " + ", ".join(parts))
-    return lines
-
-
-def runtime_verdicts(report: dict) -> dict:
-    """Per file name: the runtimes whose row passed (verified), and every other judged or skipped
-    row with its status and reasons (not verified). Info rows (ungated diagnostics) are neither."""
-    out: dict = {}
-    for a in report["artifacts"]:
-        if a["role"] not in ("artifact", "runtime") or not a["path"]:
-            continue
-        v = out.setdefault(Path(a["path"]).name, {"precision": a["precision"], "verified": [], "not_verified": []})
-        if a["status"] == "pass":
-            v["verified"].append(a["runner"])
-        elif a["status"] in ("fail", "error", "skipped"):
-            v["not_verified"].append({"runner": a["runner"], "status": a["status"], "reasons": a["reasons"]})
-    return out
-
-
 def card_lines(verdicts: dict) -> list[str]:
-    """The model card's runtime section: exactly the passing rows as verified, the rest as not."""
+    """The model card's runtime section from the manifest's stored verdicts (`ParityReport.runtime_verdicts`):
+    exactly the passing rows as verified, the rest as not."""
     lines = ["## Runtimes", "", "A file is verified on the runtimes whose parity row passed, and on no other:", ""]
     for name, v in sorted(verdicts.items()):  # the manifest stores keys sorted: one order either way
         text = f"- `{name}` ({v['precision']}): verified on " + (", ".join(v["verified"]) or "no runtime")
@@ -220,41 +334,3 @@ def card_lines(verdicts: dict) -> list[str]:
             text += f"; {what} on {n['runner']} ({n['status'].upper()}: {'; '.join(n['reasons'])})"
         lines.append(text)
     return lines
-
-
-def _pick_crops(cases: list, n: int) -> list[int]:
-    """Up to n cases, alternating sizes and preferring images not shown yet."""
-    sizes = list(dict.fromkeys(tuple(c[1]) for c in cases))
-    chosen: list[int] = []
-    for i in range(min(n, len(cases))):
-        size = sizes[i % len(sizes)]
-        shown = {cases[k][0] for k in chosen}
-        pool = [k for k, c in enumerate(cases) if tuple(c[1]) == size and k not in chosen]
-        fresh = [k for k in pool if cases[k][0] not in shown]
-        if fresh or pool:
-            chosen.append((fresh or pool)[0])
-    return chosen
-
-
-def write_outputs(report: dict, entries: list, cases: list, scale: int, out_dir: Path, *, force: bool,
-                  png_crops: int, inputs=()) -> dict:
-    """Render and write everything; returns the report as written (non-finite numbers as null)."""
-    with atomic_folder(out_dir, force=force, inputs=inputs) as tmp:
-        reference = entries[0]
-        shown = [e for e in entries[1:] if e.outputs]
-        pngs = []
-        if png_crops > 0:
-            (tmp / "crops").mkdir()
-        for k in _pick_crops(cases, png_crops):
-            name, size, lr, _ = cases[k]
-            ref_img = to_image(reference.outputs[k])
-            arts = [(e.name, to_image(e.outputs[k]), e.limits.max_abs if e.limits else None) for e in shown]
-            rel = f"crops/{name}_{size[0]}x{size[1]}.png"
-            render_crop(lr, ref_img, arts, scale).save(tmp / rel)
-            pngs.append(rel)
-        report["outputs"] = {"json": "parity.json", "markdown": "parity.md", "pngs": pngs}
-        report = json_finite(report)
-        validate(report)
-        (tmp / "parity.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-        (tmp / "parity.md").write_text(markdown(report))
-    return report

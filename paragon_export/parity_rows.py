@@ -15,6 +15,7 @@ from .checkpoint import load_model
 from .cpu import isa
 from .errors import ParagonError, require_file
 from .onnx_graph import read_metadata
+from .parity_report import CaseResult, Localization, PolygraphyCheck, Row, Summary
 from .runners import (RUNTIMES, RuntimeUnavailable, TorchCpuRunner, artifact_kind, engine_precision, onnx_runner,
                       open_runner, resolve_runtime)
 from .verify import Limits
@@ -43,13 +44,19 @@ class Entry:
     outputs: list = field(default_factory=list)
     status: str = ""
     reasons: list = field(default_factory=list)
-    results: list = field(default_factory=list)
-    summary: dict | None = None
-    polygraphy: dict | None = None
-    localization: dict | None = None
+    results: list[CaseResult] = field(default_factory=list)
+    summary: Summary | None = None
+    polygraphy: PolygraphyCheck | None = None
+    localization: Localization | None = None
     limits: Limits | None = None
     compat: bool = False  # a runtime row: judged PASS/FAIL, gating only when its runtime is required
     context: str = ""  # appended to a failing row's reasons (what the failure is attributed to)
+
+    def row(self) -> Row:
+        """What the report keeps of this entry once it has run and been judged."""
+        return Row(self.name, self.role, self.kind, str(self.path) if self.path else None, self.sha256, self.runner,
+                   self.precision, self.precision_source, self.gated, self.status, self.reasons, self.note,
+                   self.limits, self.summary, self.polygraphy, self.results, self.localization)
 
 
 def classify(path: Path) -> str:

@@ -64,17 +64,16 @@ def qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[st
 def parity_step(root: Path, artifacts: list[Path], cpu_files: list[Path], ncnn_pairs: list[Path], src: Path,
                 scale: int) -> list[dict]:
     from .parity import parity
-    from .parity_report import runtime_verdicts
 
     # The CPU int8 file's row is reported, never gating: whether it exists depends on this CPU.
     report = parity(artifacts + cpu_files + ncnn_pairs, root / "parity", ref=src, scale=scale, force=True,
                     ungated=tuple(cpu_files))
     return [{"path": root / "parity" / "parity.json", "kind": "parity-json", "parent": None,
-             "meta": {"passed": report["passed"], "runtimes": runtime_verdicts(report)}},
+             "meta": {"passed": report.passed, "runtimes": report.runtime_verdicts()}},
             {"path": root / "parity" / "parity.md", "kind": "parity-md", "parent": None},
             # every file of the folder, so a later run can prove it ours and remove it whole
             *({"path": root / "parity" / png, "kind": "parity-png", "parent": None}
-              for png in report["outputs"]["pngs"])]
+              for png in report.outputs.pngs)]
 
 
 def engine_step(root: Path, models: list[Path], progress: Callable[[str], None]) -> list[dict]:

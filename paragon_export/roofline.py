@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,18 @@ def fp32_peak_gmacs(threads: int, n: int = PROBE_N, repeats: int = 5) -> float:
     return n**3 / best / 1e9
 
 
-def peak_info(threads: int) -> dict:
-    return {"fp32_gmac_s": round(fp32_peak_gmacs(threads), 2), "threads": threads, "isa": isa(), "method": PEAK_NOTE}
+@dataclass(frozen=True)
+class Peak:
+    """This CPU's measured fp32 peak at a thread count; the fields are the bench report's "peak" object."""
+
+    fp32_gmac_s: float
+    threads: int
+    isa: str
+    method: str = PEAK_NOTE
+
+
+def peak_info(threads: int) -> Peak:
+    return Peak(round(fp32_peak_gmacs(threads), 2), threads, isa())
 
 
 def onnx_macs_per_pixel(path: Path | str, hw: tuple[int, int]) -> float | None:

@@ -46,7 +46,7 @@ class TorchCpuRunner(PytRunner):
     def activate_impl(self):
         # A copy: casting to half must not change the caller's fp32 model.
         if self.dtype == torch.float16:
-            from .fp16 import torch_half_model  # avoids oneDNN's fp16 long-kernel convs, which hang
+            from .torch_half import torch_half_model  # avoids oneDNN's fp16 long-kernel convs, which hang
 
             # oneDNN's fp16 convs are far faster channels-last on CPU (README: measured figures)
             self.model = torch_half_model(self._model).to(memory_format=torch.channels_last)
@@ -100,7 +100,7 @@ def _refuse_foreign_engine(path: Path) -> dict | None:
     """Consult the engine folder's manifest: a plan built for another GPU or TensorRT version would only
     fail inside TensorRT with a traceback, so it is refused first with the rebuild command. Returns the
     engine's manifest entry (None when it has none)."""
-    from .engines.build import EngineMismatch, current_target, load_engine
+    from .engines.load import EngineMismatch, current_target, load_engine
     from .engines.manifest import entry_for_file
 
     try:

@@ -10,16 +10,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from paragon_export.bench import bench, format_table
+from paragon_export.bench import bench
 from paragon_export.checkpoint import save_model
 from paragon_export.cli import main
 
 from conftest import export_onnx_file, make_model
 
-RESULT_FIELDS = {"artifact", "name", "runtime", "form", "precision", "scale", "size", "input_hw", "output_hw", "runs",
-                 "median_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "throughput_img_s", "throughput_out_mpix_s",
-                 "peak_rss_mib", "memory_method", "baseline", "speedup_vs_eager", "label", "macs_per_lr_pixel",
-                 "gmac_s", "peak_fraction"}
+# The report file's keys, in their order: readers of bench.json depend on them.
+REPORT_KEYS = ["format", "version", "created", "host", "settings", "latency", "memory", "limit", "peak", "baseline",
+               "ratios", "results", "skipped"]
+RESULT_KEYS = ["artifact", "name", "label", "runtime", "form", "precision", "scale", "size", "input_hw", "output_hw",
+               "runs", "median_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "throughput_img_s",
+               "throughput_out_mpix_s", "peak_rss_mib", "memory_method", "baseline", "speedup_vs_eager",
+               "macs_per_lr_pixel", "gmac_s", "peak_fraction"]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +51,18 @@ def test_report_fields_and_ratios(artifacts):
     out = artifacts["dir"] / "bench.json"
     arts = [artifacts["onnx"], artifacts["unfused"], artifacts["int8"]]
     report = bench(arts, sizes=[(24, 40)], threads=1, runs=2, warmup=1, json_path=out)
-    assert json.loads(out.read_text()) == report
-    assert report["format"] == "paragon-export/bench" and report["settings"]["threads"] == 1
-    assert report["baseline"]["artifact"] == str(artifacts["unfused"])  # the unfused checkpoint, wherever listed
-    rows = {r["name"]: r for r in report["results"]}
+    written = json.loads(out.read_text())
+    assert written == report.to_json() and list(written) == REPORT_KEYS
+    assert all(list(r) == RESULT_KEYS for r in written["results"]) and written["skipped"] == []
+    assert list(written["settings"]) == ["threads", "runs", "warmup", "sizes", "input"]
+    assert list(written["peak"]) == ["fp32_gmac_s", "threads", "isa", "method"]
+    assert written["format"] == "paragon-export/bench" and written["version"] == 1
+    assert written["settings"]["threads"] == 1 and written["settings"]["sizes"] == ["24x40"]
+    assert written["baseline"] == {"artifact": str(artifacts["unfused"]), "runtime": "torch eager fp32"}
+    assert report.baseline == str(artifacts["unfused"])  # the unfused checkpoint, wherever listed
+    rows = {r["name"]: r for r in written["results"]}
     assert list(rows) == ["nano_fp32.onnx", "nano.safetensors", "nano_int8.onnx"]
     for r in rows.values():
-        assert RESULT_FIELDS <= set(r)
         assert r["runs"] == 2 and r["size"] == "24x40" and r["output_hw"] == [48, 80]
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"]
         assert r["throughput_img_s"] == pytest.approx(1000 / r["median_ms"])
@@ -68,8 +76,8 @@ def test_report_fields_and_ratios(artifacts):
         assert rows[name]["speedup_vs_eager"] == pytest.approx(base["median_ms"] / rows[name]["median_ms"])
     assert [rows[n]["precision"] for n in rows] == ["fp32", "fp32", "int8"]
     # the limit: MACs per LR pixel from the graph (checkpoint: its conv calls), GMAC/s, fraction of the probed peak
-    peak = report["peak"]["fp32_gmac_s"]
-    assert peak > 0 and report["peak"]["isa"]
+    peak = report.peak.fp32_gmac_s
+    assert peak > 0 and report.peak.isa
     for r in rows.values():
         assert r["label"] == r["name"]  # names are distinct here
         assert r["gmac_s"] == pytest.approx(r["macs_per_lr_pixel"] * 24 * 40 / r["median_ms"] / 1e6, rel=1e-3)
@@ -95,11 +103,13 @@ def test_same_file_names_get_distinct_labels(artifacts, tmp_path):
     other.parent.mkdir()
     shutil.copy(artifacts["onnx"], other)
     report = bench([artifacts["onnx"], other], sizes=[(16, 16)], threads=1, runs=1, warmup=0)
-    labels = [r["label"] for r in report["results"]]
+    labels = [r.label for r in report.results]
     assert len(set(labels)) == 2 and labels[1] == "qat/nano_fp32.onnx"
     assert all(lb.endswith("nano_fp32.onnx") for lb in labels)
-    table = format_table(report)
-    assert "qat/nano_fp32.onnx" in table and "% peak" in table and "kMAC/px" in table
+    table = report.markdown().splitlines()
+    assert table[0].startswith("| artifact ") and "% peak" in table[0] and "kMAC/px" in table[0]
+    assert table[3].startswith("| qat/nano_fp32.onnx ") and table[3].count("|") == 14
+    assert table[-2].startswith("threads 1, 1 timed runs after 0 warm-up, no PyTorch checkpoint given")
 
 
 def test_graph_mac_counter_on_a_known_graph():

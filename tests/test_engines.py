@@ -22,7 +22,7 @@ import torch
 from paragon_export.engines import (BuildOptions, EngineMismatch, GpuInfo, Profile, Target, build_engine, choose_profile,
                      engine_filename, incompatibility, inspect_onnx, load_engine, make_key, parse_profile,
                      preset_profile, read_manifest, rebuild_engine, trtexec_command, validate_profile)
-from paragon_export.engines.check import find_reference, run_check, verdict_row
+from paragon_export.engines.check import CheckRow, EngineCheck, find_reference, run_check, verdict_row
 from paragon_export.engines.gpu import parse_nvidia_smi, query_gpu
 from paragon_export.engines.manifest import entry_for_file, put_entry, remove_entry
 from paragon_export.engines.onnx_info import detect_precision
@@ -296,9 +296,9 @@ def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
     fake = FakeCompile()
     art, rep = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, preset="4k-tiles", compile_fn=fake,
                       options=BuildOptions(workspace_gb=2.0))
-    assert rep["status"] == "built" and len(fake.calls) == 1
+    assert rep.status == "built" and len(fake.calls) == 1
     assert art.path.name.startswith("nano_x2_fp16_h200-sm90_trt10.3.0_") and art.path.read_bytes().startswith(b"PLAN")
-    entry = read_manifest(tmp_path)["engines"][rep["digest"]]
+    entry = read_manifest(tmp_path)["engines"][rep.digest]
     assert entry["file"] == art.path.name and entry["key"]["precision"] == "fp16"
     assert entry["key"]["profile"] == preset_profile("4k-tiles").as_dict()
     assert entry["key"]["options"] == {"workspace_gb": 2.0, "hardware_compat": "none"}
@@ -308,7 +308,7 @@ def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
 
     again, rep2 = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, preset="4k-tiles", compile_fn=fake,
                          options=BuildOptions(workspace_gb=2.0))
-    assert rep2["status"] == "up to date" and again.path == art.path and len(fake.calls) == 1
+    assert rep2.status == "up to date" and again.path == art.path and len(fake.calls) == 1
     _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, preset="4k-tiles", compile_fn=fake,
            options=BuildOptions(workspace_gb=2.0), force=True)
     assert len(fake.calls) == 2
@@ -320,11 +320,38 @@ def test_build_writes_engine_and_manifest_then_reuses_it(onnx_dir, tmp_path):
 
 def test_failed_check_writes_nothing(onnx_dir, tmp_path):
     def failing_check(data, model, prof, reference):
-        return {"passed": False, "rows": [{"input": "astronaut 64x64", "passed": False, "why": "PSNR 20 dB < 45"}]}
+        return EngineCheck("fp16", "ref.onnx", 2, [CheckRow("astronaut 64x64", 0.1, 0.01, 20.0, True, False,
+                                                            "PSNR 20 dB < 45")])
 
     with pytest.raises(ParagonError, match="fails its check, nothing written: astronaut 64x64: PSNR 20"):
         _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, check=True, check_fn=failing_check)
     assert not list(tmp_path.glob("*.engine")) and read_manifest(tmp_path)["engines"] == {}
+
+
+def test_check_and_build_reports_keep_their_json_shape(onnx_dir, tmp_path):
+    from paragon_export.verify import LIMITS
+
+    rows = [CheckRow("astronaut 64x64", 2e-3, 1e-4, 58.0, True, True, ""),
+            CheckRow("batch of 2 64x64", 3e-3, 2e-4, 55.5, True, True, "")]
+    check = EngineCheck("fp16", "ref.onnx", 2, rows)
+    limits = {"max_abs": LIMITS["fp16"].max_abs, "min_psnr": LIMITS["fp16"].min_psnr}
+    js = check.to_json()
+    assert list(js) == ["precision", "reference", "thresholds", "scale", "rows", "passed", "worst_psnr", "worst_max_abs"]
+    assert js["thresholds"] == limits and js["passed"] and (js["worst_psnr"], js["worst_max_abs"]) == (55.5, 3e-3)
+    assert js["rows"][0] == {"input": "astronaut 64x64", "max_abs": 2e-3, "mean_abs": 1e-4, "psnr": 58.0,
+                             "finite": True, "passed": True, "why": ""}
+    art, rep = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path, check=True, check_fn=lambda *a: check)
+    assert read_manifest(tmp_path)["engines"][rep.digest]["check"] == {
+        "passed": True, "worst_psnr": 55.5, "worst_max_abs": 3e-3, "reference": "ref.onnx", "thresholds": limits}
+    built = rep.to_json()
+    assert list(built) == ["engine", "digest", "key", "trtexec", "status", "gpu", "trt_version", "precision",
+                           "precision_note", "profile", "check", "others", "build_seconds"]
+    assert built["engine"] == str(art.path) and built["check"] == js and built["build_seconds"] >= 0
+    text = rep.text().splitlines()
+    assert text[0] == f"built: {art.path}" and text[3] == f"  {rep.trtexec}"
+    assert text[4].startswith("check vs ref.onnx on ORT CPU (fp16: PSNR >= ") and text[-1].endswith("PSNR 55.50 dB  ok")
+    _, again = _build(onnx_dir / "nano_x2_fp16.onnx", tmp_path)
+    assert again.status == "up to date" and "build_seconds" not in again.to_json() and again.to_json()["check"] is None
 
 
 def test_ampere_plus_needs_an_ampere_gpu(onnx_dir, tmp_path):
@@ -352,11 +379,11 @@ def test_loading_on_another_gpu_refuses_and_rebuild_builds_for_it(onnx_dir, tmp_
                                timing_cache=tmp_path / "tc.cache")
     assert new.path != art.path and art.path.exists() and "nvidia-l4" not in new.path.name
     assert new.path.name.startswith("nano_x2_int8_l4-sm89_trt10.3.0_")
-    assert fake.calls[0][1] == rep["profile"]  # same profile and options as the original
+    assert fake.calls[0][1] == rep.profile  # same profile and options as the original
     assert load_engine(new.path, target=Target(L4, "10.3.0"))[1]["key"]["gpu"] == "NVIDIA L4"
     assert len(read_manifest(tmp_path)["engines"]) == 2
     _, rep3 = _build(onnx_dir / "nano_x2_int8.onnx", tmp_path, gpu=L4)
-    assert rep3["status"] == "up to date" and rep3["others"] and "NVIDIA H200" in rep3["others"][0]
+    assert rep3.status == "up to date" and rep3.others and "NVIDIA H200" in rep3.others[0]
 
     new.path.write_bytes(b"truncated")
     with pytest.raises(ParagonError, match="modified or truncated"):
@@ -417,8 +444,8 @@ def test_check_passes_fp16_and_catches_a_broken_model(onnx_dir, tmp_path):
     assert find_reference(fp16).path == ref.path
     with OnnxrtRunner(SessionFromOnnx(str(fp16.path))) as a, OnnxrtRunner(SessionFromOnnx(str(ref.path))) as b:
         rep = run_check(a, fp16, b, ref, prof, "fp16")
-    assert rep["passed"] and rep["scale"] == 2 and rep["worst_psnr"] > 60
-    sizes = {r["input"].split()[1] for r in rep["rows"]}
+    assert rep.passed and rep.scale == 2 and rep.worst_psnr > 60
+    sizes = {r.input.split()[1] for r in rep.rows}
     assert sizes == {"64x64", "45x77"}
 
     m = onnx.load(str(ref.path))  # one conv weight scaled by 1.05: a subtly wrong artifact
@@ -429,17 +456,38 @@ def test_check_passes_fp16_and_catches_a_broken_model(onnx_dir, tmp_path):
     broken = inspect_onnx(tmp_path / "broken.onnx")
     with OnnxrtRunner(SessionFromOnnx(str(broken.path))) as a, OnnxrtRunner(SessionFromOnnx(str(ref.path))) as b:
         bad = run_check(a, broken, b, ref, prof, "fp32")
-    assert not bad["passed"] and all(not r["passed"] for r in bad["rows"])
-    assert "max abs" in bad["rows"][0]["why"]
+    assert not bad.passed and all(not r.passed for r in bad.rows)
+    assert "max abs" in bad.rows[0].why
+
+
+def test_check_engine_opens_its_reference_through_open_runner(onnx_dir, monkeypatch):
+    import polygraphy.backend.trt as polygraphy_trt
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    import paragon_export.runners as runners
+    from paragon_export.engines import builder, check, trt
+
+    fp16 = inspect_onnx(onnx_dir / "nano_x2_fp16.onnx")
+    # No TensorRT here: the "plan" is the fp16 ONNX's path, run by ORT where TrtRunner would run it.
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(builder, "deserialize", lambda _trt, data, options, onnx: data)
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", lambda plan: OnnxrtRunner(SessionFromOnnx(plan)))
+    opened, real = [], runners.open_runner
+    monkeypatch.setattr(runners, "open_runner", lambda *a, **k: opened.append(a) or real(*a, **k))
+    rep = check.check_engine(str(fp16.path), fp16, parse_profile("32x32:45x64:64x77"))
+    ref = (onnx_dir / "nano_x2_fp32.onnx").resolve()
+    assert opened == [(ref, "onnxruntime")] and rep.reference == str(ref)
+    assert rep.passed and rep.precision == "fp16" and len(rep.rows) >= 2
 
 
 def test_compare_flags_nan_and_shape():
     ref = np.zeros((1, 3, 8, 8), np.float32)
     out = ref.copy()
     out[0, 0, 0, 0] = np.nan
-    assert "NaN/Inf" in verdict_row(out, ref, "fp16")["why"]
-    assert "shape" in verdict_row(ref[:, :, :4], ref, "fp32")["why"]
-    assert verdict_row(ref + 1e-5, ref, "fp32")["passed"]
+    assert "NaN/Inf" in verdict_row("x", out, ref, "fp16").why
+    shape = verdict_row("x", ref[:, :, :4], ref, "fp32")
+    assert "shape" in shape.why and shape.max_abs is None and "FAIL" in shape.text()
+    assert verdict_row("x", ref + 1e-5, ref, "fp32").passed
 
 
 def test_reference_discovery(onnx_dir, tmp_path):
@@ -770,7 +818,7 @@ def test_bench_reads_engine_precision_from_the_manifest_key(onnx_dir, tmp_path):
 
 
 # TensorRT "imports" and a GPU "exists", but this machine is an L4 where the engine was built on an H200.
-_ON_AN_L4 = ("import paragon_export.runners as r, paragon_export.engines.build as b\n"
+_ON_AN_L4 = ("import paragon_export.runners as r, paragon_export.engines.load as b\n"
              "from paragon_export.engines import GpuInfo\n"
              "r.tensorrt_unavailable = lambda: None\n"
              "b.current_target = lambda: b.Target(GpuInfo('NVIDIA L4', (8, 9)), '10.3.0')")

@@ -520,7 +520,7 @@ def test_native_kernels_are_reported_apart_and_never_gate(default_run, fp32, tmp
     ckpt = tmp_path / "nano_x2.safetensors"
     save_model(seeded_fused(0), ckpt, variant="paragonsr2_nano", force=True)
     rep = parity([ckpt, fp32, default_run.path], tmp_path / "parity", sizes="32x32,19x23")
-    rows = {a["runner"]: a for a in rep["artifacts"] if a["precision"] == "int8"}
-    assert rows["onnxrt-cpu"]["status"] == "pass" and rows["onnxrt-cpu"]["gated"]
-    assert rows["onnxrt-cpu-native"]["status"] == "info" and not rows["onnxrt-cpu-native"]["gated"]
-    assert f"[native {isa()}]" in rows["onnxrt-cpu-native"]["name"]
+    rows = {a.runner: a for a in rep.artifacts if a.precision == "int8"}
+    assert rows["onnxrt-cpu"].status == "pass" and rows["onnxrt-cpu"].gated
+    assert rows["onnxrt-cpu-native"].status == "info" and not rows["onnxrt-cpu-native"].gated
+    assert f"[native {isa()}]" in rows["onnxrt-cpu-native"].name

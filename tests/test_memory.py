@@ -56,7 +56,7 @@ def test_huge_sizes_are_refused_before_anything_runs(arts, monkeypatch, tmp_path
 def test_small_sizes_still_run_under_the_same_budget(arts, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda: BUDGET)
     report = bench([arts["onnx"]], sizes=[(32, 32)], threads=1, runs=1, warmup=0)
-    assert report["results"][0]["size"] == "32x32"
+    assert report.results[0].size == "32x32"
 
 
 def test_estimate_bounds_the_measured_peak(arts):
@@ -68,7 +68,7 @@ def test_estimate_bounds_the_measured_peak(arts):
         for art in (arts["onnx"], arts["ckpt"]):
             fp = memory.footprint(art)
             assert fp.scale == 2 and fp.values_per_pixel > 3 * (1 + 4)
-            measured = [bench([art], sizes=[s], threads=1, runs=1, warmup=0)["results"][0]["peak_rss_mib"] * 2**20
+            measured = [bench([art], sizes=[s], threads=1, runs=1, warmup=0).results[0].peak_rss_mib * 2**20
                         for s in sizes]
             est = [fp.bytes_at(s) for s in sizes]
             assert all(e >= m for e, m in zip(est, measured)), (art.name, est, measured)

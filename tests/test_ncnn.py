@@ -88,10 +88,10 @@ def test_an_fp32_onnx_source_is_verified_against_onnxruntime(tmp_path, pairs):
 def test_parity_bench_and_upscale_take_param_artifacts(tmp_path, pairs):
     p32, p16 = pairs["arts"]["fp32"].path, pairs["arts"]["fp16"].path
     rep = parity([pairs["ckpt"], p32, p16], tmp_path / "p", png_crops=0, sizes="45x77")
-    rows = {a["name"]: a for a in rep["artifacts"] if a["runner"] == "ncnn-cpu"}
-    assert rep["passed"] and set(rows) == {p32.name, p16.name} and "ncnn" in rep["tool_versions"]
-    assert rows[p32.name]["status"] == "pass" and rows[p32.name]["summary"]["max_abs"] < 1e-4
-    assert rows[p16.name]["precision"] == "fp16" and rows[p16.name]["limits"]["max_abs"] == 1e-2
+    rows = {a.name: a for a in rep.artifacts if a.runner == "ncnn-cpu"}
+    assert rep.passed and set(rows) == {p32.name, p16.name} and "ncnn" in rep.tool_versions
+    assert rows[p32.name].status == "pass" and rows[p32.name].summary.max_abs < 1e-4
+    assert rows[p16.name].precision == "fp16" and rows[p16.name].limits.max_abs == 1e-2
 
     img = tmp_path / "in.png"
     Image.fromarray((pairs["lr"] * 255).round().astype(np.uint8)).save(img)
@@ -153,8 +153,8 @@ def test_missing_packages_give_the_install_hint_and_a_skipped_row(tmp_path, pair
     with pytest.raises(RuntimeUnavailable, match=r"pip install 'paragon-export\[ncnn\]'"):
         open_runner(p)
     rep = parity([pairs["ckpt"], p], tmp_path / "par", png_crops=0, sizes="45x77")
-    row = next(a for a in rep["artifacts"] if a["runner"] == "ncnn-cpu")
-    assert rep["passed"] and row["status"] == "skipped" and "paragon-export[ncnn]" in row["reasons"][0]
+    row = next(a for a in rep.artifacts if a.runner == "ncnn-cpu")
+    assert rep.passed and row.status == "skipped" and "paragon-export[ncnn]" in row.reasons[0]
 
     monkeypatch.setitem(sys.modules, "pnnx", None)  # `import pnnx` raises ImportError
     with pytest.raises(ParagonError, match=r"pnnx is not installed \(pip install 'paragon-export\[ncnn\]'\)"):

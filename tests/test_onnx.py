@@ -18,12 +18,15 @@ import paragon_export.fp16 as fp16_mod
 from paragon_export import __version__
 from paragon_export.artifact import sha256_file
 from paragon_export.checkpoint import load_model, save_model
+from paragon_export.arch.paragonsr2 import VARIANTS
 from paragon_export.cli import main
+from paragon_export.engines.onnx_info import inspect_onnx, min_input_hw
 from paragon_export.errors import ParagonError
 from paragon_export.export_recipe import ExportRecipe
 from paragon_export.images import lr_hr_crops, sample_photo_paths
 from paragon_export.metrics import psnr
 from paragon_export.onnx_graph import io_dims, ort_session, read_metadata, run_session
+from paragon_export.torch_half import torch_half_model
 
 from chainner_scale import chainner_scale
 from conftest import make_model, write_model
@@ -117,6 +120,11 @@ def test_export_variant_plain_dynamic_verified(tmp_path, variant, upsampler, sca
     assert meta["precision"] == "fp32" and meta["opset"] == "17" and meta["toolkit_version"] == __version__
     assert meta["source_sha256"] == sha256_file(ckpt) and meta["source_fused"] == "true"
     assert not any(k.startswith("onnxsim") for k in meta)
+    # the model's own minimum (its band convs) travels in the file: engines read it instead of scanning
+    # the graph, and the scan, kept for foreign files, agrees with it
+    bk = VARIANTS[variant]["band_kernel_size"]
+    assert meta["min_size"] == f"{bk}x{bk}" and inspect_onnx(art.path).min_hw == (bk, bk)
+    assert min_input_hw(g, {}) == (bk, bk)
 
 
 def test_unfused_checkpoint_is_fused_and_verified_first(tmp_path):
@@ -304,6 +312,6 @@ def test_torch_half_reference_runs_long_band_kernels():
     x = torch.from_numpy(_photo(2, (32, 32)))
     with torch.no_grad():
         ref = m(x).numpy()
-        half = fp16_mod.torch_half_model(m)(x.half()).float().numpy()
+        half = torch_half_model(m)(x.half()).float().numpy()
     assert half.dtype == np.float32 and np.isfinite(half).all()
     assert 0 < np.abs(half - ref).max() < 0.05 * max(1.0, np.abs(ref).max())

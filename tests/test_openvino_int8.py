@@ -22,7 +22,7 @@ from paragon_export.int8_check import quiet_quantizer, trt_int8_exclusions
 from paragon_export.onnx_graph import ort_session
 from paragon_export.openvino_int8 import NARROW, diagnose, int8_convs, keep_int8, narrow_weights
 from paragon_export.parity import parity
-from paragon_export.parity_report import card_lines, runtime_verdicts
+from paragon_export.parity_report import ParityReport, card_lines
 from paragon_export.release import release
 from paragon_export.runners import onnx_runner
 from conftest import write_model
@@ -124,16 +124,16 @@ def test_failing_openvino_int8_row_gives_the_measured_cause_and_the_card_lists_p
     ckpt = save_model(seeded_fused(0), tmp_path / "nano_x2.safetensors", variant="paragonsr2_nano").path
     # No int8 meets 200 dB: every int8 row fails on any CPU, and the OpenVINO one gets its cause measured.
     rep = parity([ckpt, q8["fp32"], q8["path"]], tmp_path / "p", png_crops=0, sizes="24x24", min_psnr=200.0)
-    ov = next(a for a in rep["artifacts"] if a["runner"] == "openvino-cpu" and a["precision"] == "int8")
-    ort = next(a for a in rep["artifacts"] if a["runner"] == "onnxrt-cpu" and a["precision"] == "int8")
-    assert ov["status"] == ort["status"] == "fail"
-    assert any(r.startswith("OpenVINO vs this file's own Q/DQ semantics") for r in ov["reasons"])
-    assert not any("Q/DQ semantics" in r for r in ort["reasons"])
-    verdicts = runtime_verdicts(rep)
+    ov = next(a for a in rep.artifacts if a.runner == "openvino-cpu" and a.precision == "int8")
+    ort = next(a for a in rep.artifacts if a.runner == "onnxrt-cpu" and a.precision == "int8")
+    assert ov.status == ort.status == "fail"
+    assert any(r.startswith("OpenVINO vs this file's own Q/DQ semantics") for r in ov.reasons)
+    assert not any("Q/DQ semantics" in r for r in ort.reasons)
+    verdicts = rep.runtime_verdicts()
     for name, v in verdicts.items():
-        rows = [a for a in rep["artifacts"] if a["path"] and a["path"].endswith(name) and a["role"] in ("artifact", "runtime")]
-        assert v["verified"] == [a["runner"] for a in rows if a["status"] == "pass"]
-        assert [n["runner"] for n in v["not_verified"]] == [a["runner"] for a in rows if a["status"] in ("fail", "error", "skipped")]
+        rows = [a for a in rep.artifacts if a.path and a.path.endswith(name) and a.role in ("artifact", "runtime")]
+        assert v["verified"] == [a.runner for a in rows if a.status == "pass"]
+        assert [n["runner"] for n in v["not_verified"]] == [a.runner for a in rows if a.status in ("fail", "error", "skipped")]
     card = "\n".join(card_lines(verdicts))
     line = next(ln for ln in card.splitlines() if ln.startswith(f"- `{q8['path'].name}`"))
     assert "verified on no runtime" in line and "**not verified** on openvino-cpu (FAIL: " in line
@@ -147,7 +147,7 @@ def test_release_card_lists_the_runtimes_each_file_passed(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     verdicts = next(a["meta"]["runtimes"] for a in m["steps"]["parity"]["artifacts"] if a["kind"] == "parity-json")
     rep = json.loads((out / "parity" / "parity.json").read_text())
-    assert verdicts == runtime_verdicts(rep)
+    assert verdicts == ParityReport.from_json(rep).runtime_verdicts()
     card = (out / "MODEL_CARD.md").read_text()
     assert "\n".join(card_lines(verdicts)) in card
     assert "onnxrt-cpu" in verdicts["paragonsr2_nano_x2_fp32_op17.onnx"]["verified"]
@@ -192,8 +192,8 @@ def test_openvino_int8_file_passes_on_openvino_and_leaves_the_tensorrt_file_alon
     assert list(art.check.to_json()) == ["min_psnr", "max_abs"]  # the release manifest keeps its keys
     ckpt = save_model(seeded_fused(0), tmp_path / "nano_x2.safetensors", variant="paragonsr2_nano").path
     rep = parity([ckpt, art.path], tmp_path / "p", png_crops=0)  # the photos and sizes the file was checked on
-    rows = [a for a in rep["artifacts"] if a["path"] == str(art.path) and a["role"] in ("artifact", "runtime")]
-    assert [(a["runner"], a["gated"], a["status"]) for a in rows] == [("onnxrt-cpu", True, "pass"),
+    rows = [a for a in rep.artifacts if a.path == str(art.path) and a.role in ("artifact", "runtime")]
+    assert [(a.runner, a.gated, a.status) for a in rows] == [("onnxrt-cpu", True, "pass"),
                                                                       ("openvino-cpu", True, "pass")]
     with pytest.raises(ParagonError, match="already exists"):
         write_openvino_int8(q8["path"], tmp_path)

@@ -22,7 +22,8 @@ from paragon_export.errors import ParagonError
 from paragon_export.images import lr_hr_crops, sample_photo_paths, to_tensor
 from paragon_export.localize import localize, scope_to_module
 from paragon_export.parity import onnx_precision, parity
-from paragon_export.parity_report import LABEL_H, PAD
+from paragon_export.parity_files import LABEL_H, PAD
+from paragon_export.parity_report import ParityReport
 from paragon_export.runners import tensorrt_unavailable
 
 SIZES = "32x32,27x45"  # LR; the second is not a multiple of 8
@@ -113,6 +114,10 @@ def test_passing_set_exits_0_with_valid_json_and_pngs(arts, tmp_path):
             assert im.size == (cols * 2 * w + (cols + 1) * PAD, 2 * (LABEL_H + 2 * h) + 3 * PAD)
     md = (out / "parity.md").read_text()
     assert "| PASS | nano_fp32.onnx |" in md and "| PASS | nano_fp16.onnx |" in md
+    # the typed report is what the files hold: nothing lost reading parity.json back, and it renders parity.md
+    typed = ParityReport.from_json(report)
+    assert typed.to_json() == report and typed.markdown() == md
+    assert typed.artifacts[0].role == "reference" and typed.thresholds["fp16"].min_psnr == 50.0
     # the folder is not overwritten without --force
     res = CliRunner().invoke(main, ["parity", str(arts["ref"]), str(arts["fp32"]), "--sizes", SIZES, "-o", str(out)])
     assert res.exit_code == 1 and "already exists" in res.output
@@ -162,13 +167,13 @@ def test_localizer_via_torch_hooks_names_the_layer(arts):
 
 def test_nan_weight_is_detected_and_localized(arts, tmp_path):
     report = parity([arts["nan"]], tmp_path / "r", ref=arts["ref"], sizes="27x45", localize=True, png_crops=1)
-    assert report["passed"] is False
-    bad = _by_name(report)["nano_nan.onnx"]
-    assert bad["status"] == "fail" and bad["summary"]["nonfinite"] > 0
-    assert any("NaN/Inf" in r for r in bad["reasons"])
-    assert bad["localization"]["culprit"]["weights"][0] == NAN_INIT
-    assert bad["localization"]["culprit"]["rel_err"] is None  # non-finite
-    assert json.loads((tmp_path / "r" / "parity.json").read_text())["passed"] is False
+    assert report.passed is False
+    bad = next(a for a in report.artifacts if a.name == "nano_nan.onnx")
+    assert bad.status == "fail" and bad.summary.nonfinite > 0
+    assert any("NaN/Inf" in r for r in bad.reasons)
+    assert bad.localization.culprit.weights[0] == NAN_INIT
+    assert bad.localization.culprit.rel_err is None  # non-finite
+    assert json.loads((tmp_path / "r" / "parity.json").read_text()) == report.to_json()
 
 
 def test_precision_from_metadata_and_graph(arts):
@@ -212,8 +217,8 @@ def test_unreadable_user_images_are_skipped_and_listed(arts, tmp_path):
         shutil.copy(p, imgs)
     (imgs / "0_cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     report = parity([arts["ref"]], tmp_path / "out", images=imgs, sizes=[(24, 24)])
-    assert report["passed"] and len(report["images"]) == 2
-    assert any("0_cut.png: unreadable" in n for n in report["notes"]), report["notes"]
+    assert report.passed and len(report.images) == 2
+    assert any("0_cut.png: unreadable" in n for n in report.notes), report.notes
     bad = tmp_path / "bad"
     bad.mkdir()
     shutil.copy(imgs / "0_cut.png", bad)

@@ -163,11 +163,11 @@ def test_int8_cpu_step_records_the_decision_and_its_parity_row_never_gates(tmp_p
     assert any("CPU int8" in ln for ln in lines)
 
     report = parity([fp32, *files], tmp_path / "par", ref=ckpt, ungated=tuple(files))
-    rows = {a["name"]: a for a in report["artifacts"]}
+    rows = {a.name: a for a in report.artifacts}
     cpu_rows = [a for n, a in rows.items() if n.startswith(files[0].name)]
     # the file (Q/DQ reference semantics), its native-kernel row and other runtimes' rows
-    assert len(cpu_rows) >= 2 and not any(a["gated"] for a in cpu_rows)
-    assert rows[fp32.name]["gated"] and report["passed"]
+    assert len(cpu_rows) >= 2 and not any(a.gated for a in cpu_rows)
+    assert rows[fp32.name].gated and report.passed
 
 
 def test_manifest_has_the_same_permissions_as_every_artifact(tmp_path):

@@ -66,12 +66,12 @@ def test_missing_runtime_is_one_line_and_parity_skips_it(tmp_path, arts, monkeyp
     with pytest.raises(RuntimeUnavailable, match=r"pip install 'paragon-export\[openvino\]'"):
         open_runner(arts["onnx"], "openvino")
     rep = parity([arts["ckpt"], arts["onnx"]], tmp_path / "p", png_crops=0)
-    row = next(a for a in rep["artifacts"] if a["runner"] == "openvino-cpu")
-    assert rep["passed"] and row["status"] == "skipped" and "paragon-export[openvino]" in row["reasons"][0]
+    row = next(a for a in rep.artifacts if a.runner == "openvino-cpu")
+    assert rep.passed and row.status == "skipped" and "paragon-export[openvino]" in row.reasons[0]
     # Required but missing: an error row, and the gate fails.
     rep = parity([arts["ckpt"], arts["onnx"]], tmp_path / "q", png_crops=0, require=("openvino",))
-    row = next(a for a in rep["artifacts"] if a["runner"] == "openvino-cpu")
-    assert not rep["passed"] and row["status"] == "error" and row["gated"]
+    row = next(a for a in rep.artifacts if a.runner == "openvino-cpu")
+    assert not rep.passed and row.status == "error" and row.gated
     img = tmp_path / "in.png"
     Image.fromarray((arts["lr"] * 255).round().astype(np.uint8)).save(img)
     for art, msg in ((arts["onnx"], "openvino is not installed"), (arts["ckpt"], "runs on torch, not openvino")):
@@ -94,9 +94,9 @@ def test_openvino_runner_matches_torch_on_a_photo(arts):
 @needs_openvino
 def test_parity_rows_upscale_and_bench_on_openvino(tmp_path, arts):
     rep = parity([arts["ckpt"], arts["onnx"]], tmp_path / "p", png_crops=0, require=("openvino",))
-    row = next(a for a in rep["artifacts"] if a["runner"] == "openvino-cpu")
-    assert rep["passed"] and row["role"] == "runtime" and row["status"] == "pass" and row["gated"]
-    assert row["summary"]["max_abs"] < 1e-4 and "openvino" in rep["tool_versions"]
+    row = next(a for a in rep.artifacts if a.runner == "openvino-cpu")
+    assert rep.passed and row.role == "runtime" and row.status == "pass" and row.gated
+    assert row.summary.max_abs < 1e-4 and "openvino" in rep.tool_versions
     md = (tmp_path / "p" / "parity.md").read_text()
     assert "openvino-cpu PASS" in md
 

@@ -86,6 +86,39 @@ def test_no_import_cycles_and_arch_imports_nothing_of_ours():
     assert all(t.startswith("paragon_export.arch") for e in arch.values() for t in e), arch
 
 
+# The direction imports flow in: each module imports only from its own layer or those before it.
+# "runtimes" (opening and running any artifact) sits beside engines/calibration/trainer because the engine
+# check opens its reference through `open_runner`, and `open_runner` opens engines through engines/.
+CORE = {"errors", "artifact", "checkpoint", "images", "picture", "metrics", "verify", "onnx_graph", "cpu", "torch_half",
+        "ownership", "manifest", "defaults", "seeded"}
+RUNTIMES = {"runners", "openvino_runner", "ncnn_runner", "memory"}
+LAYERS = ["arch", "core", "calibration, engines, trainer, runtimes", "pipeline steps", "cli"]
+
+
+def _layer(module: str) -> int:
+    sub = module.split(".")[1] if "." in module else "__init__"
+    if sub == "arch":
+        return 0
+    if sub in CORE or sub == "__init__":
+        return 1
+    if sub in ("calibration", "engines", "trainer") or sub in RUNTIMES:
+        return 2
+    return 4 if sub == "cli" else 3
+
+
+def _upward(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[_layer(m)]}) imports {t} ({LAYERS[_layer(t)]})"
+                  for m, targets in edges.items() for t in targets if _layer(t) > _layer(m))
+
+
+def test_imports_flow_one_way_arch_core_components_pipeline_cli():
+    mods = _modules()
+    assert _upward({m: _imports(m, f, mods) for m, f in mods.items()}) == []
+    # the check sees a step imported by a core module
+    assert _upward({"paragon_export.checkpoint": {"paragon_export.parity"}}) == [
+        "paragon_export.checkpoint (core) imports paragon_export.parity (pipeline steps)"]
+
+
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

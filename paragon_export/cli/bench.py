@@ -2,7 +2,7 @@ from pathlib import Path
 
 import click
 
-from ..bench import bench, format_table
+from ..bench import bench
 from ..images import parse_sizes
 from ..runners import ALL_RUNTIMES
 from .options import force_option, threads_option
@@ -26,6 +26,6 @@ def command(artifacts, sizes, threads, runs, warmup, baseline, json_path, force,
     report = bench(list(artifacts), sizes=parse_sizes(sizes), threads=threads, runs=runs, warmup=warmup,
                    baseline=baseline, json_path=json_path, force=force, runtimes=runtimes or None,
                    progress=lambda msg: click.echo(msg, err=True))
-    click.echo(format_table(report))
+    click.echo(report.markdown())
     if json_path:
         click.echo(f"wrote {json_path}")

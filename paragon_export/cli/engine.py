@@ -14,21 +14,6 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _print_result(art, report: dict) -> None:
-    if "but the graph is" in report.get("precision_note", ""):
-        click.echo(f"note: {report['precision_note']}")
-    for other in report.get("others") or []:
-        click.echo(f"note: also in {art.path.parent}: {other} (kept; it is for another GPU/TensorRT)")
-    click.echo(f"{report['status']}: {art.path}")
-    click.echo(f"  {report['precision']}, profile {report['profile']} (min:opt:max), {report['gpu']}, "
-               f"TensorRT {report['trt_version']}, key {report['digest']}")
-    click.echo("equivalent trtexec command:")
-    click.echo(f"  {report['trtexec']}")
-    if report.get("check"):
-        from paragon_export.engines.check import format_report
-        click.echo(format_report(report["check"]))
-
-
 @click.command("engine")
 @click.argument("model", type=click.Path(path_type=Path))
 @output_option("Engine folder (engines + manifest.json). Required when MODEL is an ONNX file.", required=False)
@@ -80,17 +65,16 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
             click.echo(f"refitted: {art.path}")
             return
         if rebuild:
-            art, report = rebuild_engine(model, timing_cache=timing_cache, check=check, reference=reference,
-                                         progress=_err)
-            _print_result(art, report)
+            _, report = rebuild_engine(model, timing_cache=timing_cache, check=check, reference=reference,
+                                       progress=_err)
+            click.echo(report.text())
             return
         entry, report = verify_engine(model, check=check, reference=reference)
         click.echo(f"{model.name} fits this GPU and TensorRT ({entry['key']['gpu']}, TensorRT "
                    f"{entry['key']['trt_version']}) and loads")
         if report is not None:
-            from paragon_export.engines.check import format_report
-            click.echo(format_report(report))
-            if not report["passed"]:
+            click.echo(report.text())
+            if not report.passed:
                 raise ParagonError(f"{model.name} fails its check")
         return
     if rebuild or refit is not None:
@@ -102,6 +86,6 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
         return
     if output is None:
         raise ParagonError("-o/--output DIR is required when building from ONNX")
-    art, report = build_engine(model, output, profile=profile, preset=preset, options=options,
-                               timing_cache=timing_cache, force=force, check=check, reference=reference, progress=_err)
-    _print_result(art, report)
+    _, report = build_engine(model, output, profile=profile, preset=preset, options=options,
+                             timing_cache=timing_cache, force=force, check=check, reference=reference, progress=_err)
+    click.echo(report.text())

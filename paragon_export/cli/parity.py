@@ -31,7 +31,7 @@ def command(ctx, artifacts, output, ref, images, sizes, atol, min_psnr, localize
     report = parity(list(artifacts), output, ref=ref, images=images, sizes=sizes, atol=atol, min_psnr=min_psnr,
                     localize=localize, force=force, runtimes=tuple(runtimes) + tuple(require) or None,
                     require=tuple(require))
-    click.echo((output / "parity.md").read_text())
-    click.echo(f"wrote {output}/parity.json, parity.md and {len(report['outputs']['pngs'])} PNGs")
-    if not report["passed"]:
+    click.echo(report.markdown())
+    click.echo(f"wrote {output}/parity.json, parity.md and {len(report.outputs.pngs)} PNGs")
+    if not report.passed:
         ctx.exit(1)

@@ -113,26 +113,26 @@ def main() -> int:
             art, rep = build_engine(onnx[prec], engines_dir, profile=PROFILE, timing_cache=cache, check=True,
                                     reference=onnx["fp32"], force=True)
             built[prec] = {"path": art.path, "report": rep}
-            c = rep["check"]
-            print(f"       {art.path.name}: built in {rep['build_seconds']} s, worst PSNR {c['worst_psnr']:.2f} dB, "
+            c = rep.check
+            print(f"       {art.path.name}: built in {rep.build_seconds} s, worst PSNR {c.worst_psnr:.2f} dB, "
                   f"worst max abs {c['worst_max_abs']:.2e}")
-            print(f"       trtexec: {rep['trtexec']}")
-            return {"engine": art.path.name, "build_seconds": rep["build_seconds"], "worst_psnr": c["worst_psnr"],
-                    "worst_max_abs": c["worst_max_abs"], "thresholds": c["thresholds"], "trtexec": rep["trtexec"]}
+            print(f"       trtexec: {rep.trtexec}")
+            return {"engine": art.path.name, "build_seconds": rep.build_seconds, "worst_psnr": c.worst_psnr,
+                    "worst_max_abs": c.worst_max_abs, "thresholds": c.summary()["thresholds"], "trtexec": rep.trtexec}
         step(f"build + check {prec} engine", build)
 
     def rebuild_with_cache():
         first = results["steps"]["build + check fp32 engine"]["value"]["build_seconds"]
         _, rep = build_engine(onnx["fp32"], engines_dir, profile=PROFILE, timing_cache=cache, force=True)
-        print(f"       fp32 build {first} s cold, {rep['build_seconds']} s with the timing cache")
-        return {"cold_s": first, "warm_s": rep["build_seconds"], "cache_bytes": cache.stat().st_size}
+        print(f"       fp32 build {first} s cold, {rep.build_seconds} s with the timing cache")
+        return {"cold_s": first, "warm_s": rep.build_seconds, "cache_bytes": cache.stat().st_size}
     if "fp32" in built:
         step("rebuild fp32 reusing the timing cache", rebuild_with_cache)
 
     def up_to_date():
         _, rep = build_engine(onnx["fp16"], engines_dir, profile=PROFILE, timing_cache=cache)
-        assert rep["status"] == "up to date", rep["status"]
-        return rep["status"]
+        assert rep.status == "up to date", rep.status
+        return rep.status
     if "fp16" in built:
         step("second fp16 build is 'up to date'", up_to_date)
 
@@ -153,7 +153,7 @@ def main() -> int:
         art, rep = build_engine(onnx["fp16"], engines_dir, profile="64x64:256x256:256x256", timing_cache=cache,
                                 options=BuildOptions(hardware_compat="ampere+"), check=True, reference=onnx["fp32"],
                                 force=True)
-        return {"engine": art.path.name, "worst_psnr": rep["check"]["worst_psnr"]}
+        return {"engine": art.path.name, "worst_psnr": rep.check.worst_psnr}
     if target.gpu.compute_capability >= (8, 0):
         step("ampere+ fp16 engine", ampere_plus)
 
@@ -170,7 +170,7 @@ def main() -> int:
     trtexec = shutil.which("trtexec")
     if trtexec and "fp16" in built:
         def run_trtexec():
-            cmd = built["fp16"]["report"]["trtexec"].replace(str(built["fp16"]["path"]), str(work / "trtexec.engine"))
+            cmd = built["fp16"]["report"].trtexec.replace(str(built["fp16"]["path"]), str(work / "trtexec.engine"))
             r = subprocess.run(cmd + " --skipInference", shell=True, capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError((r.stdout + r.stderr).strip().splitlines()[-1])
