@@ -28,7 +28,7 @@ import onnx
 from paragon_export.calibration import CalibrationSet
 from paragon_export.calibration.ranges import Ranges, calibration_ranges
 
-from .artifact import Artifact, atomic_output, check_output, sha256_file
+from .artifact import atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .int8_cache import load_search, search_cache_base, store_search
 from .int8_check import brief, inspect_qdq, mac_shares, trt_blockers
@@ -36,6 +36,8 @@ from .int8_compare import comparisons
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference
 from .int8_input import from_checkpoint, infer_scale, load_fp32, prepare, recipe_calibration_set, static_dims
 from .int8_recipe import Int8Recipe
+from .int8_report import (Checks, Int8Report, Latency, MixedPrecision, ModelInfo, Output, PeerRow, Qualities,
+                          Quality)
 from .int8_remainder import FP16_QDQ_OPSET, Remainder, dtype_mac_shares, plan_remainder
 from .int8_search import TRT_OPS, mixed_precision
 from .onnx_graph import set_metadata
@@ -58,11 +60,11 @@ def quantize_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | N
                   calib_dir: Path | str | None = None, calib: CalibrationSet | None = None,
                   cache_dir: Path | str | None = None, peer: bool = True, threads: int = 1,
                   variant: str | None = None, scale: int | None = None, force: bool = False,
-                  progress: Callable[[str], None] | None = None) -> Artifact:
+                  progress: Callable[[str], None] | None = None) -> Int8Report:
     """MODEL (.onnx FP32, or a checkpoint) -> `{out_dir}/<variant>_x<s>_int8_op<N>.onnx` + `..._report.json`,
     made as `recipe` says (default `Int8Recipe()`); `calib` replaces the set the recipe would build.
 
-    Returns the model's Artifact; its meta is the report (also written as JSON)."""
+    Returns the report (also written as JSON); its `path` is the model."""
     progress = progress or (lambda _msg: None)
     r = (recipe or Int8Recipe()).check()
     src = Path(model)
@@ -83,9 +85,8 @@ def quantize_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | N
         ev = Evaluator(fp32, calib, found, threads, static_batch=batch is not None)
         prepared = onnx.load(str(fp32))
         rest = plan_remainder(r.remainder, prepared, [calib.batch(i) for i in range(min(len(calib), CALIB_PROBES))])
-        mp = _search(fp32, ranges, ev, rest, r, tmp, batch is not None, progress)
-        int8_quality = mp.pop("quality")
-        int8_proto = _shipped(mp, rest, prepared, r, calib, fp32)
+        found_mp, searched, int8_quality = _search(fp32, ranges, ev, rest, r, tmp, batch is not None, progress)
+        int8_proto, mp = _shipped(found_mp, searched, rest, prepared, r, calib, fp32)
         int8_bytes = int8_proto.SerializeToString()
         checks = inspect_qdq(int8_proto)
         blockers = trt_blockers(checks)
@@ -95,25 +96,19 @@ def quantize_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | N
         native = native_vs_reference(tmp / "int8.onnx", [h.lr for h in calib.holdout], threads)
         rows, lat = _peers_and_latency(fp32, tmp / "int8.onnx", calib, tmp, ev, mac_shares(prepared), cache_dir,
                                        peer, threads, progress)
-
-        report = {
-            "model": {"source": str(src), "fp32_onnx": str(fp32_src), "fp32_sha256": sha256_file(fp32), "scale": found},
-            "calibration": {**calib.summary(), **ranges.summary()},
-            "recipe": _recipe_summary(r),
-            "checks": brief(checks),
-            "mixed_precision": mp,
-            "quality": {"fp32": ev.fp32, "int8": int8_quality},
-            "latency": lat,
-            "native_kernels": native,
-            "peer": rows.get("peer"),
-            "modelopt": rows.get("modelopt"),
-        }
         with atomic_output(model_path, force=force) as t:
             t.write_bytes(int8_bytes)
-        report["output"] = {"model": str(model_path), "sha256": sha256_file(model_path), "report": str(report_path)}
+        report = Int8Report(
+            model=ModelInfo(str(src), str(fp32_src), sha256_file(fp32), found),
+            calibration={**calib.summary(), **ranges.summary()}, recipe=_recipe_summary(r),
+            checks=Checks(**brief(checks)), mixed_precision=mp,
+            quality=Qualities(Quality.from_json(ev.fp32), Quality.from_json(int8_quality)),
+            latency=lat, native_kernels=native,
+            peer=PeerRow.from_json(rows.get("peer")), modelopt=PeerRow.from_json(rows.get("modelopt")),
+            output=Output(str(model_path), sha256_file(model_path), str(report_path)))
         with atomic_output(report_path, force=force) as t:
-            t.write_text(json.dumps(report, indent=2, default=_json_default))
-    return Artifact(model_path, "onnx-int8", report)
+            t.write_text(json.dumps(report.to_json(), indent=2, default=_json_default))
+    return report
 
 
 def _fp32_model(fp32_src: Path, tmp: Path, scale: int | None) -> tuple[Path, int | None, tuple[int, int] | None, int]:
@@ -139,42 +134,43 @@ def _calibration_set(calib: CalibrationSet | None, calib_dir, r: Int8Recipe, sca
 
 
 def _search(fp32: Path, ranges: Ranges, ev: Evaluator, rest: Remainder, r: Int8Recipe, tmp: Path,
-            static_batch: bool, progress: Callable[[str], None]) -> dict:
-    """The mixed-precision search's outcome, replayed from its cache (one held-out measurement) or run."""
+            static_batch: bool, progress: Callable[[str], None]) -> tuple[dict, bytes, dict]:
+    """The mixed-precision search's outcome (its report fields), model and held-out quality, replayed
+    from its cache (one held-out measurement) or run."""
     search = r.search_options()
     base = search_cache_base(ranges.cache_path, {**search, "remainder": rest.summary(), "rank_crops": RANK_CROPS,
                                                  "static_batch": static_batch})
     mp = load_search(base)
     if mp is not None:
         progress(f"mixed-precision search: cache hit ({base}.json); measuring the cached model")
-        mp["quality"] = ev.quality(rest.apply(onnx.load_from_string(mp["model"])).SerializeToString())
-        mp["search_cache"] = "hit"
-    else:
-        mp = mixed_precision(fp32, ranges, ev, tmp, **search, remainder=rest, progress=progress)
-        store_search(base, mp)
-        mp["search_cache"] = "miss"
-    return mp
+        model = mp.pop("model")
+        return {**mp, "search_cache": "hit"}, model, ev.quality(rest.apply(onnx.load_from_string(model)).SerializeToString())
+    mp = mixed_precision(fp32, ranges, ev, tmp, **search, remainder=rest, progress=progress)
+    store_search(base, mp)
+    model, quality = mp.pop("model"), mp.pop("quality")
+    return {**mp, "search_cache": "miss"}, model, quality
 
 
-def _shipped(mp: dict, rest: Remainder, prepared: onnx.ModelProto, r: Int8Recipe, calib: CalibrationSet,
-             fp32: Path) -> onnx.ModelProto:
-    """The searched model with its float remainder and metadata; `mp` gains the MAC shares and remainder."""
-    int8_proto = rest.apply(onnx.load_from_string(mp.pop("model")))
-    mp["mac_share"] = dtype_mac_shares(int8_proto, mac_shares(prepared))
-    mp["remainder"] = rest.summary()
+def _shipped(found: dict, searched: bytes, rest: Remainder, prepared: onnx.ModelProto, r: Int8Recipe,
+             calib: CalibrationSet, fp32: Path) -> tuple[onnx.ModelProto, MixedPrecision]:
+    """The searched model with its float remainder and metadata, and the search's report part with
+    the MAC shares and remainder of that model."""
+    int8_proto = rest.apply(onnx.load_from_string(searched))
+    mp = MixedPrecision.from_json({**found, "mac_share": dtype_mac_shares(int8_proto, mac_shares(prepared)),
+                                   "remainder": rest.summary()})
     # Downstream steps (engine, parity) read the precision from metadata and cross-check the graph.
     set_metadata(int8_proto, {"precision": "int8", "quantization": "qdq int8 symmetric, per-channel weights",
                               "remainder": r.remainder, "calibration_method": r.method,
                               "calibration_fingerprint": calib.fingerprint,
-                              "float_nodes": ",".join(mp["float_fixed"] + mp["kept_float"]),
+                              "float_nodes": ",".join(mp.float_fixed + mp.kept_float),
                               "fp32_nodes": ",".join(sorted(rest.kept_fp32)),
-                              "int8_mac_share": f"{mp['mac_share']['int8']:.4f}",
+                              "int8_mac_share": f"{mp.mac_share['int8']:.4f}",
                               "fp32_sha256": sha256_file(fp32)})
-    return int8_proto
+    return int8_proto, mp
 
 
 def _peers_and_latency(fp32: Path, int8: Path, calib: CalibrationSet, tmp: Path, ev: Evaluator, shares: dict,
-                       cache_dir, peer: bool, threads: int, progress: Callable[[str], None]) -> tuple[dict, dict]:
+                       cache_dir, peer: bool, threads: int, progress: Callable[[str], None]) -> tuple[dict, Latency]:
     """The comparison rows (original recipe, ModelOpt) unless `peer` is off, and ORT CPU latency of every model."""
     models = {"fp32": fp32, "int8": int8}
     rows: dict = {}
@@ -184,8 +180,7 @@ def _peers_and_latency(fp32: Path, int8: Path, calib: CalibrationSet, tmp: Path,
     progress("timing on ONNX Runtime CPU")
     lat = latency(models, calib.holdout[0].lr, threads=threads)
     ms = lat["median_ms"]
-    lat["ratio_vs_fp32"] = {k: ms[k] / ms["fp32"] for k in ms}
-    return rows, lat
+    return rows, Latency(**lat, ratio_vs_fp32={k: ms[k] / ms["fp32"] for k in ms})
 
 
 def _recipe_summary(r: Int8Recipe) -> dict:

@@ -26,7 +26,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,7 @@ from paragon_export.calibration.ranges import calibration_ranges
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .cpu import isa
 from .int8_check import quiet_quantizer
+from .int8_cpu_report import CpuInt8Record, CpuOutput, CpuQuality, CpuRecipe, PsnrFigures, Speed, Thresholds
 from .int8_eval import run, session
 from .int8_recipe import Int8Recipe
 from .metrics import psnr
@@ -79,7 +80,7 @@ class CpuInt8:
     """The step's outcome: `artifact` when the file was written, always the `record` of figures."""
 
     artifact: Artifact | None
-    record: dict
+    record: CpuInt8Record
 
 
 # ---------------------------------------------------------------- quantize and measure
@@ -97,7 +98,7 @@ def quantize_cpu(fp32: Path, out: Path, *, reduce_range: bool, fmt: str = FORMAT
 
 
 def speed_probe(fp32: Path | str, int8: Path | str, x: np.ndarray, *, budget_s: float = PROBE_BUDGET_S,
-                min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> dict:
+                min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> Speed:
     """fp32 vs native int8 on ORT CPU, one thread: CPU time (the machine may be shared), one run of
     each per round in alternating order, the speed-up per round and its median and spread."""
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
@@ -116,79 +117,50 @@ def speed_probe(fp32: Path | str, int8: Path | str, x: np.ndarray, *, budget_s: 
             if r + 1 >= min_rounds and spent >= budget_s:
                 break
     ratios = [f / i for f, i in zip(times["fp32"], times["int8"])]
-    return {"timer": "time.process_time", "threads": 1, "input": list(x.shape), "rounds": len(ratios),
-            "fp32_ms": statistics.median(times["fp32"]) * 1e3, "int8_ms": statistics.median(times["int8"]) * 1e3,
-            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios)}
+    return Speed(timer="time.process_time", threads=1, input=list(x.shape), rounds=len(ratios),
+                 fp32_ms=statistics.median(times["fp32"]) * 1e3, int8_ms=statistics.median(times["int8"]) * 1e3,
+                 speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios))
 
 
-def quality(fp32: Path | str, int8: Path | str, lrs: list[np.ndarray]) -> dict:
+def quality(fp32: Path | str, int8: Path | str, lrs: list[np.ndarray]) -> CpuQuality:
     """PSNR of the int8 output vs fp32 on the given LR images (HWC), through ORT's native kernels on
     this CPU and through the Q/DQ reference semantics: mean and worst image."""
     with session(fp32, 1) as ref:
         want = [np.clip(run(ref, lr), 0, 1) for lr in lrs]
-    out = {"images": len(lrs)}
-    for mode, native in (("native", True), ("reference", False)):
+    out = []
+    for native in (True, False):
         with session(int8, 1, native_int8=native) as s:
             ps = [psnr(np.clip(run(s, lr), 0, 1), w) for lr, w in zip(lrs, want)]
-        out[mode] = {"psnr_mean": _finite(float(np.mean(ps))), "psnr_min": _finite(float(min(ps)))}
-    return out
+        out.append(PsnrFigures(psnr_mean=_finite(float(np.mean(ps))), psnr_min=_finite(float(min(ps)))))
+    return CpuQuality(len(lrs), *out)
 
 
 def _finite(v: float) -> float | None:
     return None if math.isinf(v) else v  # None: identical outputs (JSON has no infinity)
 
 
-def decide(record: dict, *, min_speedup: float = MIN_SPEEDUP, min_psnr: float = MIN_PSNR) -> tuple[bool, list[str]]:
-    """Ship or not, from a record's measurements, with the reasons not to (empty when it ships).
-    A figure not measured (None / absent) fails its test."""
-    reasons = [r for r in (_slow(record, min_speedup), _inexact(record, min_psnr)) if r]
+def decide(speed: Speed | None, quality: CpuQuality | None, *, min_speedup: float = MIN_SPEEDUP,
+           min_psnr: float = MIN_PSNR) -> tuple[bool, list[str]]:
+    """Ship or not, from the measurements, with the reasons not to (empty when it ships).
+    A figure not measured (None) fails its test."""
+    reasons = [r for r in (_slow(speed, min_speedup), _inexact(quality, min_psnr)) if r]
     return not reasons, reasons
 
 
-def _slow(record: dict, min_speedup: float) -> str | None:
-    speed = (record.get("speed") or {}).get("speedup")
-    if speed is not None and speed >= min_speedup:
+def _slow(speed: Speed | None, min_speedup: float) -> str | None:
+    sp = speed.speedup if speed is not None else None
+    if sp is not None and sp >= min_speedup:
         return None
-    return f"speed-up {'not measured' if speed is None else f'{speed:.2f}x'} < {min_speedup:g}x over ORT fp32"
+    return f"speed-up {'not measured' if sp is None else f'{sp:.2f}x'} < {min_speedup:g}x over ORT fp32"
 
 
-def _inexact(record: dict, min_psnr: float) -> str | None:
-    native = (record.get("quality") or {}).get("native") or {}
-    if "psnr_min" not in native:
+def _inexact(quality: CpuQuality | None, min_psnr: float) -> str | None:
+    if quality is None:
         return "native-kernel PSNR not measured"
-    low = native["psnr_min"]  # None: identical to fp32
+    low = quality.native.psnr_min  # None: identical to fp32
     if low is None or low >= min_psnr:
         return None
     return f"native-kernel PSNR vs fp32 {low:.2f} dB < {min_psnr:g} dB (worst held-out image)"
-
-
-def describe(record: dict) -> str:
-    """One line: the decision and the figures behind it."""
-    sp, q = record.get("speed"), (record.get("quality") or {}).get("native")
-    figs = []
-    if sp:
-        figs.append(f"{sp['speedup']:.2f}x fp32 [{sp['speedup_min']:.2f}..{sp['speedup_max']:.2f}] "
-                    f"({sp['rounds']} rounds, {sp['input'][2]}x{sp['input'][3]}, 1 thread, CPU time)")
-    if q:
-        figs.append(f"PSNR vs fp32 {_db(q['psnr_min'])} worst / {_db(q['psnr_mean'])} mean (native kernels)")
-    head = (f"CPU int8 ({record['isa']}, {record['recipe']['format']}, reduce_range "
-            f"{'on' if record['recipe']['reduce_range'] else 'off'}): ")
-    verdict = f"written {Path(record['output']['model']).name}" if record["shipped"] else "not written: " + "; ".join(record["reasons"])
-    return head + verdict + (" -- " + ", ".join(figs) if figs else "")
-
-
-def summary(record: dict) -> dict:
-    """The record's decision and figures for a manifest: flat, without the calibration details."""
-    sp, q = record.get("speed") or {}, (record.get("quality") or {}).get("native") or {}
-    return {"shipped": record["shipped"], "reasons": record["reasons"], "isa": record["isa"],
-            "runtime": record["runtime"], "format": record["recipe"]["format"],
-            "reduce_range": record["recipe"]["reduce_range"], "thresholds": record["thresholds"],
-            **{k: sp.get(k) for k in ("speedup", "speedup_min", "speedup_max", "rounds", "input")},
-            "native_psnr_min": q.get("psnr_min"), "native_psnr_mean": q.get("psnr_mean"), "line": describe(record)}
-
-
-def _db(v: float | None) -> str:
-    return "identical" if v is None else f"{v:.2f} dB"
 
 
 # ---------------------------------------------------------------- the step
@@ -202,7 +174,6 @@ def cpu_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | None =
     """FP32 MODEL (.onnx, or a checkpoint) -> `{out_dir}/..._int8_cpu_<isa>_op<N>.onnx` when it pays on
     this CPU, and always `..._report.json` with the record. The calibration set is the one `int8`
     builds from `recipe` (or `calib`). `measure_all`: measure the quality even when the speed fails."""
-    limits = {"min_speedup": min_speedup, "min_psnr": min_psnr}
     from .int8_input import from_checkpoint, load_fp32, prepare
 
     progress = progress or (lambda _msg: None)
@@ -218,16 +189,20 @@ def cpu_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | None =
         proto = load_fp32(fp32_src)
         fp32 = prepare(proto, tmp, fp32_src)
         calib, x = _inputs(fp32, proto, r, calib_dir, calib, probe_lr)
-        record = _record(fp32_src, fp32, isa_name, limits)
+        record = _record(fp32_src, fp32, isa_name, Thresholds(min_speedup, min_psnr))
+        reduce = record.recipe.reduce_range
         progress(f"timing an ORT CPU int8 model ({isa_name}) against fp32, 1 thread, {x.shape[2]}x{x.shape[3]}")
-        record["speed"] = _probe(fp32, tmp, calib, x, record["recipe"]["reduce_range"], budget_s)
+        speed = _probe(fp32, tmp, calib, x, reduce, budget_s)
         int8 = tmp / "int8_cpu.onnx"
-        if measure_all or _slow(record, min_speedup) is None:
+        calibration = measured = None
+        if measure_all or _slow(speed, min_speedup) is None:
             ranges = calibration_ranges(fp32, calib, METHOD, cache_dir=cache_dir)
-            record["calibration"] = {**calib.summary(), **ranges.summary()}
-            quantize_cpu(fp32, int8, reduce_range=record["recipe"]["reduce_range"], ranges=ranges)
-            record["quality"] = quality(fp32, int8, [h.lr for h in calib.holdout])
-        record["shipped"], record["reasons"] = decide(record, **limits)
+            calibration = {**calib.summary(), **ranges.summary()}
+            quantize_cpu(fp32, int8, reduce_range=reduce, ranges=ranges)
+            measured = quality(fp32, int8, [h.lr for h in calib.holdout])
+        shipped, reasons = decide(speed, measured, min_speedup=min_speedup, min_psnr=min_psnr)
+        record = replace(record, speed=speed, quality=measured, calibration=calibration, shipped=shipped,
+                         reasons=reasons)
         return _write(record, int8, model_path, report_path, force)
 
 
@@ -244,20 +219,18 @@ def _inputs(fp32: Path, proto: onnx.ModelProto, r: Int8Recipe, calib_dir, calib:
     return calib.with_input_name(proto.graph.input[0].name), np.repeat(x, batch or 1, axis=0)
 
 
-def _record(fp32_src: Path, fp32: Path, isa_name: str, limits: dict) -> dict:
+def _record(fp32_src: Path, fp32: Path, isa_name: str, limits: Thresholds) -> CpuInt8Record:
     import onnxruntime
 
-    return {"isa": isa_name, "machine": platform.machine(), "runtime": f"onnxruntime {onnxruntime.__version__} CPU",
-            "fp32_onnx": str(fp32_src), "fp32_sha256": sha256_file(fp32),
-            "recipe": {"format": FORMAT, "activations": "uint8 asymmetric", "weights": "int8 symmetric, per-channel",
-                       "reduce_range": reduce_range_for(isa_name), "ops": "every op ORT quantizes",
-                       "calibration_method": METHOD},
-            "thresholds": {**limits,
-                           "psnr": "native kernels vs fp32, worst held-out image"},
-            "speed": None, "quality": None}
+    return CpuInt8Record(isa=isa_name, machine=platform.machine(), runtime=f"onnxruntime {onnxruntime.__version__} CPU",
+                         fp32_onnx=str(fp32_src), fp32_sha256=sha256_file(fp32),
+                         recipe=CpuRecipe(format=FORMAT, activations="uint8 asymmetric",
+                                          weights="int8 symmetric, per-channel", reduce_range=reduce_range_for(isa_name),
+                                          ops="every op ORT quantizes", calibration_method=METHOD),
+                         thresholds=limits)
 
 
-def _probe(fp32: Path, tmp: Path, calib: CalibrationSet, x: np.ndarray, reduce_range: bool, budget_s: float) -> dict:
+def _probe(fp32: Path, tmp: Path, calib: CalibrationSet, x: np.ndarray, reduce_range: bool, budget_s: float) -> Speed:
     """Time a model of the shipped structure, its ranges (MinMax) from one calibration batch only:
     scales do not change which kernels run, and the full calibration waits until the speed pays."""
     probe = tmp / "probe.onnx"
@@ -266,25 +239,24 @@ def _probe(fp32: Path, tmp: Path, calib: CalibrationSet, x: np.ndarray, reduce_r
         quantize_cpu(fp32, probe, reduce_range=reduce_range, reader=calib)
     finally:
         calib.set_range(0, len(calib))
-    return {**speed_probe(fp32, probe, x, budget_s=budget_s), "model": "same structure, ranges from 1 batch"}
+    return replace(speed_probe(fp32, probe, x, budget_s=budget_s), model="same structure, ranges from 1 batch")
 
 
-def _write(record: dict, int8: Path, model_path: Path, report_path: Path, force: bool) -> CpuInt8:
-    art = None
-    record["output"] = {"model": str(model_path) if record["shipped"] else None, "report": str(report_path)}
-    if record["shipped"]:
+def _write(record: CpuInt8Record, int8: Path, model_path: Path, report_path: Path, force: bool) -> CpuInt8:
+    sha = ops = None
+    if record.shipped:
         proto = onnx.load(str(int8))
-        set_metadata(proto, {"precision": "int8", "target": "onnxruntime-cpu", "isa": record["isa"],
+        set_metadata(proto, {"precision": "int8", "target": "onnxruntime-cpu", "isa": record.isa,
                              "quantization": f"onnxruntime cpu {FORMAT}: uint8 activations, per-channel int8 weights"
-                                             + (", reduce_range" if record["recipe"]["reduce_range"] else ""),
-                             "fp32_sha256": record["fp32_sha256"],
-                             "speedup_vs_fp32": f"{record['speed']['speedup']:.3f}",
-                             "native_psnr_vs_fp32": f"{record['quality']['native']['psnr_min']}"})
+                                             + (", reduce_range" if record.recipe.reduce_range else ""),
+                             "fp32_sha256": record.fp32_sha256,
+                             "speedup_vs_fp32": f"{record.speed.speedup:.3f}",
+                             "native_psnr_vs_fp32": f"{record.quality.native.psnr_min}"})
         with atomic_output(model_path, force=force) as t:
             onnx.save(proto, str(t))
-        record["output"]["sha256"] = sha256_file(model_path)
-        record["ops"] = op_counts(proto)
-        art = Artifact(model_path, "onnx-int8-cpu", record)
+        sha, ops = sha256_file(model_path), op_counts(proto)
+    record = replace(record, output=CpuOutput(str(model_path) if record.shipped else None, str(report_path), sha),
+                     ops=ops)
     with atomic_output(report_path, force=force) as t:
-        t.write_text(json.dumps(record, indent=2))
-    return CpuInt8(art, record)
+        t.write_text(json.dumps(record.to_json(), indent=2))
+    return CpuInt8(Artifact(model_path, "onnx-int8-cpu", record.to_json()) if record.shipped else None, record)

@@ -14,19 +14,47 @@ as its Q/DQ semantics say (PSNR vs ONNX Runtime's reference path >= the int8 lim
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .artifact import Artifact, atomic_output, check_output, sha256_file
+from .artifact import atomic_output, check_output, sha256_file
 from .errors import ParagonError
+from .int8_report import JsonRecord
 from .int8_search import float_behind_qdq
 from .onnx_graph import ort_session, read_metadata, set_metadata
 from .verify import LIMITS, compare, verification_inputs
 
 WEIGHTED = ("Conv", "ConvTranspose")
 SUFFIX = "_openvino"
+
+
+@dataclass(frozen=True)
+class OpenVinoCheck(JsonRecord):
+    """OpenVINO vs the file's own Q/DQ semantics (ONNX Runtime's reference path): worst PSNR and max abs."""
+
+    min_psnr: float | None  # None: identical
+    max_abs: float
+
+    def fails(self) -> bool:
+        lim = LIMITS["int8"]
+        return (self.min_psnr is not None and self.min_psnr < lim.min_psnr) or self.max_abs > lim.max_abs
+
+    def figures(self) -> str:
+        return f"{'identical' if self.min_psnr is None else f'{self.min_psnr:.2f} dB'}, max abs {self.max_abs:.3g}"
+
+
+@dataclass(frozen=True)
+class OpenVinoInt8:
+    """The written OpenVINO file and how it was derived and checked."""
+
+    path: Path
+    check: OpenVinoCheck
+    rewired_inputs: int  # non-conv readers of an activation DQ that now read float
+    change: str  # the remedy applied after a failed check ("": none)
+    parent: str  # the TensorRT file's name
 
 
 def output_path(trt_int8: Path | str, out_dir: Path | str) -> Path:
@@ -51,7 +79,7 @@ def dedicate_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return out, rewired
 
 
-def check_on_openvino(path: Path, scale: int, threads: int = 1) -> dict:
+def check_on_openvino(path: Path, scale: int, threads: int = 1) -> OpenVinoCheck:
     """OpenVINO vs the file's own Q/DQ semantics (ONNX Runtime reference path) on the verification photos."""
     from .runners import open_runner
 
@@ -64,7 +92,7 @@ def check_on_openvino(path: Path, scale: int, threads: int = 1) -> dict:
             b = np.clip(next(iter(runner.infer({"input": x}, check_inputs=False).values())), 0, 1)
             c = compare(b, a)  # NaN/Inf in OpenVINO's output: -inf dB, inf max abs
             worst, worst_abs = min(worst, c.psnr), max(worst_abs, c.max_abs)
-    return {"min_psnr": None if worst == float("inf") else float(worst), "max_abs": worst_abs}
+    return OpenVinoCheck(None if worst == float("inf") else float(worst), worst_abs)
 
 
 def _measured_scale(path: Path) -> int:
@@ -76,12 +104,7 @@ def _measured_scale(path: Path) -> int:
     return y.shape[2] // 16
 
 
-def _fails(check: dict) -> bool:
-    lim = LIMITS["int8"]
-    return (check["min_psnr"] is not None and check["min_psnr"] < lim.min_psnr) or check["max_abs"] > lim.max_abs
-
-
-def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelProto, dict, str]:
+def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelProto, OpenVinoCheck, str]:
     """Check `model` on OpenVINO; if it fails, apply what `openvino_int8.diagnose` measures to help: 7-bit
     weights if they pass (u8s8 saturation), else float for the convs that break OpenVINO on their own;
     then check again. Returns (model, check, what was changed or "")."""
@@ -92,7 +115,7 @@ def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelP
         probe = Path(d) / name  # runners know a file by its suffix
         onnx.save(model, str(probe))
         check = check_on_openvino(probe, scale)
-        if not _fails(check):
+        if not check.fails():
             return model, check, ""
         feeds = [{"input": x} for _g, _n, x in verification_inputs(scale, batch=1)]
         found = diagnose(probe, lambda p: open_runner(p, "openvino", threads=1, name="diagnose"), feeds,
@@ -108,7 +131,7 @@ def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelP
         return model, check_on_openvino(probe, scale), change
 
 
-def write_openvino_int8(trt_int8: Path | str, out_dir: Path | str, *, force: bool = False) -> Artifact:
+def write_openvino_int8(trt_int8: Path | str, out_dir: Path | str, *, force: bool = False) -> OpenVinoInt8:
     """Derive and write the OpenVINO INT8 file from the TensorRT-targeted Q/DQ file `trt_int8`. Convs that
     OpenVINO computes wrongly even with dedicated Q/DQ (on this CPU) get the measured remedy, recorded."""
     from .runners import runtime_unavailable
@@ -126,15 +149,13 @@ def write_openvino_int8(trt_int8: Path | str, out_dir: Path | str, *, force: boo
     check_output(out, force=force, inputs=[src])  # before the check's OpenVINO compiles
     derived, rewired = dedicate_qdq(model)
     derived, check, change = _checked(derived, out.name, scale)
-    if _fails(check):
+    if check.fails():
         lim = LIMITS["int8"]
-        raise ParagonError(f"OpenVINO does not compute {out.name} as written: PSNR {check['min_psnr']:.2f} dB, "
-                           f"max abs {check['max_abs']:.3g} vs its Q/DQ semantics (limits {lim.min_psnr:g} dB, "
-                           f"{lim.max_abs:g}); nothing written")
+        raise ParagonError(f"OpenVINO does not compute {out.name} as written: PSNR {check.figures()} vs its Q/DQ "
+                           f"semantics (limits {lim.min_psnr:g} dB, {lim.max_abs:g}); nothing written")
     set_metadata(derived, {"target_runtime": "openvino", "derived_from": src.name,
                            "derived_from_sha256": sha256_file(src), "openvino_change": change,
                            "derivation": "activation Q/DQ dedicated to the int8 convs; other readers read float"})
     with atomic_output(out, force=force, inputs=[src]) as tmp:
         onnx.save(derived, str(tmp))
-    return Artifact(out, "onnx", {"rewired_inputs": rewired, "openvino_vs_reference": check,
-                                  "change": change, "parent": src.name})
+    return OpenVinoInt8(out, check, rewired, change, src.name)

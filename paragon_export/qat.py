@@ -291,12 +291,10 @@ def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> PTQ
     from .int8 import quantize_int8
 
     progress("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
-    art = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
-                        progress=lambda m: progress(f"  {m}"))
-    r = art.meta  # the int8 report
-    return PTQBaseline(r["output"]["model"], r["output"]["report"], Quality.from_json(r["quality"]["int8"]),
-                       r["checks"], r["mixed_precision"]["kept_float"], r["recipe"]["method"],
-                       r["mixed_precision"]["met"])
+    r = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
+                      progress=lambda m: progress(f"  {m}"))
+    return PTQBaseline(r.output.model, r.output.report, Quality.from_json(r.quality.int8.to_json()),
+                       r.checks.to_json(), r.mixed_precision.kept_float, r.recipe["method"], r.mixed_precision.met)
 
 
 def _float_quantizers(fused, excluded: dict) -> tuple[list[str], list[str]]:

@@ -46,14 +46,12 @@ def int8_step(root: Path, fp32: Path, calib: Path | None, progress: Callable[[st
 
     # The original recipe's comparison row is a diagnostic of `paragon-export int8`; a release
     # ships only the TensorRT recipe, and the comparison costs a second calibration.
-    art = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
-    q = art.meta["quality"]
-    report_path = Path(art.meta["output"]["report"])
-    return [{"path": art.path, "kind": "onnx-int8", "parent": rel(root, fp32),
-             "meta": {"fp32": q["fp32"].get("mean"), "int8": q["int8"].get("mean"),
-                      "kept_float": art.meta["mixed_precision"].get("kept_float"),
-                      "mac_share": art.meta["mixed_precision"].get("mac_share")}},
-            {"path": report_path, "kind": "int8-report", "parent": rel(root, art.path)}]
+    report = quantize_int8(fp32, root, calib_dir=calib, peer=False, force=True, progress=progress)
+    q, mp = report.quality, report.mixed_precision
+    return [{"path": report.path, "kind": "onnx-int8", "parent": rel(root, fp32),
+             "meta": {"fp32": q.fp32.mean.to_json(), "int8": q.int8.mean.to_json(), "kept_float": mp.kept_float,
+                      "mac_share": mp.mac_share}},
+            {"path": report.report_path, "kind": "int8-report", "parent": rel(root, report.path)}]
 
 
 def qat_step(root: Path, fused: Path, calib: Path | None, progress: Callable[[str], None]) -> list[dict]:
@@ -94,12 +92,12 @@ def int8_cpu_step(run, total: int, root: Path, fp32: Path, calib, calib_digest, 
     from .cpu import isa
 
     def do_int8_cpu():
-        from .int8_cpu import cpu_int8, describe, summary
+        from .int8_cpu import cpu_int8
 
         res = cpu_int8(fp32, root, calib_dir=calib, force=True, progress=lambda m: progress(f"    {m}"))
-        progress(f"    {describe(res.record)}")
-        meta, parent = summary(res.record), rel(root, fp32)
-        outs = [{"path": Path(res.record["output"]["report"]), "kind": "int8-cpu-report", "parent": parent,
+        progress(f"    {res.record.line()}")
+        meta, parent = res.record.summary(), rel(root, fp32)
+        outs = [{"path": Path(res.record.output.report), "kind": "int8-cpu-report", "parent": parent,
                  "meta": meta}]
         if res.artifact is not None:
             outs.insert(0, {"path": res.artifact.path, "kind": "onnx-int8-cpu", "parent": parent, "meta": meta})
@@ -115,9 +113,9 @@ def int8_openvino_step(run, total: int, root: Path, trt_int8: Path, progress) ->
     def do_int8_openvino():
         from .int8_openvino import write_openvino_int8
 
-        art = write_openvino_int8(trt_int8, root, force=True)
-        return [{"path": art.path, "kind": "onnx-int8-openvino", "parent": rel(root, trt_int8),
-                 "meta": {"openvino_vs_reference": art.meta["openvino_vs_reference"]}}]
+        ov = write_openvino_int8(trt_int8, root, force=True)
+        return [{"path": ov.path, "kind": "onnx-int8-openvino", "parent": rel(root, trt_int8),
+                 "meta": {"openvino_vs_reference": ov.check.to_json()}}]
 
     try:
         rec = run.step("int8-openvino", total, {"int8": trt_int8}, {}, do_int8_openvino)

@@ -3,7 +3,9 @@ calibrated and judged on real photos with real ONNX Runtime sessions."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import warnings
 
 import numpy as np
@@ -23,6 +25,7 @@ from paragon_export.int8 import quantize_int8
 from paragon_export.int8_search import RERANK_LEADERS, TRT_OPS, keep_float, neighbours, quantize_symmetric, rerank
 from paragon_export.int8_eval import run, session
 from paragon_export.int8_recipe import Int8Recipe
+from paragon_export.int8_report import Int8Report, RemainderSummary
 from paragon_export.metrics import psnr
 
 SENSITIVE = "/body/body.0/blocks/blocks.1/transformer/project_out/Conv"
@@ -114,9 +117,9 @@ def test_default_int8_is_symmetric_per_channel_qdq(default_run, fp32, calib):
         assert not numpy_helper.to_array(zp).any(), n.name
     producer = {o: n for n in model.graph.node for o in n.output}
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
-    mp = default_run.meta["mixed_precision"]
-    kept = set(mp["kept_float"]) | set(mp["float_fixed"])
-    assert set(mp["trt_excluded"]) <= set(mp["float_fixed"])
+    mp = default_run.mixed_precision
+    kept = set(mp.kept_float) | set(mp.float_fixed)
+    assert set(mp.trt_excluded) <= set(mp.float_fixed)
     for n in weighted:
         dq = producer.get(n.input[1])
         if n.name in kept:
@@ -143,16 +146,16 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
     io = [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)]
     assert io == [onnx.TensorProto.FLOAT] * 2
-    mp = default_run.meta["mixed_precision"]
-    sh = mp["mac_share"]
+    mp = default_run.mixed_precision
+    sh = mp.mac_share
     assert abs(sum(sh.values()) - 1) < 1e-6 and sh["fp32"] == 0 and sh["int8"] > 0
-    assert sh["fp16"] == pytest.approx(mp["float_mac_share"])  # the float nodes are the fp16 ones
-    assert mp["remainder"] == {"dtype": "fp16", "kept_fp32": {}}
+    assert sh["fp16"] == pytest.approx(mp.float_mac_share)  # the float nodes are the fp16 ones
+    assert mp.remainder == RemainderSummary(dtype="fp16", kept_fp32={})
     # The same search with an fp32 remainder: same int8 set, no fp16 anywhere, and fp16 costs little.
     art = quantize_int8(fp32, tmp_path, Int8Recipe(remainder="fp32"), calib=calib, cache_dir=cache_dir, peer=False)
     m32 = onnx.load(str(art.path))
     assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in m32.graph.initializer)
-    assert art.meta["mixed_precision"]["mac_share"]["fp16"] == 0
+    assert art.mixed_precision.mac_share["fp16"] == 0
     assert art.path.name.endswith("_op17.onnx") == (fp32.stem.endswith("_op17"))
     x = calib.holdout[0].lr
     a, b = infer(default_run.path, x), infer(art.path, x)
@@ -162,14 +165,17 @@ def test_remainder_is_fp16_with_fp32_io_and_shares_add_up(default_run, fp32, cal
 
 
 def test_search_outcome_is_cached_and_replayed_identically(default_run, fp32, calib, cache_dir, tmp_path):
-    assert default_run.meta["mixed_precision"]["search_cache"] == "miss"
+    assert default_run.mixed_precision.search_cache == "miss" and default_run.mixed_precision.model_sha256 is None
     again = quantize_int8(fp32, tmp_path, calib=calib, cache_dir=cache_dir, peer=False)
-    assert again.meta["mixed_precision"]["search_cache"] == "hit"
+    assert again.mixed_precision.search_cache == "hit" and again.mixed_precision.model_sha256
     assert again.path.read_bytes() == default_run.path.read_bytes()
-    assert again.meta["quality"]["int8"] == default_run.meta["quality"]["int8"]
+    assert again.quality.int8 == default_run.quality.int8
+    # the replay's report is the search's own, field for field, but for the cache's bookkeeping
+    assert again.mixed_precision == dataclasses.replace(default_run.mixed_precision, search_cache="hit",
+                                                        model_sha256=again.mixed_precision.model_sha256)
     # another option is another search
     other = quantize_int8(fp32, tmp_path / "b", Int8Recipe(max_drop=0.5), calib=calib, cache_dir=cache_dir, peer=False)
-    assert other.meta["mixed_precision"]["search_cache"] == "miss"
+    assert other.mixed_precision.search_cache == "miss"
 
 
 def test_trt_exclusions_follow_modelopt_small_channel_rules(fp32):
@@ -212,32 +218,68 @@ def test_overflowing_activations_stay_fp32_with_their_qdq():
 
 
 def test_report_figures(default_run):
-    r = default_run.meta
+    r = default_run
     model = onnx.load(str(default_run.path))
     ops = [n.op_type for n in model.graph.node]
-    assert r["checks"]["q_nodes"] == ops.count("QuantizeLinear") and r["checks"]["dq_nodes"] == ops.count("DequantizeLinear")
-    assert r["checks"]["zero_points_all_zero"] and r["checks"]["weights_per_channel"]
-    assert r["recipe"]["trt_compatible"] is True
-    for key in ("fp32", "int8"):
-        m = r["quality"][key]["mean"]
-        assert np.isfinite(m["y_psnr"]) and 0 < m["ssim"] <= 1
-        assert len(r["quality"][key]["images"]) == len(r["calibration"]["holdout_images"]) == 4
-    assert r["quality"]["int8"]["mean"]["y_psnr_drop"] == pytest.approx(
-        r["quality"]["fp32"]["mean"]["y_psnr"] - r["quality"]["int8"]["mean"]["y_psnr"])
-    lat = r["latency"]
-    assert set(lat["median_ms"]) == {"fp32", "int8", "peer", "modelopt"} and lat["ratio_vs_fp32"]["fp32"] == 1.0
-    peer = r["peer"]
-    assert peer["trt_compatible"] is False
-    assert any("zero points" in b for b in peer["trt_blockers"])
-    assert any("per-channel" in b for b in peer["trt_blockers"])
-    assert 20 < peer["quality"]["mean"]["psnr_vs_fp32"] < 80
-    mo = r["modelopt"]  # ModelOpt's own ONNX PTQ: TensorRT-compatible, fp16 remainder, our exclusions
-    assert mo["trt_compatible"] is True and mo["remainder"] == "fp16"
-    assert set(mo["excluded_nodes"]) == set(r["mixed_precision"]["trt_excluded"])
-    assert abs(sum(mo["mac_share"].values()) - 1) < 1e-6 and mo["mac_share"]["fp32"] == 0
-    assert r["mixed_precision"]["steps"][0]["kept_float"] == []
+    assert r.checks.q_nodes == ops.count("QuantizeLinear") and r.checks.dq_nodes == ops.count("DequantizeLinear")
+    assert r.checks.zero_points_all_zero and r.checks.weights_per_channel
+    assert r.recipe["trt_compatible"] is True
+    for q in (r.quality.fp32, r.quality.int8):
+        assert np.isfinite(q.mean.y_psnr) and 0 < q.mean.ssim <= 1
+        assert len(q.images) == len(r.calibration["holdout_images"]) == 4
+    assert r.quality.int8.mean.y_psnr_drop == pytest.approx(r.quality.fp32.mean.y_psnr - r.quality.int8.mean.y_psnr)
+    assert r.quality.fp32.mean.y_psnr_drop is None  # the drop is against fp32
+    lat = r.latency
+    assert set(lat.median_ms) == {"fp32", "int8", "peer", "modelopt"} and lat.ratio_vs_fp32["fp32"] == 1.0
+    peer = r.peer
+    assert peer.trt_compatible is False and peer.skipped is None
+    assert any("zero points" in b for b in peer.trt_blockers)
+    assert any("per-channel" in b for b in peer.trt_blockers)
+    assert 20 < peer.quality.mean.psnr_vs_fp32 < 80
+    mo = r.modelopt  # ModelOpt's own ONNX PTQ: TensorRT-compatible, fp16 remainder, our exclusions
+    assert mo.trt_compatible is True and mo.remainder == "fp16"
+    assert set(mo.excluded_nodes) == set(r.mixed_precision.trt_excluded)
+    assert abs(sum(mo.mac_share.values()) - 1) < 1e-6 and mo.mac_share["fp32"] == 0
+    assert r.mixed_precision.steps[0].kept_float == []
+
+
+def test_written_report_json_is_the_typed_reports_json(default_run):
+    """The file keeps the schema it always had; the typed report reads it back unchanged."""
     saved = default_run.path.with_name("nano_x2_int8_report.json")
-    assert saved.is_file() and "\"peer\"" in saved.read_text()
+    assert default_run.report_path == saved
+    doc = json.loads(saved.read_text())
+    assert list(doc) == ["model", "calibration", "recipe", "checks", "mixed_precision", "quality", "latency",
+                         "native_kernels", "peer", "modelopt", "output"]
+    assert list(doc["model"]) == ["source", "fp32_onnx", "fp32_sha256", "scale"]
+    assert list(doc["output"]) == ["model", "sha256", "report"]
+    assert list(doc["quality"]) == ["fp32", "int8"] and list(doc["quality"]["int8"]) == ["mean", "images"]
+    assert list(doc["quality"]["int8"]["mean"]) == ["psnr_vs_fp32", "y_psnr", "ssim", "y_psnr_drop"]
+    assert list(doc["latency"]) == ["threads", "input", "repeats", "median_ms", "ratio_vs_fp32"]
+    assert list(doc["checks"])[-1] == "quantized_nodes" and isinstance(doc["checks"]["quantized_nodes"], int)
+    mp = doc["mixed_precision"]
+    assert list(mp)[-3:] == ["search_cache", "mac_share", "remainder"] and "model_sha256" not in mp
+    assert list(mp["bias_correction"]) == ["enabled", "without", "nodes"]
+    assert "kept" not in mp["steps"][0] and set(mp["steps"][0]) == {
+        "kept_float", "added", "psnr_vs_fp32", "y_psnr", "ssim", "y_psnr_drop"}
+    assert {"skipped", "excluded_nodes"}.isdisjoint(doc["peer"]) and "excluded_nodes" in doc["modelopt"]
+    assert json.loads(json.dumps(default_run.to_json(), default=lambda o: o.item())) == doc
+    back = Int8Report.from_json(doc)
+    assert json.dumps(back.to_json()) == json.dumps(doc)  # key order too
+    assert (back.quality, back.checks, back.mixed_precision) == (default_run.quality, default_run.checks,
+                                                                 default_run.mixed_precision)
+    assert back.table() == default_run.table()
+
+
+def test_report_without_comparisons_reads_back(default_run):
+    doc = json.loads(default_run.report_path.read_text())
+    skipped = {**doc, "peer": None, "modelopt": {"skipped": "modelopt is not installed"}}
+    r = Int8Report.from_json(skipped)
+    assert r.peer is None and r.modelopt.skipped == "modelopt is not installed"
+    assert r.to_json() == skipped
+    table = r.table()
+    assert "modelopt row skipped: modelopt is not installed" in table
+    assert "ModelOpt ONNX PTQ" not in table and "original: QUInt8" not in table
+    assert "ModelOpt ONNX PTQ" in default_run.table()
 
 
 def test_calibration_cache_reuse_skips_collection(fp32, calib, tmp_path):
@@ -302,12 +344,12 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(tmp_path, calib, cac
     fp32 = export_fp32(sensitive_model(), tmp_path / "sens_x2_fp32.onnx")
     art = quantize_int8(fp32, tmp_path / "out", Int8Recipe(target_psnr=80.0, max_drop=None, node_budget=1),
                         calib=calib, cache_dir=cache_dir, peer=False)
-    mp = art.meta["mixed_precision"]
-    assert mp["ranking"][0]["node"] == SENSITIVE
-    assert mp["kept_float"] == [SENSITIVE] and not mp["met"]
-    before, after = mp["steps"][0]["psnr_vs_fp32"], mp["steps"][1]["psnr_vs_fp32"]
+    mp = art.mixed_precision
+    assert mp.ranking[0]["node"] == SENSITIVE
+    assert mp.kept_float == [SENSITIVE] and not mp.met
+    before, after = mp.steps[0].psnr_vs_fp32, mp.steps[1].psnr_vs_fp32
     assert after > before + 3.0, (before, after)
-    assert SENSITIVE in art.meta["checks"]["float_nodes"]
+    assert SENSITIVE in art.checks.float_nodes
 
     # The ranking's shortcut (rewiring the Q/DQ graph) is the model nodes_to_exclude produces.
     ranges = calibration_ranges(fp32, calib, "percentile", cache_dir=cache_dir, op_types=TRT_OPS, inputs_only=True)
@@ -388,7 +430,7 @@ def test_checkpoint_input_is_exported_first(nano_fused_ckpt, calib, cache_dir, t
     assert art.path.name == "paragonsr2_nano_x2_int8_op19.onnx"  # fp16 Q/DQ scales need opset 19
     meta = {p.key: p.value for p in onnx.load(str(art.path)).metadata_props}
     assert meta["precision"] == "int8" and meta["variant"] == "paragonsr2_nano" and meta["scale"] == "2"
-    assert art.meta["checks"]["zero_points_all_zero"] and art.meta["checks"]["weights_per_channel"]
+    assert art.checks.zero_points_all_zero and art.checks.weights_per_channel
     with pytest.raises(ParagonError, match="scale"):
         quantize_int8(nano_fused_ckpt, tmp_path / "o2", calib=calib, cache_dir=cache_dir, scale=3)
 
@@ -472,7 +514,7 @@ def test_native_kernels_are_reported_apart_and_never_gate(default_run, fp32, tmp
     from paragon_export.cpu import isa
     from paragon_export.parity import parity
 
-    native = default_run.meta["native_kernels"]  # ISA-dependent numbers: only their form is asserted
+    native = default_run.native_kernels  # ISA-dependent numbers: only their form is asserted
     assert native["isa"] == isa() and native["images"] == 4
     assert native["psnr_vs_reference"] is None or native["psnr_vs_reference"] > 0
     ckpt = tmp_path / "nano_x2.safetensors"

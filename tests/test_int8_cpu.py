@@ -19,8 +19,9 @@ from paragon_export.bench import bench_input
 from paragon_export.calibration import build_calibration_set
 from paragon_export.cli import main
 from paragon_export.cpu import isa
-from paragon_export.int8_cpu import (MIN_PSNR, MIN_SPEEDUP, cpu_int8, decide, describe, label, output_paths,
-                                     quantize_cpu, reduce_range_for)
+from paragon_export.int8_cpu import (MIN_PSNR, MIN_SPEEDUP, cpu_int8, decide, label, output_paths, quantize_cpu,
+                                     reduce_range_for)
+from paragon_export.int8_cpu_report import CpuInt8Record, CpuQuality, PsnrFigures, Speed
 from paragon_export.int8_eval import run, session
 from paragon_export.metrics import psnr
 
@@ -52,9 +53,13 @@ def shipped(fp32, calib, tmp_path_factory):
                     min_speedup=0.0, min_psnr=-math.inf, probe_lr=PROBE, budget_s=0.0)
 
 
-def _record(speedup, psnr_min):
-    return {"speed": None if speedup is None else {"speedup": speedup},
-            "quality": None if psnr_min is False else {"native": {"psnr_min": psnr_min, "psnr_mean": psnr_min}}}
+def _measured(speedup, psnr_min):
+    """decide()'s inputs: a speed probe with this speed-up, native-kernel figures with this worst PSNR
+    (None: not measured / identical to fp32; False: quality not measured)."""
+    speed = None if speedup is None else Speed("time.process_time", 1, [1, 3, 8, 8], 3, 1.0, 1.0, speedup, speedup,
+                                              speedup)
+    figs = PsnrFigures(psnr_min, psnr_min)
+    return speed, None if psnr_min is False else CpuQuality(1, figs, figs)
 
 
 @pytest.mark.parametrize("speedup, psnr_min, why", [
@@ -63,14 +68,14 @@ def _record(speedup, psnr_min):
     (None, 45.0, "speed-up not measured"), (1.5, 39.99, "PSNR vs fp32 39.99 dB"),
     (1.5, False, "PSNR not measured")])
 def test_thresholds_applied_to_injected_measurements(speedup, psnr_min, why):
-    ok, reasons = decide(_record(speedup, psnr_min))
+    ok, reasons = decide(*_measured(speedup, psnr_min))
     assert ok is (why is None)
     assert reasons == [] if why is None else (len(reasons) == 1 and why in reasons[0])
 
 
 def test_thresholds_are_parameters():
-    assert decide(_record(1.1, 35.0), min_speedup=1.0, min_psnr=30.0) == (True, [])
-    ok, reasons = decide(_record(1.1, 35.0))
+    assert decide(*_measured(1.1, 35.0), min_speedup=1.0, min_psnr=30.0) == (True, [])
+    ok, reasons = decide(*_measured(1.1, 35.0))
     assert not ok and len(reasons) == 2
 
 
@@ -107,7 +112,7 @@ def test_reduce_range_gives_7_bit_weights(fp32, calib, tmp_path):
 
 def test_shipped_file_is_valid_qdq_on_conv_outputs_and_close_to_fp32(shipped, fp32):
     art, rec = shipped.artifact, shipped.record
-    assert art is not None and rec["shipped"] and art.path.name == f"nano_x2_{label(isa())}.onnx"
+    assert art is not None and rec.shipped and art.path.name == f"nano_x2_{label(isa())}.onnx"
     model = onnx.load(str(art.path))
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -124,7 +129,7 @@ def test_shipped_file_is_valid_qdq_on_conv_outputs_and_close_to_fp32(shipped, fp
     # Q/DQ reference semantics: the same on every CPU, so a fixed bound.
     with session(art.path) as s:
         assert psnr(np.clip(run(s, x), 0, 1), ref) > 30.0
-    assert rec["quality"]["reference"]["psnr_min"] > 30.0
+    assert rec.quality.reference.psnr_min > 30.0
 
 
 def test_onnxruntime_fuses_it_into_integer_kernels(shipped, tmp_path):
@@ -136,14 +141,21 @@ def test_onnxruntime_fuses_it_into_integer_kernels(shipped, tmp_path):
 
 
 def test_record_names_isa_figures_and_decision(shipped):
-    rec = json.loads(open(shipped.record["output"]["report"]).read())
+    rec = json.loads(open(shipped.record.output.report).read())
+    # the file keeps its schema, and the typed record reads it back unchanged
+    assert list(rec) == ["isa", "machine", "runtime", "fp32_onnx", "fp32_sha256", "recipe", "thresholds", "speed",
+                         "quality", "calibration", "shipped", "reasons", "output", "ops"]
+    assert list(rec["output"]) == ["model", "report", "sha256"] and list(rec["quality"]) == ["images", "native", "reference"]
+    assert rec == json.loads(json.dumps(shipped.record.to_json())) == shipped.artifact.meta
+    assert json.dumps(CpuInt8Record.from_json(rec).to_json()) == json.dumps(rec)
     assert rec["isa"] == isa() and rec["recipe"]["reduce_range"] is reduce_range_for(isa())
     sp = rec["speed"]
     assert sp["threads"] == 1 and sp["rounds"] >= 3 and sp["input"] == [1, 3, *PROBE]
     assert sp["speedup_min"] <= sp["speedup"] <= sp["speedup_max"] and sp["fp32_ms"] > 0 and sp["int8_ms"] > 0
     assert rec["calibration"]["method"] == "percentile" and rec["calibration"]["batches"] > 0
     assert rec["shipped"] and rec["output"]["sha256"]
-    assert "written" in describe(rec) and rec["isa"] in describe(rec)
+    line = CpuInt8Record.from_json(rec).line()
+    assert line == shipped.record.line() and "written" in line and rec["isa"] in line
 
 
 def test_not_paying_writes_only_the_record(fp32, calib, tmp_path):
@@ -154,7 +166,8 @@ def test_not_paying_writes_only_the_record(fp32, calib, tmp_path):
     rec = json.loads(report.read_text())
     assert not rec["shipped"] and rec["reasons"][0].startswith("speed-up")
     assert rec["quality"] is None and not (tmp_path / "cache").exists()  # no full calibration for a file never written
-    assert "not written" in describe(rec)
+    assert "calibration" not in rec and "ops" not in rec and rec["output"] == {"model": None, "report": str(report)}
+    assert "not written" in CpuInt8Record.from_json(rec).line() and res.record.summary()["shipped"] is False
 
 
 def test_cli_cpu_option_writes_the_record_and_one_line(fp32, tmp_path):

@@ -54,7 +54,6 @@ RECIPE_OPTIONS = [
 def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, cpu, threads, variant, scale, openvino, force):
     """Quantize MODEL (FP32 .onnx or checkpoint) to TensorRT-compatible Q/DQ INT8 and prove it on held-out photos."""
     from ..int8 import quantize_int8
-    from ..int8_eval import format_table
 
     if openvino:  # before the quantization, not after it
         from ..errors import ParagonError
@@ -62,25 +61,22 @@ def command(model, out_dir, calib_dir, recipe, cache_dir, no_peer, cpu, threads,
 
         if runtime_unavailable("openvino"):
             raise ParagonError(f"--openvino: {runtime_unavailable('openvino')}")
-    art = quantize_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, peer=not no_peer,
-                        threads=threads, variant=variant, scale=scale, force=force,
-                        progress=lambda m: click.echo(m, err=True))
-    click.echo(format_table(art.meta))
-    mp = art.meta["mixed_precision"]
-    if mp["kept_float"]:
-        click.echo(f"kept in float: {', '.join(mp['kept_float'])}")
-    click.echo(f"wrote {art.path} and {art.meta['output']['report']}")
+    report = quantize_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, peer=not no_peer,
+                           threads=threads, variant=variant, scale=scale, force=force,
+                           progress=lambda m: click.echo(m, err=True))
+    click.echo(report.table())
+    if report.mixed_precision.kept_float:
+        click.echo(f"kept in float: {', '.join(report.mixed_precision.kept_float)}")
+    click.echo(f"wrote {report.path} and {report.report_path}")
     if openvino:
         from ..int8_openvino import write_openvino_int8
 
-        ov = write_openvino_int8(art.path, out_dir, force=force)
-        chk = ov.meta["openvino_vs_reference"]
-        fig = "identical" if chk["min_psnr"] is None else f"{chk['min_psnr']:.2f} dB"
-        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {fig}, max abs {chk['max_abs']:.3g})")
+        ov = write_openvino_int8(report.path, out_dir, force=force)
+        click.echo(f"wrote {ov.path} (for OpenVINO; OpenVINO vs its Q/DQ semantics: {ov.check.figures()})")
     if cpu:
-        from ..int8_cpu import cpu_int8, describe
+        from ..int8_cpu import cpu_int8
 
         res = cpu_int8(model, out_dir, recipe, calib_dir=calib_dir, cache_dir=cache_dir, measure_all=True, force=force,
                        variant=variant, scale=scale,
                        progress=lambda m: click.echo(m, err=True))
-        click.echo(describe(res.record))
+        click.echo(res.record.line())
