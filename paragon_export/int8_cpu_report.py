@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .int8_report import JsonRecord, optional
+from .records import Record, optional
 
 
 @dataclass(frozen=True)
-class CpuRecipe(JsonRecord):
+class CpuRecipe(Record):
     format: str
     activations: str
     weights: str
@@ -20,14 +20,14 @@ class CpuRecipe(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Thresholds(JsonRecord):
+class Thresholds(Record):
     min_speedup: float
     min_psnr: float
     psnr: str = "native kernels vs fp32, worst held-out image"
 
 
 @dataclass(frozen=True)
-class Speed(JsonRecord):
+class Speed(Record):
     """fp32 vs native int8 CPU time (`int8_cpu.speed_probe`), and which model was timed."""
 
     timer: str
@@ -43,7 +43,7 @@ class Speed(JsonRecord):
 
 
 @dataclass(frozen=True)
-class PsnrFigures(JsonRecord):
+class PsnrFigures(Record):
     """PSNR vs fp32 over the held-out images; None: identical outputs."""
 
     psnr_mean: float | None
@@ -51,27 +51,23 @@ class PsnrFigures(JsonRecord):
 
 
 @dataclass(frozen=True)
-class CpuQuality(JsonRecord):
+class CpuQuality(Record):
     """`int8_cpu.quality`: through ORT's native kernels on this CPU and through the Q/DQ reference."""
 
     images: int
     native: PsnrFigures
     reference: PsnrFigures
 
-    @classmethod
-    def from_json(cls, d: dict | None) -> CpuQuality | None:
-        return None if d is None else cls(d["images"], PsnrFigures(**d["native"]), PsnrFigures(**d["reference"]))
-
 
 @dataclass(frozen=True)
-class CpuOutput(JsonRecord):
+class CpuOutput(Record):
     model: str | None  # None: not written
     report: str
     sha256: str | None = optional()
 
 
 @dataclass(frozen=True)
-class CpuInt8Record(JsonRecord):
+class CpuInt8Record(Record):
     """What the step measured on this CPU and what it decided."""
 
     isa: str
@@ -88,13 +84,6 @@ class CpuInt8Record(JsonRecord):
     reasons: list[str] = field(default_factory=list)
     output: CpuOutput | None = None
     ops: dict[str, int] | None = optional()  # op counts of the written file
-
-    @classmethod
-    def from_json(cls, d: dict) -> CpuInt8Record:
-        sp, out = d.get("speed"), d.get("output")
-        return cls(**{**d, "recipe": CpuRecipe(**d["recipe"]), "thresholds": Thresholds(**d["thresholds"]),
-                      "speed": Speed(**sp) if sp is not None else None, "quality": CpuQuality.from_json(d.get("quality")),
-                      "output": CpuOutput(**out) if out is not None else None})
 
     def line(self) -> str:
         """One line: the decision and the figures behind it."""

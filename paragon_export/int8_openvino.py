@@ -22,7 +22,7 @@ import onnx
 
 from .artifact import atomic_output, check_output, sha256_file
 from .errors import ParagonError
-from .int8_report import JsonRecord
+from .records import Record
 from .int8_search import float_behind_qdq
 from .onnx_graph import ort_session, read_metadata, set_metadata
 from .verify import LIMITS, compare, verification_inputs
@@ -32,7 +32,7 @@ SUFFIX = "_openvino"
 
 
 @dataclass(frozen=True)
-class OpenVinoCheck(JsonRecord):
+class OpenVinoCheck(Record):
     """OpenVINO vs the file's own Q/DQ semantics (ONNX Runtime's reference path): worst PSNR and max abs."""
 
     min_psnr: float | None  # None: identical

@@ -3,42 +3,25 @@ attributes, `to_json()` gives the JSON written beside the model (the keys, order
 `_report.json` files have always had) and `table()` renders it for the terminal.
 
 Sub-records nobody reads field by field (the calibration summary, the recipe summary, the ranking,
-the native-kernel check, per-image scores) stay plain dicts; mappings keyed by data (dtype -> MAC
-share, model -> ms) stay dicts too."""
+the native-kernel check) stay plain dicts; mappings keyed by data (dtype -> MAC share, model -> ms)
+stay dicts too. The held-out `Quality`, `Latency` and `Output` are the QAT report's as well."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .int8_eval import format_native
+from .records import Record, optional
 
-_OMIT = {"omit_none": True}  # a key the JSON has only when it has a value
-
-
-def optional():
-    """A field whose key the JSON has only when it is not None."""
-    return field(default=None, metadata=_OMIT)
-
-
-def _plain(v):
-    if isinstance(v, JsonRecord):
-        return v.to_json()
-    return [_plain(x) for x in v] if isinstance(v, list) else v
-
-
-class JsonRecord:
-    """Base of the report dataclasses: their JSON is their fields, in order."""
-
-    def to_json(self) -> dict:
-        """The JSON dict: fields in order, nested records as theirs, optional keys only when set."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
-                if not (getattr(self, f.name) is None and f.metadata.get("omit_none"))}
+_SCORES = ("psnr_vs_fp32", "y_psnr", "ssim")
 
 
 @dataclass(frozen=True)
-class Mean(JsonRecord):
-    """Held-out means; Y-PSNR and SSIM need HR ground truth, the drop is against fp32."""
+class Scores(Record):
+    """Held-out means (SPEC section 6). None: not measured (no HR: no Y-PSNR/SSIM; fp32 has no drop)."""
 
     psnr_vs_fp32: float | None = optional()
     y_psnr: float | None = optional()
@@ -47,26 +30,43 @@ class Mean(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Quality(JsonRecord):
-    """One model on the held-out images (`int8_eval.Evaluator.quality`)."""
-
-    mean: Mean
-    images: list[dict]
-
-    @classmethod
-    def from_json(cls, d: dict) -> Quality:
-        return cls(Mean(**d["mean"]), d["images"])
-
+class ImageScore(Record):
+    image: str
+    lr: list[int]
+    psnr_vs_fp32: float | None = optional()
+    y_psnr: float | None = optional()
+    ssim: float | None = optional()
 
 
 @dataclass(frozen=True)
-class Qualities(JsonRecord):
+class Quality(Record):
+    """One model on the held-out images (`int8_eval.Evaluator.quality`; the QAT report's torch models too)."""
+
+    mean: Scores
+    images: list[ImageScore]
+
+    @classmethod
+    def of(cls, images: list[ImageScore]) -> Quality:
+        """Means over `images` of the figures the first one has."""
+        mean = {k: float(np.mean([getattr(p, k) for p in images]))
+                for k in _SCORES if images and getattr(images[0], k) is not None}
+        return cls(Scores(**mean), images)
+
+    def with_drop(self, fp32: Quality) -> Quality:
+        """With its Y-PSNR drop against `fp32` (positive = worse), when both have Y-PSNR."""
+        if self.mean.y_psnr is None or fp32.mean.y_psnr is None:
+            return self
+        return replace(self, mean=replace(self.mean, y_psnr_drop=fp32.mean.y_psnr - self.mean.y_psnr))
+
+
+@dataclass(frozen=True)
+class Qualities(Record):
     fp32: Quality
     int8: Quality
 
 
 @dataclass(frozen=True)
-class Checks(JsonRecord):
+class Checks(Record):
     """`int8_check.brief(inspect_qdq(...))`: the Q/DQ structure TensorRT's explicit quantization needs."""
 
     opset: int
@@ -86,7 +86,7 @@ class Checks(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Step(JsonRecord):
+class Step(Record):
     """One step of the mixed-precision search: the float set tried and its held-out figures."""
 
     kept_float: list[str]
@@ -105,24 +105,21 @@ class Step(JsonRecord):
 
 
 @dataclass(frozen=True)
-class BiasCorrection(JsonRecord):
+class BiasCorrection(Record):
     enabled: bool
     without: Step | None = optional()  # step 0's figures without the correction
     nodes: int | None = optional()
 
-    @classmethod
-    def from_json(cls, d: dict) -> BiasCorrection:
-        return cls(d["enabled"], Step(**d["without"]) if "without" in d else None, d.get("nodes"))
 
 
 @dataclass(frozen=True)
-class RemainderSummary(JsonRecord):
+class RemainderSummary(Record):
     dtype: str  # of the nodes left unquantized
     kept_fp32: dict[str, str]  # node -> why the overflow guard kept it fp32
 
 
 @dataclass(frozen=True)
-class MixedPrecision(JsonRecord):
+class MixedPrecision(Record):
     """The search (`int8_search.mixed_precision`, or its cached replay) and the shipped model's MAC split."""
 
     target_psnr: float | None
@@ -143,13 +140,6 @@ class MixedPrecision(JsonRecord):
     search_cache: str = "miss"
     mac_share: dict[str, float] = field(default_factory=dict)  # dtype -> share of conv MACs
     remainder: RemainderSummary | None = None
-
-    @classmethod
-    def from_json(cls, d: dict) -> MixedPrecision:
-        rem = d.get("remainder")
-        return cls(**{**d, "bias_correction": BiasCorrection.from_json(d["bias_correction"]),
-                      "steps": [Step(**s) for s in d["steps"]],
-                      "remainder": RemainderSummary(**rem) if rem is not None else None})
 
     def lines(self) -> list[str]:
         """The goal and whether it was met, the MAC split, the bias correction and every step."""
@@ -173,7 +163,7 @@ class MixedPrecision(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Latency(JsonRecord):
+class Latency(Record):
     """ORT CPU median ms per model (`int8_eval.latency`), with the ratio to fp32 of the same run."""
 
     threads: int
@@ -182,9 +172,14 @@ class Latency(JsonRecord):
     median_ms: dict[str, float]
     ratio_vs_fp32: dict[str, float]
 
+    @classmethod
+    def measured(cls, threads: int, input: list[int], repeats: int, median_ms: dict[str, float]) -> Latency:
+        """From `int8_eval.latency`'s figures."""
+        return cls(threads, input, repeats, median_ms, {k: v / median_ms["fp32"] for k, v in median_ms.items()})
+
 
 @dataclass(frozen=True)
-class PeerRow(JsonRecord):
+class PeerRow(Record):
     """A comparison recipe on the same model and crops (`int8_compare`), or why it was skipped."""
 
     skipped: str | None = optional()
@@ -197,14 +192,6 @@ class PeerRow(JsonRecord):
     checks: Checks | None = optional()
     mac_share: dict[str, float] | None = optional()
 
-    @classmethod
-    def from_json(cls, d: dict | None) -> PeerRow | None:
-        if d is None:
-            return None
-        q, c = d.get("quality"), d.get("checks")
-        return cls(**{**d, "quality": Quality.from_json(q) if q is not None else None,
-                      "checks": Checks(**c) if c is not None else None})
-
     def note(self, key: str) -> str | None:
         if self.skipped:
             return f"{key} row skipped: {self.skipped}"
@@ -214,7 +201,7 @@ class PeerRow(JsonRecord):
 
 
 @dataclass(frozen=True)
-class ModelInfo(JsonRecord):
+class ModelInfo(Record):
     source: str
     fp32_onnx: str
     fp32_sha256: str
@@ -222,7 +209,7 @@ class ModelInfo(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Output(JsonRecord):
+class Output(Record):
     model: str
     sha256: str
     report: str
@@ -232,7 +219,7 @@ PEER_LABELS = {"peer": "original: QUInt8 asym, ORT entropy", "modelopt": "NVIDIA
 
 
 @dataclass(frozen=True)
-class Int8Report(JsonRecord):
+class Int8Report(Record):
     """What `quantize_int8` made and measured; `to_json()` is its `_report.json`."""
 
     model: ModelInfo
@@ -255,17 +242,6 @@ class Int8Report(JsonRecord):
     @property
     def report_path(self) -> Path:
         return Path(self.output.report)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Int8Report:
-        """A report read back from its `_report.json`."""
-        q = d["quality"]
-        return cls(model=ModelInfo(**d["model"]), calibration=d["calibration"], recipe=d["recipe"],
-                   checks=Checks(**d["checks"]), mixed_precision=MixedPrecision.from_json(d["mixed_precision"]),
-                   quality=Qualities(Quality.from_json(q["fp32"]), Quality.from_json(q["int8"])),
-                   latency=Latency(**d["latency"]), native_kernels=d["native_kernels"],
-                   peer=PeerRow.from_json(d["peer"]), modelopt=PeerRow.from_json(d["modelopt"]),
-                   output=Output(**d["output"]))
 
     def table(self) -> str:
         """A fixed-width table of every model measured, then the held-out set, the comparison rows'

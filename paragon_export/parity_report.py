@@ -4,22 +4,18 @@ as the per-file runtime verdicts the manifest and the model card carry."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .records import Record
 from .verify import Limits
 
 SCHEMA = "paragon-export/parity"
 SCHEMA_VERSION = 1
 
 
-def _build(cls, d: dict | None):
-    """A dataclass from its JSON object (None stays None); nested types are rebuilt by the caller."""
-    return None if d is None else cls(**{f.name: d[f.name] for f in fields(cls)})
-
-
 @dataclass
-class CaseResult:
+class CaseResult(Record):
     """One row on one case, against the reference's output. None: no finite value (see `error`/`nonfinite`);
     a None PSNR with a max_abs is bit-identical (infinite PSNR)."""
 
@@ -41,7 +37,7 @@ class CaseResult:
 
 
 @dataclass
-class Summary:
+class Summary(Record):
     cases: int
     max_abs: float | None
     mean_abs: float | None
@@ -55,7 +51,7 @@ class Summary:
 
 
 @dataclass
-class PolygraphyCheck:
+class PolygraphyCheck(Record):
     compare_func: str
     passed: bool
     iterations_passed: int
@@ -63,7 +59,7 @@ class PolygraphyCheck:
 
 
 @dataclass
-class Layer:
+class Layer(Record):
     node: str
     op: str
     tensor: str
@@ -75,7 +71,7 @@ class Layer:
 
 
 @dataclass
-class Localization:
+class Localization(Record):
     """Where a failing ONNX row departs from the reference (`localize.localize`), on its worst case."""
 
     method: str  # onnx-reference | torch-hooks | none
@@ -88,15 +84,6 @@ class Localization:
     note: str
     top: list[Layer]
     case: dict  # {"image", "lr_size"}
-
-    @classmethod
-    def from_json(cls, d: dict | None) -> Localization | None:
-        if d is None:
-            return None
-        loc = _build(cls, d)
-        loc.culprit = _build(Layer, d["culprit"])
-        loc.top = [_build(Layer, t) for t in d["top"]]
-        return loc
 
     def line(self) -> str:
         c = self.culprit
@@ -117,7 +104,7 @@ class Localization:
 
 
 @dataclass
-class Row:
+class Row(Record):
     """One thing run and judged: the reference, a derived torch model, an artifact or an artifact on
     another runtime (role), with its verdict (status, reasons) and figures."""
 
@@ -138,15 +125,6 @@ class Row:
     polygraphy: PolygraphyCheck | None
     results: list[CaseResult]
     localization: Localization | None
-
-    @classmethod
-    def from_json(cls, d: dict) -> Row:
-        row = _build(cls, d)
-        row.limits, row.summary = _build(Limits, d["limits"]), _build(Summary, d["summary"])
-        row.polygraphy = _build(PolygraphyCheck, d["polygraphy"])
-        row.results = [_build(CaseResult, r) for r in d["results"]]
-        row.localization = Localization.from_json(d["localization"])
-        return row
 
     def table_line(self) -> str:
         result = {"reference": "ref", "pass": "PASS", "fail": "**FAIL**", "error": "**ERROR**",
@@ -180,7 +158,7 @@ class Row:
 
 
 @dataclass
-class Reference:
+class Reference(Record):
     path: str
     sha256: str
     variant: str
@@ -191,7 +169,7 @@ class Reference:
 
 
 @dataclass
-class CaseInfo:
+class CaseInfo(Record):
     """One LR crop: what bicubic and the reference reach against its HR crop (None: identical, x1)."""
 
     image: str
@@ -203,7 +181,7 @@ class CaseInfo:
 
 
 @dataclass
-class Quality:
+class Quality(Record):
     y_psnr: float | None
     ssim: float
     bicubic_y_psnr: float | None
@@ -211,7 +189,7 @@ class Quality:
 
 
 @dataclass
-class Outputs:
+class Outputs(Record):
     """The report folder's files, relative to it."""
 
     json: str = "parity.json"
@@ -220,7 +198,7 @@ class Outputs:
 
 
 @dataclass
-class ParityReport:
+class ParityReport(Record):
     created_utc: str
     passed: bool  # every gated row passed (skipped ones do not count)
     tool_versions: dict[str, str | None]
@@ -237,17 +215,7 @@ class ParityReport:
     outputs: Outputs = field(default_factory=Outputs)
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> ParityReport:
-        rep = _build(cls, d)
-        rep.reference, rep.reference_quality = _build(Reference, d["reference"]), _build(Quality, d["reference_quality"])
-        rep.thresholds = {k: _build(Limits, v) for k, v in d["thresholds"].items()}
-        rep.cases = [_build(CaseInfo, c) for c in d["cases"]]
-        rep.artifacts = [Row.from_json(a) for a in d["artifacts"]]
-        rep.outputs = _build(Outputs, d["outputs"])
-        return rep
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **super().to_json()}
 
     def markdown(self) -> str:
         r, q = self.reference, self.reference_quality

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from .metrics import psnr, psnr_y, ssim_y
-from .qat_result import (ExportInfo, ImageScore, Latency, ModelInfo, ModelQualities, Output, PTQBaseline,
-                         Quality, Recipe, Scores, Training, Verification)
+from .records import Record, optional
+from .int8_report import ImageScore, Latency, Output, Quality, Scores
+from .qat_result import ExportInfo, ModelInfo, ModelQualities, PTQBaseline, Recipe, Training, Verification
 from .verify import describe
 
 
@@ -27,12 +28,9 @@ def torch_quality(model, holdout, scale: int, fp32_ref: list[np.ndarray] | None)
     per = []
     for i, h in enumerate(holdout):
         y = _sr(model, h.lr)
-        item = ImageScore(h.name, list(h.lr.shape[:2]))
-        if fp32_ref is not None:
-            item.psnr_vs_fp32 = psnr(np.clip(y, 0, 1), np.clip(fp32_ref[i], 0, 1))
-        if h.hr is not None:
-            item.y_psnr, item.ssim = psnr_y(y, h.hr, scale), ssim_y(y, h.hr, scale)
-        per.append(item)
+        vs_fp32 = None if fp32_ref is None else psnr(np.clip(y, 0, 1), np.clip(fp32_ref[i], 0, 1))
+        y_psnr, ssim = (None, None) if h.hr is None else (psnr_y(y, h.hr, scale), ssim_y(y, h.hr, scale))
+        per.append(ImageScore(h.name, list(h.lr.shape[:2]), vs_fp32, y_psnr, ssim))
     return Quality.of(per)
 
 
@@ -86,7 +84,7 @@ def build_report(*, job, run, base, graph, info: ExportInfo, fp32_graph, fp32_pa
 
 
 @dataclass
-class QATReport:
+class QATReport(Record):
     """A finished QAT run: the model, calibration set (`calibration` summary), recipe, Q/DQ checks of the
     shipped graph (`int8_check.inspect_qdq`, node list as a count), export, training, verification,
     native-kernel check (`int8_eval.native_vs_reference`), quality of every model, the PTQ baseline
@@ -103,30 +101,12 @@ class QATReport:
     quality: ModelQualities
     ptq: PTQBaseline | None
     latency: Latency
-    wall_seconds: float | None = None
-    output: Output | None = None
+    wall_seconds: float | None = optional()
+    output: Output | None = optional()
 
     def to_json(self) -> dict:
         """The qat_report.json document."""
-        d = {"command": "qat", "model": self.model.to_json(), "calibration": self.calibration,
-             "recipe": self.recipe.to_json(), "checks": self.checks, "export": self.export.to_json(),
-             "training": self.training.to_json(), "verification": self.verification.to_json(),
-             "native_kernels": self.native_kernels, "quality": self.quality.to_json(),
-             "ptq": None if self.ptq is None else self.ptq.to_json(), "latency": self.latency.to_json()}
-        if self.wall_seconds is not None:
-            d["wall_seconds"] = self.wall_seconds
-        if self.output is not None:
-            d["output"] = self.output.to_json()
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "QATReport":
-        ptq, out = d.get("ptq"), d.get("output")
-        return cls(ModelInfo.from_json(d["model"]), d["calibration"], Recipe.from_json(d["recipe"]), d["checks"],
-                   ExportInfo.from_json(d["export"]), Training.from_json(d["training"]),
-                   Verification.from_json(d["verification"]), d["native_kernels"],
-                   ModelQualities.from_json(d["quality"]), None if ptq is None else PTQBaseline.from_json(ptq),
-                   Latency.from_json(d["latency"]), d.get("wall_seconds"), None if out is None else Output.from_json(out))
+        return {"command": "qat", **super().to_json()}
 
     # ------------------------------------------------------------ rendering
     _HEAD = ("model", "Y-PSNR", "SSIM", "PSNR/fp32", "ms", "x fp32", "Q/DQ", "float", "TensorRT")

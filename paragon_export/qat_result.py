@@ -8,119 +8,37 @@ Parts written by other modules keep their own formats as plain dicts: `int8_chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
-import numpy as np
+from .int8_report import Latency, Output, Quality
+from .records import Record, optional
 
-_SCORES = ("psnr_vs_fp32", "y_psnr", "ssim")
-
-
-def _set(obj, names) -> dict:
-    """The named attributes that are set: the report leaves an absent figure out rather than writing null."""
-    return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
-
-
-def _all(obj) -> dict:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+__all__ = ["ExportInfo", "HistoryPoint", "Latency", "ModelInfo", "ModelQualities", "Output", "PTQBaseline", "Quality",
+           "Recipe", "Training", "Verification"]
 
 
 @dataclass
-class Scores:
-    """Mean held-out figures (SPEC §6). None: not measured (no HR: no Y-PSNR/SSIM; the fp32 row has no drop)."""
-
-    psnr_vs_fp32: float | None = None
-    y_psnr: float | None = None
-    ssim: float | None = None
-    y_psnr_drop: float | None = None
-
-    def to_json(self) -> dict:
-        return _set(self, [f.name for f in fields(self)])
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Scores":
-        return cls(**d)
-
-
-@dataclass
-class ImageScore:
-    image: str
-    lr: list[int]
-    psnr_vs_fp32: float | None = None
-    y_psnr: float | None = None
-    ssim: float | None = None
-
-    def to_json(self) -> dict:
-        return {"image": self.image, "lr": self.lr, **_set(self, _SCORES)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ImageScore":
-        return cls(**d)
-
-
-@dataclass
-class Quality:
-    """One model's held-out quality in the int8 report's format (`int8_eval.Evaluator`)."""
-
-    mean: Scores
-    images: list[ImageScore]
-
-    @classmethod
-    def of(cls, images: list[ImageScore]) -> "Quality":
-        """Means over `images` of the figures the first one has."""
-        mean = {k: float(np.mean([getattr(p, k) for p in images]))
-                for k in _SCORES if images and getattr(images[0], k) is not None}
-        return cls(Scores(**mean), images)
-
-    def with_drop(self, fp32: "Quality") -> "Quality":
-        """With its Y-PSNR drop against `fp32` (positive = worse), when both have Y-PSNR."""
-        if self.mean.y_psnr is None or fp32.mean.y_psnr is None:
-            return self
-        return replace(self, mean=replace(self.mean, y_psnr_drop=fp32.mean.y_psnr - self.mean.y_psnr))
-
-    def to_json(self) -> dict:
-        return {"mean": self.mean.to_json(), "images": [i.to_json() for i in self.images]}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Quality":
-        return cls(Scores.from_json(d["mean"]), [ImageScore.from_json(i) for i in d["images"]])
-
-
-@dataclass
-class ModelQualities:
+class ModelQualities(Record):
     """Held-out quality of every model the report compares; ptq_int8 is None without the PTQ baseline."""
 
     fp32: Quality
     ptq_modelopt: Quality  # ModelOpt's calibrated fake-quant student before training (torch)
     qat_torch: Quality
     qat_int8: Quality  # the shipped Q/DQ ONNX on ONNX Runtime
-    ptq_int8: Quality | None = None
-
-    def to_json(self) -> dict:
-        return {k: v.to_json() for k, v in _all(self).items() if v is not None}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ModelQualities":
-        return cls(**{k: Quality.from_json(v) for k, v in d.items()})
+    ptq_int8: Quality | None = optional()
 
 
 @dataclass
-class HistoryPoint:
+class HistoryPoint(Record):
     """One held-out check while training; step 0 is the calibrated student (no loss yet)."""
 
     step: int
     distill_l1: float | None
     heldout_y_psnr: float | None
 
-    def to_json(self) -> dict:
-        return _all(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "HistoryPoint":
-        return cls(**d)
-
 
 @dataclass
-class PTQBaseline:
+class PTQBaseline(Record):
     """The `int8` command's result on the same FP32 graph and calibration set."""
 
     model: str
@@ -131,16 +49,9 @@ class PTQBaseline:
     method: str
     mixed_precision_met: bool
 
-    def to_json(self) -> dict:
-        return {**_all(self), "quality": self.quality.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "PTQBaseline":
-        return cls(**{**d, "quality": Quality.from_json(d["quality"])})
-
 
 @dataclass
-class ModelInfo:
+class ModelInfo(Record):
     source: str
     source_sha256: str
     variant: str
@@ -148,16 +59,9 @@ class ModelInfo:
     upsampler: str
     fusion: dict
 
-    def to_json(self) -> dict:
-        return _all(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ModelInfo":
-        return cls(**d)
-
 
 @dataclass
-class Recipe:
+class Recipe(Record):
     """How the shipped file is quantized; the fixed parts are those of every QAT export."""
 
     FIXED = {"tool": "nvidia-modelopt", "format": "QDQ", "calibrator": "max",
@@ -178,13 +82,9 @@ class Recipe:
                 "remainder": self.remainder, "mac_share": self.mac_share, "float_quantizers": self.float_quantizers,
                 "unmatched_float_nodes": self.unmatched_float_nodes, "trt_compatible": True, "options": self.options}
 
-    @classmethod
-    def from_json(cls, d: dict) -> "Recipe":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
-
 
 @dataclass
-class ExportInfo:
+class ExportInfo(Record):
     """`qat_export.export_qdq`'s account of the export; `checks` (of the graph before the fp16 remainder)
     is not reported, the report's own checks are of the shipped graph."""
 
@@ -196,15 +96,11 @@ class ExportInfo:
     checks: dict | None = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in _all(self).items() if k != "checks"}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ExportInfo":
-        return cls(**d)
+        return {k: v for k, v in super().to_json().items() if k != "checks"}
 
 
 @dataclass
-class Training:
+class Training(Record):
     steps: int
     resumed_from: int | None
     steps_this_run: int
@@ -228,14 +124,9 @@ class Training:
                 "gt_weight": self.gt_weight, "loss": self.loss, "train_patches": self.train_patches,
                 "history": [h.to_json() for h in self.history]}
 
-    @classmethod
-    def from_json(cls, d: dict) -> "Training":
-        kw = {f.name: d[f.name] for f in fields(cls)}
-        return cls(**{**kw, "history": [HistoryPoint.from_json(h) for h in kw["history"]]})
-
 
 @dataclass
-class Verification:
+class Verification(Record):
     """ORT (Q/DQ reference semantics) vs the torch fake-quant student on the fp32-remainder export, and
     the fp16 remainder's own effect; both `verify.compare_groups` figures."""
 
@@ -259,40 +150,3 @@ class Verification:
     def from_json(cls, d: dict) -> "Verification":
         return cls({k: d[k] for k in ("groups", "max_abs", "min_psnr")}, d["remainder"], d["min_psnr_limit"],
                    d["remainder_min_psnr_limit"])
-
-
-@dataclass
-class Latency:
-    """ORT CPU median ms per model (native integer kernels), and each as a ratio to fp32."""
-
-    threads: int
-    input: list[int]
-    repeats: int
-    median_ms: dict[str, float]
-    ratio_vs_fp32: dict[str, float]
-
-    @classmethod
-    def measured(cls, threads: int, input: list[int], repeats: int, median_ms: dict[str, float]) -> "Latency":
-        """From `int8_eval.latency`'s figures."""
-        return cls(threads, input, repeats, median_ms, {k: v / median_ms["fp32"] for k, v in median_ms.items()})
-
-    def to_json(self) -> dict:
-        return _all(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Latency":
-        return cls(**d)
-
-
-@dataclass
-class Output:
-    model: str
-    sha256: str
-    report: str
-
-    def to_json(self) -> dict:
-        return _all(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Output":
-        return cls(**d)
