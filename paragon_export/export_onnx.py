@@ -45,7 +45,7 @@ from .errors import ParagonError
 from .export_recipe import DEFAULT_OPSET, ExportRecipe
 from .fuse import EXACT_ATOL, verify_fusion
 from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, set_metadata, simplify)
-from .verify import LIMITS, VERIFY_SIZES, describe, verify_against
+from .verify import LIMITS, VERIFY_SIZES, ToleranceCheck, verify_against
 
 FP32_ATOL = LIMITS["fp32"].max_abs
 # Traced at a size no verification uses, so a shape baked in at trace time cannot pass.
@@ -160,12 +160,10 @@ def _dynamo_export(model: torch.nn.Module, dummy: torch.Tensor, *, opset: int, s
 # ---------------------------------------------------------------- verification
 
 def verify_onnx(model: onnx.ModelProto | Path | str, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES,
-                *, atol: float = FP32_ATOL, paths=None) -> dict:
-    """ORT CPU vs the fp32 PyTorch reference on real photos. Returns the report with "ok"."""
-    report = verify_against(model, reference, scale, sizes, paths=paths)
-    report["atol"] = atol
-    report["ok"] = bool(report["max_abs"] <= atol)
-    return report
+                *, atol: float = FP32_ATOL, paths=None) -> ToleranceCheck:
+    """ORT CPU vs the fp32 PyTorch reference on real photos, judged by max abs <= `atol`."""
+    v = verify_against(model, reference, scale, sizes, paths=paths)
+    return ToleranceCheck(v.groups, v.max_abs, v.min_psnr, atol=atol, ok=bool(v.max_abs <= atol))
 
 
 # ---------------------------------------------------------------- the export step
@@ -193,11 +191,11 @@ def _write_fp32(model: torch.nn.Module, tmp: Path, *, meta: dict, opset: int, ex
     check_and_save(graph, tmp, "exported graph")
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes)
     report = verify_onnx(tmp, model, int(meta["scale"]), sizes, atol=atol)
-    if not report["ok"]:
+    if not report.ok:
         raise ParagonError(f"ONNX FP32 verification failed (ORT CPU vs fused PyTorch, max abs, limit {atol:g}): "
-                           f"{describe(report)}; nothing written")
+                           f"{report.describe()}; nothing written")
     return graph, {"nodes_before": before, "nodes_after": op_counts(graph), "simplify": simplify_info,
-                   "verification": report, "io_dims": io_dims(graph)}
+                   "verification": report.to_json(), "io_dims": io_dims(graph)}
 
 
 def export_model(model: torch.nn.Module, out_path: Path | str, *, meta: dict, opset: int = DEFAULT_OPSET,

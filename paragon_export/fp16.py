@@ -41,7 +41,8 @@ from .errors import ParagonError
 from .images import sample_photo_paths
 from .torch_half import torch_half_model
 from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
-from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_onnx, run_torch, session_batch,
+from .records import to_plain
+from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, run_onnx, run_torch, session_batch,
                      verification_inputs)
 
 FP16_MAX = 65504.0
@@ -307,14 +308,14 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
         arith.append(("torch half vs fp32", report["torch_half_vs_fp32"]))
     checks = [("ORT fp16 vs fp32 ONNX", report["vs_fp32_onnx"], target_psnr)]
     checks += [(label, r, FP16_ARITH_FLOOR_PSNR) for label, r in arith]
-    failed = [(label, r, limit) for label, r, limit in checks if not r["min_psnr"] >= limit]
+    failed = [(label, r, limit) for label, r, limit in checks if not r.min_psnr >= limit]
     report["ok"] = not failed
     report["arith_floor_psnr"] = FP16_ARITH_FLOOR_PSNR
     # Below the target but above the floor: shipped, and said so (CLI, Artifact meta).
-    report["below_target"] = [f"{label} {r['min_psnr']:.1f} dB" for label, r in arith if not r["min_psnr"] >= target_psnr]
+    report["below_target"] = [f"{label} {r.min_psnr:.1f} dB" for label, r in arith if not r.min_psnr >= target_psnr]
     if failed:
-        figures_text = "; ".join(f"{label} (limit {limit:g} dB): {describe(r, 'psnr')}" for label, r, limit in failed)
+        figures_text = "; ".join(f"{label} (limit {limit:g} dB): {r.describe('psnr')}" for label, r, limit in failed)
         raise ParagonError(f"ONNX FP16 verification failed (PSNR): {figures_text} "
                            f"(kept fp32: {len(kept)} nodes); nothing written")
-    info = {"fp16": {"kept_fp32": kept, **figures}, "verification": report, "nodes_after": op_counts(g16)}
+    info = {"fp16": {"kept_fp32": kept, **figures}, "verification": to_plain(report), "nodes_after": op_counts(g16)}
     return meta, info

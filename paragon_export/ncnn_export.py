@@ -33,7 +33,7 @@ from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .errors import ParagonError
 from .metrics import json_finite
 from .ncnn_runner import INSTALL_HINT, SIDECAR_FORMAT, NcnnRunner, ncnn_version
-from .verify import NCNN_LIMITS, VERIFY_SIZES, VERIFY_THREADS, compare_groups, describe, run_torch, verification_inputs
+from .verify import NCNN_LIMITS, VERIFY_SIZES, VERIFY_THREADS, Verification, compare_groups, run_torch, verification_inputs
 
 PRECISIONS = ("fp32", "fp16")
 PNNX_TIMEOUT_S = 1800
@@ -152,7 +152,7 @@ def _reference(src: dict, work: Path, onnx: Path | None):
     return (lambda x: np.concatenate([run_session(sess, x[i:i + 1]) for i in range(len(x))])), src["onnx"]
 
 
-def verify_ncnn(param: Path, reference, scale: int, sizes=VERIFY_SIZES) -> dict:
+def verify_ncnn(param: Path, reference, scale: int, sizes=VERIFY_SIZES) -> Verification:
     """Run the pair on ncnn (fp32 arithmetic, 1 thread) and `reference` on the verification inputs."""
     inputs = verification_inputs(scale, sizes)
     refs = {(g, n): reference(x) for g, n, x in inputs}
@@ -194,12 +194,13 @@ def export_ncnn(source: Path | str, out_dir: Path | str, *, onnx: Path | str | N
         with contextlib.ExitStack() as stack:  # all files or none: renamed only after every pair verified
             for p in precisions:
                 param, weights = run_pnnx(onnx_path, work, p)
-                report = verify_ncnn(param, reference, info["scale"], verify_sizes)
+                v = verify_ncnn(param, reference, info["scale"], verify_sizes)
                 lim = NCNN_LIMITS[p]
-                report.update(limits={"max_abs": lim.max_abs, "min_psnr": lim.min_psnr}, reference=info["reference"])
-                if math.isnan(report["max_abs"]) or report["max_abs"] > lim.max_abs or report["min_psnr"] < lim.min_psnr:
+                if math.isnan(v.max_abs) or v.max_abs > lim.max_abs or v.min_psnr < lim.min_psnr:
                     raise ParagonError(f"NCNN {p} verification failed (ncnn CPU vs {info['reference']}, max abs, limit "
-                                       f"{lim.max_abs:g}, PSNR >= {lim.min_psnr:g} dB): {describe(report)}; nothing written")
+                                       f"{lim.max_abs:g}, PSNR >= {lim.min_psnr:g} dB): {v.describe()}; nothing written")
+                report = {**v.to_json(), "limits": {"max_abs": lim.max_abs, "min_psnr": lim.min_psnr},
+                          "reference": info["reference"]}
                 meta = _sidecar(info, p, source, onnx_path, pnnx_version, param, weights, report)
                 for sfx, made in ((".param", param), (".bin", weights)):
                     dst = stack.enter_context(atomic_output(names[p][sfx], force=force, inputs=inputs))

@@ -47,7 +47,7 @@ from .qat_data import TrainPatches, calibration_image_paths, train_patches
 from .qat_export import REMAINDER_MIN_PSNR, check_verification, export_qdq, remainder_effect, verify_qdq
 from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, QATRecipe
 from .qat_report import QATReport, build_report, json_default, torch_quality
-from .qat_result import HistoryPoint, Output, PTQBaseline, Quality, Verification
+from .qat_result import HistoryPoint, Output, PTQBaseline, Quality, QATVerification
 from .qat_run import STATE_JSON, Baselines, QATRun, check_diverged, read_state, save_state
 from .verify import VERIFY_SIZES
 
@@ -237,7 +237,7 @@ def _export_verified(run: QATRun, job: _Job, rest, opset: int, verify_sizes):
     export = verify_qdq(graph, run.student, loaded.scale, verify_sizes)
     plain, graph = graph, rest.apply(graph)
     set_metadata(graph, meta)
-    verification = Verification(export, remainder_effect(plain, graph, loaded.scale, verify_sizes),
+    verification = QATVerification(export, remainder_effect(plain, graph, loaded.scale, verify_sizes),
                                 VERIFY_MIN_PSNR, REMAINDER_MIN_PSNR)
     check_verification(verification)
     return graph, info, meta, verification

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .errors import ParagonError
-from .qat_result import ExportInfo, Verification
+from .qat_result import ExportInfo, QATVerification
+from .verify import VERIFY_THREADS, Verification, compare_groups, run_onnx, verification_inputs, verify_against
 
 TRACE_SHAPE = (2, 3, 40, 56)  # a size no verification uses: a shape baked in at trace time cannot pass
 
@@ -89,21 +90,18 @@ def export_qdq(student: torch.nn.Module, *, opset: int = 17) -> tuple[object, Ex
     return graph, ExportInfo(before, op_counts(graph), info, per_channel_fixed, trt_blockers(checks), checks)
 
 
-def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> dict:
+def verify_qdq(model, student: torch.nn.Module, scale: int, sizes, *, paths=None) -> Verification:
     """ORT CPU (Q/DQ reference semantics, the same on every CPU) vs the torch fake-quant student on
     real photos: per size max abs, mean abs and PSNR (`verify.compare_groups`)."""
-    from .verify import verify_against
-
     return verify_against(model, student, scale, sizes, paths=paths)
 
 
-def remainder_effect(plain, final, scale: int, sizes, *, paths=None) -> dict:
+def remainder_effect(plain, final, scale: int, sizes, *, paths=None) -> Verification:
     """What the float remainder's dtype alone changes: the shipped graph vs the same Q/DQ graph with
     an fp32 remainder, both on ONNX Runtime (`verify.compare_groups` figures). fp16 rounding before a
     QuantizeLinear moves values across rounding boundaries, which the fp32 fake-quant student cannot
     show, so this is measured apart from the export check."""
     from .onnx_graph import ort_session
-    from .verify import VERIFY_THREADS, compare_groups, run_onnx, verification_inputs
 
     inputs = verification_inputs(scale, sizes, paths=paths)
     ref, ref_errors = run_onnx(ort_session(plain, threads=VERIFY_THREADS), inputs)
@@ -116,15 +114,13 @@ def remainder_effect(plain, final, scale: int, sizes, *, paths=None) -> dict:
 REMAINDER_MIN_PSNR = 30.0
 
 
-def check_verification(v: Verification) -> None:
+def check_verification(v: QATVerification) -> None:
     """One line when the Q/DQ export disagrees with the student, or its fp16 remainder changes the
     output by more than rounding (each against its limit in `v`)."""
-    from .verify import describe
-
     if not v.min_psnr >= v.min_psnr_limit:
         raise ParagonError("the Q/DQ ONNX disagrees with the torch fake-quant model (PSNR "
-                           f"{describe(v.export, 'psnr')}; limit {v.min_psnr_limit} dB); nothing written")
+                           f"{v.export.describe('psnr')}; limit {v.min_psnr_limit} dB); nothing written")
     rest = v.remainder
-    if rest is not None and not rest["min_psnr"] >= v.remainder_min_psnr_limit:
+    if rest is not None and not rest.min_psnr >= v.remainder_min_psnr_limit:
         raise ParagonError("the fp16 remainder changes the Q/DQ model's output beyond rounding (PSNR vs an fp32 "
-                           f"remainder {describe(rest, 'psnr')}; limit {v.remainder_min_psnr_limit} dB); nothing written")
+                           f"remainder {rest.describe('psnr')}; limit {v.remainder_min_psnr_limit} dB); nothing written")

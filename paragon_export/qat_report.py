@@ -13,8 +13,7 @@ import torch
 from .metrics import psnr, psnr_y, ssim_y
 from .records import Record, optional
 from .int8_report import ImageScore, Latency, Output, Quality, Scores
-from .qat_result import ExportInfo, ModelInfo, ModelQualities, PTQBaseline, Recipe, Training, Verification
-from .verify import describe
+from .qat_result import ExportInfo, ModelInfo, ModelQualities, PTQBaseline, Recipe, Training, QATVerification
 
 
 @torch.no_grad()
@@ -43,7 +42,7 @@ def json_default(o):
 
 
 def build_report(*, job, run, base, graph, info: ExportInfo, fp32_graph, fp32_path: Path, qat_path: Path, ev,
-                 excluded: dict, rest, verification: Verification, threads: int, start_step: int | None,
+                 excluded: dict, rest, verification: QATVerification, threads: int, start_step: int | None,
                  train_s: float, progress) -> QATReport:
     """The report of a finished run (`qat.qat`'s `_Job`, `qat_run.QATRun` and `qat_run.Baselines`): quality
     of every model on the held-out images, ORT CPU latency, the recipe, checks, training history and
@@ -96,7 +95,7 @@ class QATReport(Record):
     checks: dict
     export: ExportInfo
     training: Training
-    verification: Verification
+    verification: QATVerification
     native_kernels: dict | None
     quality: ModelQualities
     ptq: PTQBaseline | None
@@ -150,11 +149,11 @@ class QATReport(Record):
         if sh:
             lines.append(f"QAT conv MACs: int8 {100 * sh['int8']:.1f}%, fp16 {100 * sh['fp16']:.1f}%, "
                          f"fp32 {100 * sh['fp32']:.1f}% ({len(chk['float_nodes'])} convs without a TensorRT int8 kernel)")
-        sizes = ", ".join(f"{g}: max abs {r['max_abs']:.2e}, PSNR {r['psnr']:.1f} dB"
-                          for g, r in v.export["groups"].items() if "max_abs" in r)
+        sizes = ", ".join(f"{g}: max abs {r.max_abs:.2e}, PSNR {r.psnr:.1f} dB"
+                          for g, r in v.export.groups.items() if r.max_abs is not None)
         lines.append(f"ORT (Q/DQ reference semantics) vs torch fake quant, fp32 remainder: {sizes}")
         if v.remainder:
-            lines.append(f"fp16 remainder vs fp32 remainder (ORT): {describe(v.remainder, 'psnr')}")
+            lines.append(f"fp16 remainder vs fp32 remainder (ORT): {v.remainder.describe('psnr')}")
         if self.native_kernels:
             from .int8_eval import format_native
 

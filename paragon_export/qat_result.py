@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 from .int8_report import Latency, Output, Quality
 from .records import Record, optional
+from .verify import Verification
 
 __all__ = ["ExportInfo", "HistoryPoint", "Latency", "ModelInfo", "ModelQualities", "Output", "PTQBaseline", "Quality",
-           "Recipe", "Training", "Verification"]
+           "QATVerification", "Recipe", "Training"]
 
 
 @dataclass
@@ -126,27 +127,27 @@ class Training(Record):
 
 
 @dataclass
-class Verification(Record):
+class QATVerification(Record):
     """ORT (Q/DQ reference semantics) vs the torch fake-quant student on the fp32-remainder export, and
-    the fp16 remainder's own effect; both `verify.compare_groups` figures."""
+    the fp16 remainder's own effect (`verify.compare_groups` figures, each with its limit)."""
 
     REFERENCE, RUNTIME = "torch fake-quant student", "onnxruntime CPU, Q/DQ reference semantics"
 
-    export: dict
-    remainder: dict | None
+    export: Verification
+    remainder: Verification | None
     min_psnr_limit: float
     remainder_min_psnr_limit: float
 
     @property
     def min_psnr(self) -> float:
-        return self.export["min_psnr"]
+        return self.export.min_psnr
 
     def to_json(self) -> dict:
-        return {**self.export, "remainder": self.remainder, "min_psnr_limit": self.min_psnr_limit,
-                "reference": self.REFERENCE, "remainder_min_psnr_limit": self.remainder_min_psnr_limit,
-                "runtime": self.RUNTIME}
+        return {**self.export.to_json(), "remainder": None if self.remainder is None else self.remainder.to_json(),
+                "min_psnr_limit": self.min_psnr_limit, "reference": self.REFERENCE,
+                "remainder_min_psnr_limit": self.remainder_min_psnr_limit, "runtime": self.RUNTIME}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Verification":
-        return cls({k: d[k] for k in ("groups", "max_abs", "min_psnr")}, d["remainder"], d["min_psnr_limit"],
+    def from_json(cls, d: dict) -> QATVerification:
+        return cls(Verification.from_json(d), Verification.from_json(d["remainder"]), d["min_psnr_limit"],
                    d["remainder_min_psnr_limit"])

@@ -29,13 +29,21 @@ def fuse_step(src: Path, loaded, fused_path: Path, scale: int | None) -> list[di
                       "params_before": report["params_before"], "params_after": report["params_after"]}}]
 
 
+def _fp32_summary(verification: dict) -> dict:
+    """The manifest's line on the fp32 check: its worst max abs against its tolerance."""
+    from .verify import ToleranceCheck
+
+    v = ToleranceCheck.from_json(verification)
+    return {"max_abs": v.max_abs, "atol": v.atol, "images": sum(g.images or 0 for g in v.groups.values())}
+
+
 def onnx_step(root: Path, fused: Path, fp16: bool, opset: int) -> list[dict]:
     from .export_onnx import export_onnx
     from .export_recipe import ExportRecipe
 
     arts = export_onnx(fused, root, ExportRecipe(opset=opset, fp16=fp16), force=True)
     outs = [{"path": arts["fp32"].path, "kind": "onnx-fp32", "parent": rel(root, fused),
-             "meta": {"verification": arts["fp32"].meta.get("verification", {}).get("summary")}}]
+             "meta": {"verification": _fp32_summary(arts["fp32"].meta["verification"])}}]
     if "fp16" in arts:
         outs.append({"path": arts["fp16"].path, "kind": "onnx-fp16", "parent": rel(root, arts["fp32"].path)})
     return outs

@@ -13,6 +13,7 @@ import torch
 from .errors import ParagonError
 from .images import bicubic_downscale, load_image, lr_hr_crops, sample_photo_paths
 from .metrics import psnr
+from .records import Record, optional
 
 # LR (h, w): the second is non-square and not a multiple of 8, so sizes baked in at trace time or
 # rounding in the output-size arithmetic cannot pass (SPEC §6).
@@ -118,50 +119,79 @@ def run_onnx(sess, inputs) -> tuple[dict, dict]:
     return outputs, errors
 
 
-def compare_groups(outputs: dict, references: dict, errors: dict | None = None) -> dict:
-    """Per-group worst figures of outputs vs references (both {(group, name): NCHW array}), as the
-    JSON-ready report the steps store: {"groups": {group: {max_abs, mean_abs, psnr, images} |
-    {shape_mismatch} | {error}}, "max_abs", "min_psnr"}; a broken group makes both NaN."""
-    groups: dict = {}
+@dataclass
+class GroupFigures(Record):
+    """The worst figures of one verification group (a size, or the batch) over its images; a group
+    that broke has only `shape_mismatch` or `error`."""
+
+    max_abs: float | None = optional()
+    mean_abs: float | None = optional()
+    psnr: float | None = optional()
+    images: int | None = optional()
+    nonfinite: bool | None = optional()  # True once any output had NaN/Inf
+    shape_mismatch: str | None = optional()
+    error: str | None = optional()
+
+    def add(self, c: Comparison, images: int) -> None:
+        if c.nonfinite:
+            self.nonfinite = True
+        self.max_abs, self.mean_abs = max(self.max_abs, c.max_abs), max(self.mean_abs, c.mean_abs)
+        self.psnr, self.images = min(self.psnr, c.psnr), self.images + images
+
+    def text(self, metric: str) -> str:
+        if self.error:
+            return self.error
+        if self.shape_mismatch:
+            ours, ref = self.shape_mismatch.split(" vs ")
+            return f"output shape {ours}, reference {ref}"
+        return f"{getattr(self, metric):.3g}" + (" dB" if metric == "psnr" else "")
+
+
+@dataclass
+class Verification(Record):
+    """Outputs against references group by group (`compare_groups`): the figures steps store in
+    their artifact's meta and check against their limits. A broken group makes both totals NaN."""
+
+    groups: dict[str, GroupFigures]
+    max_abs: float
+    min_psnr: float
+
+    def describe(self, metric: str = "max_abs") -> str:
+        """'64x64: 1.2e-06, 45x77: 9.5e-07, batch2@64x64: 1.2e-06' (or the shape mismatch / error)."""
+        return ", ".join(f"{g}: {v.text(metric)}" for g, v in self.groups.items())
+
+
+@dataclass
+class ToleranceCheck(Verification):
+    """A `Verification` judged by one max-abs tolerance (the fp32 exports)."""
+
+    atol: float = 0.0
+    ok: bool = False
+
+
+def compare_groups(outputs: dict, references: dict, errors: dict | None = None) -> Verification:
+    """Per-group worst figures of outputs vs references (both {(group, name): NCHW array}); groups in
+    `errors` (group -> message) failed to run."""
+    groups: dict[str, GroupFigures] = {}
     for key, ref in references.items():
         if errors and key[0] in errors:
             continue
         c = compare(outputs[key], ref)
-        g = groups.setdefault(key[0], {"max_abs": 0.0, "mean_abs": 0.0, "psnr": math.inf, "images": 0})
+        g = groups.setdefault(key[0], GroupFigures(0.0, 0.0, math.inf, 0))
         if c.shape_mismatch:
-            groups[key[0]] = {"shape_mismatch": c.shape_mismatch}
-            continue
-        if "shape_mismatch" in g:
-            continue
-        if c.nonfinite:
-            g["nonfinite"] = True
-        g["max_abs"], g["mean_abs"] = max(g["max_abs"], c.max_abs), max(g["mean_abs"], c.mean_abs)
-        g["psnr"] = min(g["psnr"], c.psnr)
-        g["images"] += ref.shape[0]
+            groups[key[0]] = GroupFigures(shape_mismatch=c.shape_mismatch)
+        elif not g.shape_mismatch:
+            g.add(c, ref.shape[0])
     for g, msg in (errors or {}).items():
-        groups[g] = {"error": msg}
+        groups[g] = GroupFigures(error=msg)
     vals = list(groups.values())
-    broken = not vals or any("max_abs" not in v for v in vals)
-    return {"groups": groups, "max_abs": math.nan if broken else max(v["max_abs"] for v in vals),
-            "min_psnr": math.nan if broken else min(v["psnr"] for v in vals)}
-
-
-def describe(report: dict, metric: str = "max_abs") -> str:
-    """'64x64: 1.2e-06, 45x77: 9.5e-07, batch2@64x64: 1.2e-06' (or the shape mismatch / error)."""
-    parts = []
-    for g, v in report["groups"].items():
-        if "error" in v:
-            parts.append(f"{g}: {v['error']}")
-        elif "shape_mismatch" in v:
-            ours, ref = v["shape_mismatch"].split(" vs ")
-            parts.append(f"{g}: output shape {ours}, reference {ref}")
-        else:
-            parts.append(f"{g}: {v[metric]:.3g}" + (" dB" if metric == "psnr" else ""))
-    return ", ".join(parts)
+    broken = not vals or any(v.max_abs is None for v in vals)
+    return Verification(groups, math.nan if broken else max(v.max_abs for v in vals),
+                        math.nan if broken else min(v.psnr for v in vals))
 
 
 def verify_against(model, reference: torch.nn.Module, scale: int, sizes=VERIFY_SIZES, *,
-                   paths=None, dtype=torch.float32) -> dict:
+                   paths=None, dtype=torch.float32) -> Verification:
     """Run the ONNX `model` (proto or path; ORT CPU, Q/DQ reference semantics) and the torch
     `reference` on the verification inputs and compare them group by group (`compare_groups`)."""
     from .onnx_graph import ort_session

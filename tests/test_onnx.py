@@ -201,7 +201,8 @@ def test_verification_catches_broken_exports_and_writes_nothing(tmp_path):
     assert io_dims(onnx.load(str(static.path))) == {"input": ["batch", 3, 32, 32], "output": ["batch", 3, 64, 64]}
     assert set(static.meta["verification"]["groups"]) == {"32x32", "batch2@32x32"}
     rep = eo.verify_onnx(static.path, fused, 2, SIZES)
-    assert not rep["ok"] and rep["groups"]["32x32"]["max_abs"] <= 1e-4 and "ORT failed" in rep["groups"]["27x45"]["error"]
+    assert not rep.ok and rep.groups["32x32"].max_abs <= 1e-4 and "ORT failed" in rep.groups["27x45"].error
+    assert rep.to_json()["groups"]["27x45"] == {"error": rep.groups["27x45"].error}  # a broken group: its error only
 
 
 def test_fp16_cli_fp32_io_runs_in_ort(tmp_path):

@@ -156,8 +156,8 @@ def test_qdq_export_symmetric_per_channel_and_ort_agrees(calib):
     assert "ConvTranspose" in checks["op_counts"]
     assert io_dims(graph)["input"][2:] == ["height", "width"]
     report = verify_qdq(graph, run.student, 2, SIZES)
-    assert set(report["groups"]) >= {"32x32", "27x45"}
-    assert report["min_psnr"] > 45 and report["max_abs"] < 0.05
+    assert set(report.groups) >= {"32x32", "27x45"}
+    assert report.min_psnr > 45 and report.max_abs < 0.05
     # ORT reproduces the fake-quant model, not the fp32 one it was made from.
     sess = ort_session(graph)
     for group, _, x in verification_inputs(2, SIZES)[:2]:
@@ -277,7 +277,7 @@ def test_qat_writes_its_artifact_for_other_checkpoints(model, photos, tmp_path):
                       verify_sizes=SIZES)
     v = report.verification
     assert art.path.is_file() and v.min_psnr >= v.min_psnr_limit
-    assert report.recipe.remainder["dtype"] == "fp16" and v.remainder["min_psnr"] >= v.remainder_min_psnr_limit
+    assert report.recipe.remainder["dtype"] == "fp16" and v.remainder.min_psnr >= v.remainder_min_psnr_limit
     _assert_written_as_before(report, art, tmp_path / "out" / "qat_report.json")
 
 

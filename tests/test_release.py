@@ -23,6 +23,8 @@ def test_release_manifest_rerun_and_change(tmp_path):
     assert set(m["steps"]) == {"fuse", "onnx", "parity"}
     kinds = {a["kind"]: a for s in m["steps"].values() for a in s["artifacts"]}
     assert kinds["onnx-fp32"]["parent"] == "paragonsr2_nano_x2_fused.safetensors"
+    v = kinds["onnx-fp32"]["meta"]["verification"]  # the fp32 check's figures, not null
+    assert 0 <= v["max_abs"] <= v["atol"] == 1e-4 and v["images"] >= 8
     assert kinds["parity-json"]["meta"]["passed"] is True
     assert (out / "MODEL_CARD.md").read_text().count("PASS") >= 2
 

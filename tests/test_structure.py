@@ -90,7 +90,7 @@ def test_no_import_cycles_and_arch_imports_nothing_of_ours():
 # "runtimes" (opening and running any artifact) sits beside engines/calibration/trainer because the engine
 # check opens its reference through `open_runner`, and `open_runner` opens engines through engines/.
 CORE = {"errors", "artifact", "checkpoint", "images", "picture", "metrics", "verify", "onnx_graph", "cpu", "torch_half",
-        "ownership", "manifest", "defaults", "seeded"}
+        "ownership", "manifest", "defaults", "seeded", "records"}
 RUNTIMES = {"runners", "openvino_runner", "ncnn_runner", "memory"}
 LAYERS = ["arch", "core", "calibration, engines, trainer, runtimes", "pipeline steps", "cli"]
 

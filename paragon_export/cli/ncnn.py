@@ -13,7 +13,7 @@ import click
 def command(model, out_dir, no_fp16, scale, force):
     """Convert MODEL (a checkpoint, fused or not, or an fp32 ONNX) to verified NCNN .param/.bin through pnnx."""
     from ..ncnn_export import export_ncnn
-    from ..verify import describe
+    from ..verify import Verification
 
     arts = export_ncnn(model, out_dir, precisions=("fp32",) if no_fp16 else ("fp32", "fp16"), scale=scale,
                        force=force)
@@ -23,7 +23,7 @@ def command(model, out_dir, no_fp16, scale, force):
     for p, art in arts.items():
         v = art.meta["verification"]
         click.echo(f"verified {p} (ncnn CPU vs {v['reference']}, max abs, limit {v['limits']['max_abs']:g}): "
-                   f"{describe(v)}")
+                   f"{Verification.from_json(v).describe()}")
     for art in arts.values():
         size = art.path.stat().st_size + art.path.with_suffix(".bin").stat().st_size
         click.echo(f"wrote {art.path} + {art.path.with_suffix('.bin').name} ({size / 1024:.0f} KiB)")

@@ -34,7 +34,7 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
     from ..errors import ParagonError
     from ..export_onnx import export_onnx
     from ..export_recipe import ExportRecipe
-    from ..verify import describe
+    from ..verify import ToleranceCheck
 
     shape = None
     if static_shape:
@@ -57,8 +57,8 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
                + (f" ({s['reason']})" if s["reason"] else ""))
     click.echo(f"  before: {_counts(m['nodes_before'])}")
     click.echo(f"  after:  {_counts(m['nodes_after'])}")
-    v = m["verification"]
-    click.echo(f"verified fp32 (ORT CPU vs fused PyTorch on real photos, max abs, limit {v['atol']:g}): {describe(v)}")
+    v = ToleranceCheck.from_json(m["verification"])
+    click.echo(f"verified fp32 (ORT CPU vs fused PyTorch on real photos, max abs, limit {v.atol:g}): {v.describe()}")
     if "fp16" in arts:
         f = arts["fp16"].meta
         kept = f["fp16"]["kept_fp32"]
