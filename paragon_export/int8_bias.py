@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from paragon_export.calibration import CalibrationSet
 
 from .int8_check import WEIGHTED_OPS
+from .onnx_graph import ort_session
 
 
 def input_channel_means(fp32: onnx.ModelProto, calib: CalibrationSet, nodes: list[str]) -> dict[str, np.ndarray]:
@@ -28,9 +28,7 @@ def input_channel_means(fp32: onnx.ModelProto, calib: CalibrationSet, nodes: lis
     for t in tensors:
         if t not in outputs:
             m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(m)
     name = sess.get_inputs()[0].name
     sums = {t: 0.0 for t in tensors}
     for i in range(len(calib)):
