@@ -21,7 +21,6 @@ the file's name carries `int8_cpu_<isa>`.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import tempfile
@@ -43,7 +42,7 @@ from .int8_check import quiet_quantizer
 from .int8_cpu_report import CpuInt8Record, CpuOutput, CpuQuality, CpuRecipe, PsnrFigures, Speed, Thresholds
 from .int8_eval import run, session
 from .int8_recipe import Int8Recipe
-from .metrics import psnr
+from .metrics import json_finite, psnr
 from .onnx_graph import op_counts, set_metadata
 
 MIN_SPEEDUP = 1.2  # CPU time of fp32 / CPU time of int8 on ORT, one thread
@@ -131,12 +130,9 @@ def quality(fp32: Path | str, int8: Path | str, lrs: list[np.ndarray]) -> CpuQua
     for native in (True, False):
         with session(int8, 1, native_int8=native) as s:
             ps = [psnr(np.clip(run(s, lr), 0, 1), w) for lr, w in zip(lrs, want)]
-        out.append(PsnrFigures(psnr_mean=_finite(float(np.mean(ps))), psnr_min=_finite(float(min(ps)))))
+        # None: identical outputs (JSON has no infinity)
+        out.append(PsnrFigures(psnr_mean=json_finite(float(np.mean(ps))), psnr_min=json_finite(float(min(ps)))))
     return CpuQuality(len(lrs), *out)
-
-
-def _finite(v: float) -> float | None:
-    return None if math.isinf(v) else v  # None: identical outputs (JSON has no infinity)
 
 
 def decide(speed: Speed | None, quality: CpuQuality | None, *, min_speedup: float = MIN_SPEEDUP,
