@@ -43,7 +43,7 @@ from .artifact import Artifact, atomic_output, check_output
 from .checkpoint import LoadedModel, load_model
 from .errors import ParagonError
 from .export_recipe import DEFAULT_OPSET, ExportRecipe
-from .fuse import EXACT_ATOL, verify_fusion
+from .fuse import FusionCheck, verify_fusion
 from .onnx_graph import (INPUT_NAME, check_and_save, OUTPUT_NAME, io_dims, name_nodes, op_counts, set_metadata, simplify)
 from .verify import LIMITS, VERIFY_SIZES, ToleranceCheck, verify_against
 
@@ -68,7 +68,7 @@ def community_filename(source: Path | str, scale: int, precision: str) -> str:
     return f"{scale}x_{name or 'model'}_{precision}.onnx"
 
 
-def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, dict | None]:
+def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, FusionCheck | None]:
     """The deploy-form model: the loaded one if fused, else fused now with `fuse`'s verification."""
     if loaded.fused:
         return loaded.model, None
@@ -76,10 +76,9 @@ def fused_model(loaded: LoadedModel) -> tuple[torch.nn.Module, dict | None]:
         fused = loaded.model.fuse_for_release().eval()
     except ValueError as e:
         raise ParagonError(f"{loaded.path}: {e} (paragon-export fuse --calibrate-kernels DIR does that)") from None
-    report = verify_fusion(loaded.model, fused, loaded.scale)
-    if report["exactness_max_abs"] > EXACT_ATOL:
-        raise ParagonError(f"fusion is not exact: max abs {report['exactness_max_abs']:.3g} > {EXACT_ATOL}")
-    return fused, report
+    check = verify_fusion(loaded.model, fused, loaded.scale)
+    check.require_exact()
+    return fused, check
 
 
 # ---------------------------------------------------------------- torch -> ONNX
@@ -224,7 +223,8 @@ def export_onnx(ckpt: Path | str, out_dir: Path | str, recipe: ExportRecipe | No
                            else onnx_filename(loaded.variant, loaded.scale, p, opset)) for p in precisions}
     for p in paths.values():
         check_output(p, force=force)
-    model, fusion = fused_model(loaded)
+    model, check = fused_model(loaded)
+    fusion = check.to_json() if check else None
     meta = _base_metadata(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler, opset=opset,
                           source_sha256=loaded.sha256, source_fused=loaded.fused, exporter=exporter,
                           static_shape=static_shape, min_size=loaded.min_size, batch1=community)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from .checkpoint import LoadedModel, load_model, param_count, save_model
 from .errors import ParagonError
 from .images import list_images, lr_hr_crops, sample_photo_paths, bicubic_downscale, to_image, to_tensor
 from .metrics import psnr, psnr_y
+from .records import Record
 from .verify import VERIFY_SIZES
 
 EXACT_ATOL = 1e-5
@@ -46,19 +48,52 @@ def _run(model, lr: np.ndarray) -> np.ndarray:
     return to_image(model(to_tensor(lr)))
 
 
+@dataclass
+class Gap(Record):
+    """What fusing costs against training's per-image kernels (dynamic), on larger crops."""
+
+    psnr_fused_vs_dynamic: float
+    y_psnr_dynamic: float
+    y_psnr_fused: float
+    images: int
+    hr_source: str
+
+
+@dataclass
+class FusionCheck(Record):
+    """The fused model against the unfused one: max abs per verification size (static kernels, must be
+    exact) and the dynamic->static gap."""
+
+    exactness: dict[str, float]
+    gap: Gap
+    exactness_max_abs: float
+
+    def require_exact(self) -> None:
+        if self.exactness_max_abs > EXACT_ATOL:
+            raise ParagonError(f"fusion is not exact: max abs {self.exactness_max_abs:.3g} > {EXACT_ATOL}")
+
+
+@dataclass
+class FusionReport(FusionCheck):
+    """The `fuse` step's report: the check, the model and what the calibration read."""
+
+    variant: str = ""
+    scale: int = 0
+    upsampler: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    calibrated_images: int = 0
+    skipped_images: list[str] | None = None
+
+
 @torch.no_grad()
-def verify_fusion(unfused, fused, scale: int, hr_paths: list[Path] | None = None) -> dict:
+def verify_fusion(unfused, fused, scale: int, hr_paths: list[Path] | None = None) -> FusionCheck:
     """Exactness (fused vs unfused static) at two sizes and the dynamic->static gap."""
     paths = hr_paths or sample_photo_paths("eval")
-    report: dict = {"exactness": {}, "gap": {}}
-    worst = 0.0
+    exactness = {}
     for size in VERIFY_SIZES:
-        diffs = []
-        for _, lr, _ in lr_hr_crops(paths, scale, size):
-            diffs.append(float(np.abs(_run(unfused, lr) - _run(fused, lr)).max()))
-        report["exactness"][f"{size[0]}x{size[1]}"] = max(diffs)
-        worst = max(worst, max(diffs))
-    report["exactness_max_abs"] = worst
+        diffs = [float(np.abs(_run(unfused, lr) - _run(fused, lr)).max()) for _, lr, _ in lr_hr_crops(paths, scale, size)]
+        exactness[f"{size[0]}x{size[1]}"] = max(diffs)
     # The gap is measured on larger crops: the per-sample kernels depend on global image content.
     psnr_vs_dyn, y_dyn, y_fused = [], [], []
     unfused.set_dynamic_inference(True)
@@ -70,18 +105,13 @@ def verify_fusion(unfused, fused, scale: int, hr_paths: list[Path] | None = None
             y_fused.append(psnr_y(fus, hr, scale))
     finally:
         unfused.set_dynamic_inference(False)
-    report["gap"] = {
-        "psnr_fused_vs_dynamic": float(np.mean(psnr_vs_dyn)),
-        "y_psnr_dynamic": float(np.mean(y_dyn)),
-        "y_psnr_fused": float(np.mean(y_fused)),
-        "images": len(y_dyn),
-        "hr_source": "user" if hr_paths else "bundled held-out photos",
-    }
-    return report
+    gap = Gap(float(np.mean(psnr_vs_dyn)), float(np.mean(y_dyn)), float(np.mean(y_fused)), len(y_dyn),
+              "user" if hr_paths else "bundled held-out photos")
+    return FusionCheck(exactness, gap, max(exactness.values()))
 
 
 def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale: int | None = None,
-         calibrate_dir: Path | None = None, hr_dir: Path | None = None, force: bool = False) -> tuple[Artifact, dict]:
+         calibrate_dir: Path | None = None, hr_dir: Path | None = None, force: bool = False) -> tuple[Artifact, FusionReport]:
     out = check_output(out, force=force, inputs=[src, calibrate_dir, hr_dir])
     loaded: LoadedModel = load_model(src, variant=variant, scale=scale)
     if loaded.fused:
@@ -105,13 +135,11 @@ def fuse(src: Path | str, out: Path | str, *, variant: str | None = None, scale:
 
         hr_paths, hr_skipped = readable_folder(hr_dir)
         skipped += hr_skipped
-    report = verify_fusion(model, fused, loaded.scale, hr_paths)
-    report.update(variant=loaded.variant, scale=loaded.scale, upsampler=loaded.upsampler,
-                  params_before=param_count(model), params_after=param_count(fused),
-                  calibrated_images=calibrated, skipped_images=[str(s) for s in skipped])
-    if report["exactness_max_abs"] > EXACT_ATOL:
-        raise ParagonError(f"fusion is not exact: max abs {report['exactness_max_abs']:.3g} > {EXACT_ATOL}")
+    check = verify_fusion(model, fused, loaded.scale, hr_paths)
+    report = FusionReport(check.exactness, check.gap, check.exactness_max_abs, loaded.variant, loaded.scale,
+                          loaded.upsampler, param_count(model), param_count(fused), calibrated, [str(s) for s in skipped])
+    report.require_exact()
     art = save_model(fused, out, variant=loaded.variant, force=force,
                      extra={"source_sha256": loaded.sha256, "kernels_calibrated": str(calibrated)})
-    art.meta["report"] = report
+    art.meta["report"] = report.to_json()
     return art, report

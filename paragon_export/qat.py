@@ -42,6 +42,7 @@ from paragon_export.calibration import CalibrationSet
 
 from .artifact import Artifact, atomic_output, check_output, sha256_file
 from .checkpoint import load_model
+from .fuse import FusionCheck
 from .errors import ParagonError
 from .qat_data import TrainPatches, calibration_image_paths, train_patches
 from .qat_export import REMAINDER_MIN_PSNR, check_verification, export_qdq, remainder_effect, verify_qdq
@@ -97,7 +98,7 @@ class _Job:
 
     loaded: object  # checkpoint.Loaded
     fused: torch.nn.Module
-    fusion: dict
+    fusion: FusionCheck | None  # None: the checkpoint was fused already
     cal: CalibrationSet
     patches: TrainPatches
     recipe: QATRecipe

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .fuse import FusionCheck
 from .int8_report import Latency, Output, Quality
 from .records import Record, optional
 from .verify import Verification
@@ -58,7 +59,7 @@ class ModelInfo(Record):
     variant: str
     scale: int
     upsampler: str
-    fusion: dict
+    fusion: FusionCheck | None
 
 
 @dataclass

@@ -25,8 +25,8 @@ def fuse_step(src: Path, loaded, fused_path: Path, scale: int | None) -> list[di
 
     art, report = fuse(src, fused_path, scale=scale, force=True)
     return [{"path": art.path, "kind": "fused", "parent": str(src),
-             "meta": {"exactness_max_abs": report["exactness_max_abs"], "gap": report["gap"],
-                      "params_before": report["params_before"], "params_after": report["params_after"]}}]
+             "meta": {"exactness_max_abs": report.exactness_max_abs, "gap": report.gap.to_json(),
+                      "params_before": report.params_before, "params_after": report.params_after}}]
 
 
 def _fp32_summary(verification: dict) -> dict:
