@@ -36,8 +36,7 @@ from .int8_compare import comparisons
 from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference
 from .int8_input import from_checkpoint, infer_scale, load_fp32, prepare, recipe_calibration_set, static_dims
 from .int8_recipe import Int8Recipe
-from .int8_report import (Checks, Int8Report, Latency, MixedPrecision, ModelInfo, Output, PeerRow, Qualities,
-                          Quality)
+from .int8_report import (Checks, Int8Report, Latency, MixedPrecision, ModelInfo, Output, PeerRow, Qualities)
 from .int8_remainder import FP16_QDQ_OPSET, Remainder, dtype_mac_shares, plan_remainder
 from .int8_search import TRT_OPS, mixed_precision
 from .onnx_graph import set_metadata
@@ -102,7 +101,7 @@ def quantize_int8(model: Path | str, out_dir: Path | str, recipe: Int8Recipe | N
             model=ModelInfo(str(src), str(fp32_src), sha256_file(fp32), found),
             calibration={**calib.summary(), **ranges.summary()}, recipe=_recipe_summary(r),
             checks=Checks(**brief(checks)), mixed_precision=mp,
-            quality=Qualities(Quality.from_json(ev.fp32), Quality.from_json(int8_quality)),
+            quality=Qualities(ev.fp32, int8_quality),
             latency=lat, native_kernels=native,
             peer=PeerRow.from_json(rows.get("peer")), modelopt=PeerRow.from_json(rows.get("modelopt")),
             output=Output(str(model_path), sha256_file(model_path), str(report_path)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,51 @@ from paragon_export.calibration import CalibrationSet
 from .cpu import isa
 from .metrics import psnr, psnr_y, ssim_y
 from .onnx_graph import onnx_runner
+from .records import Record, optional
 
 RANK_CROPS = 8  # calibration crops the node ranking is measured on (it runs once per candidate node)
+
+_SCORES = ("psnr_vs_fp32", "y_psnr", "ssim")
+
+
+@dataclass(frozen=True)
+class Scores(Record):
+    """Held-out means (SPEC section 6). None: not measured (no HR: no Y-PSNR/SSIM; fp32 has no drop)."""
+
+    psnr_vs_fp32: float | None = optional()
+    y_psnr: float | None = optional()
+    ssim: float | None = optional()
+    y_psnr_drop: float | None = optional()
+
+
+@dataclass(frozen=True)
+class ImageScore(Record):
+    image: str
+    lr: list[int]
+    psnr_vs_fp32: float | None = optional()
+    y_psnr: float | None = optional()
+    ssim: float | None = optional()
+
+
+@dataclass(frozen=True)
+class Quality(Record):
+    """One model on the held-out images (`int8_eval.Evaluator.quality`; the QAT report's torch models too)."""
+
+    mean: Scores
+    images: list[ImageScore]
+
+    @classmethod
+    def of(cls, images: list[ImageScore]) -> Quality:
+        """Means over `images` of the figures the first one has."""
+        mean = {k: float(np.mean([getattr(p, k) for p in images]))
+                for k in _SCORES if images and getattr(images[0], k) is not None}
+        return cls(Scores(**mean), images)
+
+    def with_drop(self, fp32: Quality) -> Quality:
+        """With its Y-PSNR drop against `fp32` (positive = worse), when both have Y-PSNR."""
+        if self.mean.y_psnr is None or fp32.mean.y_psnr is None:
+            return self
+        return replace(self, mean=replace(self.mean, y_psnr_drop=fp32.mean.y_psnr - self.mean.y_psnr))
 
 
 @contextlib.contextmanager
@@ -61,25 +105,18 @@ class Evaluator:
             self.rank_inputs = [crops[i:i + 8].copy() for i in range(0, len(crops), 8)]
         return self.rank_inputs
 
-    def _scores(self, outs: list[np.ndarray]) -> dict:
+    def _scores(self, outs: list[np.ndarray]) -> Quality:
         per = []
         for h, y, ref in zip(self.calib.holdout, outs, self.ref):
-            item = {"image": h.name, "lr": list(h.lr.shape[:2]),
-                    "psnr_vs_fp32": psnr(np.clip(y, 0, 1), np.clip(ref, 0, 1))}
-            if h.hr is not None:
-                item["y_psnr"] = psnr_y(y, h.hr, self.scale)
-                item["ssim"] = ssim_y(y, h.hr, self.scale)
-            per.append(item)
-        mean = {k: float(np.mean([p[k] for p in per])) for k in ("psnr_vs_fp32", "y_psnr", "ssim") if per and k in per[0]}
-        return {"mean": mean, "images": per}
+            vs_fp32 = psnr(np.clip(y, 0, 1), np.clip(ref, 0, 1))
+            gt = (None, None) if h.hr is None else (psnr_y(y, h.hr, self.scale), ssim_y(y, h.hr, self.scale))
+            per.append(ImageScore(h.name, list(h.lr.shape[:2]), vs_fp32, *gt))
+        return Quality.of(per)
 
-    def quality(self, model: Path | str | bytes) -> dict:
+    def quality(self, model: Path | str | bytes) -> Quality:
         """Held-out scores of `model`, plus its Y-PSNR drop against fp32 (positive = worse)."""
         with session(model, self.threads) as sess:
-            q = self._scores([_hwc(run(sess, h.lr)) for h in self.calib.holdout])
-        if self.has_gt and q["mean"]:
-            q["mean"]["y_psnr_drop"] = self.fp32["mean"]["y_psnr"] - q["mean"]["y_psnr"]
-        return q
+            return self._scores([_hwc(run(sess, h.lr)) for h in self.calib.holdout]).with_drop(self.fp32)
 
     def rank_score(self, model: Path | str | bytes) -> float:
         """PSNR against fp32 over a few calibration batches: ranks nodes without touching held-out data."""

@@ -8,56 +8,13 @@ stay dicts too. The held-out `Quality`, `Latency` and `Output` are the QAT repor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from .int8_eval import format_native
+from .int8_eval import ImageScore, Quality, Scores, format_native
 from .records import Record, optional
 
-_SCORES = ("psnr_vs_fp32", "y_psnr", "ssim")
-
-
-@dataclass(frozen=True)
-class Scores(Record):
-    """Held-out means (SPEC section 6). None: not measured (no HR: no Y-PSNR/SSIM; fp32 has no drop)."""
-
-    psnr_vs_fp32: float | None = optional()
-    y_psnr: float | None = optional()
-    ssim: float | None = optional()
-    y_psnr_drop: float | None = optional()
-
-
-@dataclass(frozen=True)
-class ImageScore(Record):
-    image: str
-    lr: list[int]
-    psnr_vs_fp32: float | None = optional()
-    y_psnr: float | None = optional()
-    ssim: float | None = optional()
-
-
-@dataclass(frozen=True)
-class Quality(Record):
-    """One model on the held-out images (`int8_eval.Evaluator.quality`; the QAT report's torch models too)."""
-
-    mean: Scores
-    images: list[ImageScore]
-
-    @classmethod
-    def of(cls, images: list[ImageScore]) -> Quality:
-        """Means over `images` of the figures the first one has."""
-        mean = {k: float(np.mean([getattr(p, k) for p in images]))
-                for k in _SCORES if images and getattr(images[0], k) is not None}
-        return cls(Scores(**mean), images)
-
-    def with_drop(self, fp32: Quality) -> Quality:
-        """With its Y-PSNR drop against `fp32` (positive = worse), when both have Y-PSNR."""
-        if self.mean.y_psnr is None or fp32.mean.y_psnr is None:
-            return self
-        return replace(self, mean=replace(self.mean, y_psnr_drop=fp32.mean.y_psnr - self.mean.y_psnr))
-
+__all__ = ["ImageScore", "Int8Report", "Latency", "Output", "Quality", "Scores"]
 
 @dataclass(frozen=True)
 class Qualities(Record):

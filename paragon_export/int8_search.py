@@ -23,7 +23,7 @@ from paragon_export.calibration.ranges import Ranges
 
 from .int8_bias import bias_deltas, corrected, input_channel_means, undo_map
 from .int8_check import WEIGHTED_OPS, inspect_qdq, mac_shares, quiet_quantizer, trt_int8_exclusions
-from .int8_eval import Evaluator
+from .int8_eval import Evaluator, Quality
 from .int8_remainder import Remainder
 
 DEFAULT_BUDGET_FRACTION = 0.40  # of the quantizable nodes, when no node budget is given
@@ -50,16 +50,16 @@ def quantize_symmetric(fp32: Path, out: Path, ranges: Ranges, exclude: list[str]
 
 
 
-def _meets(q: dict, target_psnr: float | None, max_drop: float | None) -> bool:
-    m = q["mean"]
-    return ((target_psnr is None or m["psnr_vs_fp32"] >= target_psnr)
-            and (max_drop is None or m["y_psnr_drop"] <= max_drop))
+def _meets(q: Quality, target_psnr: float | None, max_drop: float | None) -> bool:
+    m = q.mean
+    return ((target_psnr is None or m.psnr_vs_fp32 >= target_psnr)
+            and (max_drop is None or m.y_psnr_drop <= max_drop))
 
 
-def _step(kept: list[str], q: dict, added: str | None) -> dict:
-    m = q["mean"]
-    return {"kept_float": list(kept), "added": added, "psnr_vs_fp32": m["psnr_vs_fp32"],
-            "y_psnr": m.get("y_psnr"), "ssim": m.get("ssim"), "y_psnr_drop": m.get("y_psnr_drop")}
+def _step(kept: list[str], q: Quality, added: str | None) -> dict:
+    m = q.mean
+    return {"kept_float": list(kept), "added": added, "psnr_vs_fp32": m.psnr_vs_fp32,
+            "y_psnr": m.y_psnr, "ssim": m.ssim, "y_psnr_drop": m.y_psnr_drop}
 
 
 def float_behind_qdq(producer: dict[str, onnx.NodeProto], tensor: str) -> str | None:
@@ -181,7 +181,7 @@ class _Quantizer:
             onnx.save(corrected(self.proto, self.deltas, exclude), str(src))
         quantize_symmetric(src, self.path, self.ranges, exclude)
 
-    def measure(self) -> dict:
+    def measure(self) -> Quality:
         return self.ev.quality(self.remainder.apply(onnx.load(str(self.path))).SerializeToString())
 
 
@@ -220,9 +220,9 @@ def mixed_precision(fp32: Path, ranges: Ranges, ev: Evaluator, tmp: Path, *, tar
             "model": qz.path.read_bytes(), "quality": q}
 
 
-def _keep_until_met(qz: _Quantizer, q: dict, fixed: list[str], candidates: list[str], shares: dict[str, float], budget: int,
+def _keep_until_met(qz: _Quantizer, q: Quality, fixed: list[str], candidates: list[str], shares: dict[str, float], budget: int,
                     target_psnr: float | None, max_drop: float | None,
-                    progress: Callable[[str], None]) -> tuple[dict, list[str], list[dict], list[dict]]:
+                    progress: Callable[[str], None]) -> tuple[Quality, list[str], list[dict], list[dict]]:
     """The search loop from the model `qz` last wrote (held-out figures `q`). Returns (held-out figures,
     nodes kept in float, every step, the first ranking); `qz.path` holds the best model."""
     undo = undo_map(qz.proto, qz.deltas)
@@ -244,7 +244,7 @@ def _keep_until_met(qz: _Quantizer, q: dict, fixed: list[str], candidates: list[
         qz.quantize([*fixed, *kept, node])
         trial = qz.measure()
         # A node that does not raise the held-out PSNR goes back to int8 rather than costing speed.
-        better = trial["mean"]["psnr_vs_fp32"] > q["mean"]["psnr_vs_fp32"]
+        better = trial.mean.psnr_vs_fp32 > q.mean.psnr_vs_fp32
         steps.append(_step([*kept, node], trial, node) | {"kept": better})
         progress(f"  float: {node}  -> {_describe(trial)}{'' if better else '  (no gain: back to int8)'}")
         if better:
@@ -258,10 +258,10 @@ def _keep_until_met(qz: _Quantizer, q: dict, fixed: list[str], candidates: list[
     return q, kept, steps, first
 
 
-def _describe(q: dict) -> str:
-    m = q["mean"]
-    s = f"PSNR vs fp32 {m['psnr_vs_fp32']:.2f} dB"
-    if "y_psnr_drop" in m:
-        s += f", Y-PSNR drop {m['y_psnr_drop']:+.3f} dB"
+def _describe(q: Quality) -> str:
+    m = q.mean
+    s = f"PSNR vs fp32 {m.psnr_vs_fp32:.2f} dB"
+    if m.y_psnr_drop is not None:
+        s += f", Y-PSNR drop {m.y_psnr_drop:+.3f} dB"
     return s
 

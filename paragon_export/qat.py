@@ -48,7 +48,7 @@ from .qat_data import TrainPatches, calibration_image_paths, train_patches
 from .qat_export import REMAINDER_MIN_PSNR, check_verification, export_qdq, remainder_effect, verify_qdq
 from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, QATRecipe
 from .qat_report import QATReport, build_report, json_default, torch_quality
-from .qat_result import HistoryPoint, Output, PTQBaseline, Quality, QATVerification
+from .qat_result import HistoryPoint, Output, PTQBaseline, QATVerification
 from .qat_run import STATE_JSON, Baselines, QATRun, check_diverged, read_state, save_state
 from .verify import VERIFY_SIZES
 
@@ -213,7 +213,7 @@ def _started(job: _Job, fp32_path: Path, ev, excluded: dict, ptq_baseline: bool,
     progress(f"inserting int8 fake quantizers (ModelOpt), calibrating on {len(cal.crops)} crops; "
         f"{len(excluded)} convs without a TensorRT int8 kernel stay fp16")
     run = QATRun.create(job.fused, cal.forward_loop, job.recipe, scale, keep_float)
-    ptq_modelopt = torch_quality(run.student, cal.holdout, scale, ev.ref).with_drop(Quality.from_json(ev.fp32))
+    ptq_modelopt = torch_quality(run.student, cal.holdout, scale, ev.ref).with_drop(ev.fp32)
     run.history.append(HistoryPoint(0, None, ptq_modelopt.mean.y_psnr))
     return run, Baselines(job.ident, ptq, ptq_modelopt, keep_float, unmatched)
 
@@ -294,7 +294,7 @@ def _ptq(fp32: Path, cal, out: Path, threads: int, force: bool, progress) -> PTQ
     progress("PTQ baseline: paragon-export int8 (defaults) on the same model and calibration set")
     r = quantize_int8(fp32, out, calib=cal, peer=False, threads=threads, force=force,
                       progress=lambda m: progress(f"  {m}"))
-    return PTQBaseline(r.output.model, r.output.report, Quality.from_json(r.quality.int8.to_json()),
+    return PTQBaseline(r.output.model, r.output.report, r.quality.int8,
                        r.checks.to_json(), r.mixed_precision.kept_float, r.recipe["method"], r.mixed_precision.met)
 
 

@@ -53,10 +53,10 @@ def build_report(*, job, run, base, graph, info: ExportInfo, fp32_graph, fp32_pa
 
     loaded, cal, s, ptq = job.loaded, job.cal, job.recipe, base.ptq
     checks = inspect_qdq(graph)
-    fp32 = Quality.from_json(ev.fp32)
+    fp32 = ev.fp32
     quality = ModelQualities(fp32, base.ptq_modelopt,
                              torch_quality(run.student, cal.holdout, loaded.scale, ev.ref).with_drop(fp32),
-                             Quality.from_json(ev.quality(qat_path)), None if ptq is None else ptq.quality)
+                             ev.quality(qat_path), None if ptq is None else ptq.quality)
     models = {"fp32": fp32_path, "qat_int8": qat_path}
     if ptq is not None and Path(ptq.model).is_file():
         models["ptq_int8"] = Path(ptq.model)

@@ -40,8 +40,8 @@ def _hints(cls) -> dict:
 def from_plain(tp, value):
     """`value` (JSON data) as type `tp`: dataclasses rebuilt, `X | None`, `list[X]` and `dict[str, X]` item
     by item; anything else as it is."""
-    if value is None:
-        return None
+    if value is None or (isinstance(tp, type) and isinstance(value, tp)):
+        return value  # absent, or already built
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
