@@ -48,7 +48,7 @@ def artifacts(variant: str, work: Path, fit_steps: int) -> tuple[list[Path], dic
     info = {"weights": f"stand-in, fitted {fit_steps} steps (held-out Y-PSNR {fit_y:.2f} dB)"}
     arts, info["fp16_gate"] = export_gated(ckpt, work / "onnx")
     q = quantize_int8(arts["fp32"].path, work / "int8", Int8Recipe(max_drop=None), peer=False, force=True)
-    info["int8"] = f"all {q.meta['mixed_precision']['quantizable_nodes']} quantizable convs int8 (no target)"
+    info["int8"] = f"all {q.mixed_precision.quantizable_nodes} quantizable convs int8 (no target)"
     return [ckpt, arts["fp32"].path, arts["fp16"].path, q.path], info
 
 

@@ -16,6 +16,7 @@ calibration set and cache (`paragon_export.calibration`, `--method`), then:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -68,15 +69,16 @@ def quantize(fp32: Path, out: Path, ranges, config: str) -> Path:
 
 
 def speed(models: dict[str, Path], x: np.ndarray, rounds: int) -> dict:
-    sessions = {k: session(p, 1, native_int8=True) for k, p in models.items()}
-    for s in sessions.values():
-        run(s, x)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for r in range(rounds):
-        for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-            t = time.process_time()
-            run(sessions[k], x)
-            times[k].append(time.process_time() - t)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with contextlib.ExitStack() as stack:
+        sessions = {k: stack.enter_context(session(p, 1, native_int8=True)) for k, p in models.items()}
+        for s in sessions.values():
+            run(s, x)
+        for r in range(rounds):
+            for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+                t = time.process_time()
+                run(sessions[k], x)
+                times[k].append(time.process_time() - t)
     out = {}
     for k, v in times.items():
         ratio = [f / t for f, t in zip(times["fp32"], v)]
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             rows = {}
             for c in a.configs.split(","):
                 models[c] = quantize(fp32, work / f"{fp32.stem}_{c.replace(':', '_')}.onnx", ranges, c)
-                rows[c] = {"quality": quality(fp32, models[c], [hh.lr for hh in calib.holdout]),
+                rows[c] = {"quality": quality(fp32, models[c], [hh.lr for hh in calib.holdout]).to_json(),
                            "ops": op_counts(onnx.load(str(models[c])))}
             for k, v in speed(models, x, a.rounds).items():
                 rows.setdefault(k, {})["speed"] = v
