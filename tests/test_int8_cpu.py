@@ -182,3 +182,22 @@ def test_cli_cpu_option_writes_the_record_and_one_line(fp32, tmp_path):
     rec = json.loads(report.read_text())
     assert rec["quality"]["native"]["psnr_mean"] is not None and rec["speed"]["input"] == [1, 3, 256, 256]
     assert (out / "nano_x2_int8.onnx").is_file()  # the TensorRT file stays as it is, beside it
+
+
+def test_cpu_int8_benchmark_script_runs_and_reports(tmp_path, capsys):
+    # the benchmark is outside the package; it broke once unnoticed when the evaluator's sessions changed
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_int8.py"
+    spec = importlib.util.spec_from_file_location("cpu_int8_bench", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cpu.json"
+    assert mod.main(["--variants", "paragonsr2_nano", "--size", "32x32", "--rounds", "1", "--fit-steps", "1",
+                     "--configs", "qdq:rr:all", "--json", str(out)]) == 0
+    (rows,) = json.loads(out.read_text())["models"].values()
+    assert rows["fp32"]["speed"]["speedup"] == 1.0 and rows["qdq:rr:all"]["speed"]["median_ms"] > 0
+    q = rows["qdq:rr:all"]
+    assert q["ops"].get("QuantizeLinear", 0) > 0 and 25 < q["quality"]["reference"]["psnr_min"] < 80
+    assert "| qdq:rr:all |" in capsys.readouterr().out
