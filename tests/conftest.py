@@ -17,6 +17,17 @@ torch.set_num_threads(1)
 COMPAT = Path(__file__).resolve().parent / "golden"
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module, so a test can call its main()."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_model(variant: str = "paragonsr2_nano", scale: int = 2, upsampler: str = "mks2021", seed: int = 0,
                fused: bool = False):
     m = seeded_model(variant, scale, upsampler, seed)

@@ -148,13 +148,9 @@ def test_cli_table_json_and_errors(artifacts):
 
 
 def test_ablation_script(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_module
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation_magic_vs_pixelshuffle.py"
-    spec = importlib.util.spec_from_file_location("ablation", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("ablation_magic_vs_pixelshuffle")
     out = tmp_path / "ablation.json"
     assert mod.main(["--sizes", "16x24", "--runs", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -186,13 +186,9 @@ def test_cli_cpu_option_writes_the_record_and_one_line(fp32, tmp_path):
 
 def test_cpu_int8_benchmark_script_runs_and_reports(tmp_path, capsys):
     # the benchmark is outside the package; it broke once unnoticed when the evaluator's sessions changed
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_module
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_int8.py"
-    spec = importlib.util.spec_from_file_location("cpu_int8_bench", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("cpu_int8")
     out = tmp_path / "cpu.json"
     assert mod.main(["--variants", "paragonsr2_nano", "--size", "32x32", "--rounds", "1", "--fit-steps", "1",
                      "--configs", "qdq:rr:all", "--json", str(out)]) == 0
