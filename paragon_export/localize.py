@@ -21,6 +21,7 @@ from polygraphy import constants
 from polygraphy.backend.onnx import ModifyOutputs
 
 from .metrics import json_finite
+from .parity_report import Layer, Localization
 from .runners import onnx_runner
 
 # Relative RMS error a tensor must exceed to count as a jump: well above the arithmetic noise of
@@ -28,6 +29,7 @@ from .runners import onnx_runner
 JUMP_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
 JUMP_RATIO = 10.0
 TOP_N = 5
+LAYER_FIGURES = ("rel_err", "prev_max_rel_err", "jump_ratio")
 
 
 def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
@@ -133,7 +135,7 @@ def _shares_topology(model: onnx.ModelProto, other: onnx.ModelProto) -> bool:
 
 
 def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch.nn.Module,
-             ref_onnx: list[Path] | None = None) -> dict:
+             ref_onnx: list[Path] | None = None) -> Localization:
     """Compare every intermediate tensor of the ONNX at `path` with a reference on one input."""
     model = onnx.load(str(path))
     outs = _run_marked(model, feed, "localize-artifact")
@@ -161,13 +163,12 @@ def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch
             best_ratio, best = ratio, row
         worst_before = max(worst_before, row["rel_err"])
 
-    def public(row: dict | None) -> dict | None:
+    def public(row: dict | None) -> Layer | None:
         if row is None:
             return None
-        out = {k: json_finite(v) for k, v in row.items() if not k.startswith("_")}
-        out.setdefault("module", scope_to_module(row["node"]) if row["node"].startswith("/") else None)
-        out["weights"] = _weight_names(model, row["_node"])
-        return out
+        module = row.get("module") or (scope_to_module(row["node"]) if row["node"].startswith("/") else None)
+        return Layer(row["node"], row["op"], row["tensor"], *(json_finite(row[k]) for k in LAYER_FIGURES), module,
+                     _weight_names(model, row["_node"]))
 
     culprit = first or best
     if not rows:
@@ -178,6 +179,5 @@ def localize(path: Path | str, precision: str, feed: dict, *, torch_model: torch
     else:
         note = f"no tensor jumps {JUMP_RATIO:g}x above {floor:g}; the largest relative increase is named"
     top = sorted(rows, key=lambda r: -r["jump_ratio"])[:TOP_N]
-    return {"method": method, "reference": reference, "layers_compared": len(rows), "floor": floor,
-            "ratio": JUMP_RATIO, "culprit": public(culprit), "sharp_jump": first is not None, "note": note,
-            "top": [public(r) for r in top]}
+    return Localization(method, reference, len(rows), floor, JUMP_RATIO, public(culprit), first is not None, note,
+                        [public(r) for r in top])

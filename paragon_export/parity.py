@@ -270,11 +270,10 @@ def _localize(entries: list[Entry], feeds: list, cases: list, fused) -> None:
             with _quiet_polygraphy():
                 found = localize_onnx(e.path, e.precision, feeds[worst], torch_model=fused, ref_onnx=passing_fp32_onnx)
         except Exception as ex:  # the verdict stands without it; say why it is missing
-            found = {"method": "none", "reference": "", "layers_compared": 0, "floor": 0.0, "ratio": 0.0,
-                     "culprit": None, "sharp_jump": False, "top": [],
-                     "note": f"localization failed: {type(ex).__name__}: {first_line(ex)}"}
-        e.localization = Localization.from_json({**found, "case": {"image": cases[worst][0],
-                                                                   "lr_size": list(cases[worst][1])}})
+            found = Localization("none", "", 0, 0.0, 0.0, None, False,
+                                 f"localization failed: {type(ex).__name__}: {first_line(ex)}", [])
+        found.case = {"image": cases[worst][0], "lr_size": list(cases[worst][1])}
+        e.localization = found
 
 
 def _diagnose_openvino_int8(e: Entry, feed: dict, min_psnr: float) -> None:

@@ -83,7 +83,7 @@ class Localization(Record):
     sharp_jump: bool
     note: str
     top: list[Layer]
-    case: dict  # {"image", "lr_size"}
+    case: dict = field(default_factory=dict)  # {"image", "lr_size"}: the input it was measured on
 
     def line(self) -> str:
         c = self.culprit

@@ -155,14 +155,14 @@ def test_localizer_via_torch_hooks_names_the_layer(arts):
     _, lr, _ = lr_hr_crops(sample_photo_paths("eval")[:1], 2, (27, 45))[0]
     feed = {"input": to_tensor(lr).numpy()}
     loc = localize(arts["corrupt"], "fp32", feed, torch_model=fused, ref_onnx=[])
-    assert loc["method"] == "torch-hooks" and loc["layers_compared"] >= 25
-    assert loc["culprit"]["module"] == CORRUPT_MODULE and loc["sharp_jump"]
+    assert loc.method == "torch-hooks" and loc.layers_compared >= 25
+    assert loc.culprit.module == CORRUPT_MODULE and loc.sharp_jump
     # every mapped layer before the corrupted one agrees with torch to float precision
-    before = loc["culprit"]["prev_max_rel_err"]
-    assert before < 1e-5 and loc["culprit"]["rel_err"] > 1e-2
+    before = loc.culprit.prev_max_rel_err
+    assert before < 1e-5 and loc.culprit.rel_err > 1e-2
     # an intact export has no jump above the fp32 floor
     clean = localize(arts["fp32"], "fp32", feed, torch_model=fused, ref_onnx=[])
-    assert not clean["sharp_jump"] and max(r["rel_err"] for r in clean["top"]) < 1e-4
+    assert not clean.sharp_jump and max(r.rel_err for r in clean.top) < 1e-4
 
 
 def test_nan_weight_is_detected_and_localized(arts, tmp_path):
