@@ -120,11 +120,11 @@ def _checked(model: onnx.ModelProto, name: str, scale: int) -> tuple[onnx.ModelP
         feeds = [{"input": x} for _g, _n, x in verification_inputs(scale, batch=1)]
         found = diagnose(probe, lambda p: open_runner(p, "openvino", threads=1, name="diagnose"), feeds,
                          LIMITS["int8"].min_psnr)
-        if found["narrow_weights_psnr"] >= LIMITS["int8"].min_psnr:
+        if found.narrow_weights_psnr >= LIMITS["int8"].min_psnr:
             model, change = narrow_weights(model), "7-bit weights (u8s8 saturation)"
-        elif found["breaking"]:
-            model = keep_int8(model, set(int8_convs(model)) - set(found["breaking"]))
-            change = "float: " + ",".join(found["breaking"])
+        elif found.breaking:
+            model = keep_int8(model, set(int8_convs(model)) - set(found.breaking))
+            change = "float: " + ",".join(found.breaking)
         else:
             return model, check, ""
         onnx.save(model, str(probe))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -112,7 +113,7 @@ def _on_runtime(model: onnx.ModelProto, make_runner: Callable, feeds: list[dict]
 
 
 def diagnose(path: Path | str, make_runner: Callable, feeds: list[dict], min_psnr: float,
-             runtime: str = "OpenVINO") -> dict:
+             runtime: str = "OpenVINO") -> Diagnosis:
     """Bisect why `runtime` (a Polygraphy runner from `make_runner(path)`) fails the int8 file at
     `path`: PSNR of each variant on the runtime vs its own Q/DQ reference semantics, min over `feeds`."""
     model = onnx.load(str(path))
@@ -125,35 +126,50 @@ def diagnose(path: Path | str, make_runner: Callable, feeds: list[dict], min_psn
         folder = Path(tmp)
         whole = measure(model, "whole")
         narrow = measure(narrow_weights(model), "narrow")
-        alone = [{"node": name, "psnr": measure(keep_int8(model, {name}), f"only{k}")}
-                 for k, name in enumerate(convs)]
-    breaking = sorted((a for a in alone if a["psnr"] < min_psnr), key=lambda a: a["psnr"])
-    out = {"runtime": runtime, "min_psnr": min_psnr, "psnr_vs_reference": whole,
-           "narrow_weights_psnr": narrow, "int8_convs": len(convs), "alone": alone,
-           "breaking": [a["node"] for a in breaking]}
-    out["reason"] = reason(out)
-    return out
+        alone = {name: measure(keep_int8(model, {name}), f"only{k}") for k, name in enumerate(convs)}
+    return Diagnosis(runtime, min_psnr, whole, narrow, alone)
 
 
 def _db(v: float) -> str:
     return "identical" if v == float("inf") else f"{v:.1f} dB"
 
 
-def reason(d: dict) -> str:
-    """One line from the measurements of `diagnose`."""
-    rt, lim = d["runtime"], d["min_psnr"]
-    head = f"{rt} vs this file's own Q/DQ semantics: {_db(d['psnr_vs_reference'])}"
-    if d["psnr_vs_reference"] >= lim:
-        return head + f" (>= {lim:g} dB: {rt} computes the file as written; the int8 error itself fails the limit)"
-    if d["narrow_weights_psnr"] >= lim:
-        return (head + f"; with 7-bit weights {_db(d['narrow_weights_psnr'])}: u8s8 saturation of 8-bit weights "
-                "(CPUs without VNNI)")
-    parts = [head, f"7-bit weights (the u8s8-saturation remedy) {_db(d['narrow_weights_psnr'])}: not weight saturation"]
-    alone = {a["node"]: a["psnr"] for a in d["alone"]}
-    if d["breaking"]:
-        named = ", ".join(f"{n} ({_db(alone[n])})" for n in d["breaking"][:MAX_NAMED])
-        more = f" and {len(d['breaking']) - MAX_NAMED} more" if len(d["breaking"]) > MAX_NAMED else ""
-        parts.append(f"{len(d['breaking'])} of {d['int8_convs']} int8 convs break it on their own: {named}{more}")
-    else:
-        parts.append(f"no int8 conv breaks it on its own ({d['int8_convs']} tried): the errors add up")
-    return "; ".join(parts)
+@dataclass(frozen=True)
+class Diagnosis:
+    """What `diagnose` measured: PSNR on the runtime vs the file's own Q/DQ semantics, of the file, of
+    the file with 7-bit weights and of the file with each int8 conv alone left int8 (node -> PSNR)."""
+
+    runtime: str
+    min_psnr: float
+    psnr_vs_reference: float
+    narrow_weights_psnr: float
+    alone: dict[str, float]
+
+    @property
+    def breaking(self) -> list[str]:
+        """The convs that fail the limit on their own, worst first."""
+        return sorted((n for n, p in self.alone.items() if p < self.min_psnr), key=self.alone.__getitem__)
+
+    @property
+    def weight_saturation(self) -> bool:
+        return self.psnr_vs_reference < self.min_psnr <= self.narrow_weights_psnr
+
+    def reason(self) -> str:
+        """One line from the measurements."""
+        rt, lim = self.runtime, self.min_psnr
+        head = f"{rt} vs this file's own Q/DQ semantics: {_db(self.psnr_vs_reference)}"
+        if self.psnr_vs_reference >= lim:
+            return head + f" (>= {lim:g} dB: {rt} computes the file as written; the int8 error itself fails the limit)"
+        if self.weight_saturation:
+            return (head + f"; with 7-bit weights {_db(self.narrow_weights_psnr)}: u8s8 saturation of 8-bit weights "
+                    "(CPUs without VNNI)")
+        parts = [head, f"7-bit weights (the u8s8-saturation remedy) {_db(self.narrow_weights_psnr)}: "
+                       "not weight saturation"]
+        bad = self.breaking
+        if bad:
+            named = ", ".join(f"{n} ({_db(self.alone[n])})" for n in bad[:MAX_NAMED])
+            more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+            parts.append(f"{len(bad)} of {len(self.alone)} int8 convs break it on their own: {named}{more}")
+        else:
+            parts.append(f"no int8 conv breaks it on its own ({len(self.alone)} tried): the errors add up")
+        return "; ".join(parts)

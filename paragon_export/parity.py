@@ -283,7 +283,7 @@ def _diagnose_openvino_int8(e: Entry, feed: dict, min_psnr: float) -> None:
     try:
         with _quiet_polygraphy():
             d = diagnose(e.path, lambda p: open_runner(p, "openvino", name="diagnose"), [feed], min_psnr)
-        text = d["reason"]
+        text = d.reason()
     except Exception as ex:  # the verdict stands without it; say why the cause is missing
         text = f"cause not measured: {type(ex).__name__}: {first_line(ex)}"
     e.reasons.insert(len(e.reasons) - bool(e.context), text)

@@ -103,20 +103,20 @@ def _breaking_runtime(tmp_path, broken: str | None = None, saturate: bool = Fals
 def test_diagnose_names_the_conv_that_breaks_the_runtime(q8, tmp_path):
     target = int8_convs(q8["model"])[-1]  # the last conv: its error reaches the output undamped
     d = diagnose(q8["path"], _breaking_runtime(tmp_path, broken=target), q8["feeds"], 60.0, runtime="R")
-    assert d["breaking"] == [target]
-    assert d["psnr_vs_reference"] < 60 and d["narrow_weights_psnr"] < 60
-    others = [a["psnr"] for a in d["alone"] if a["node"] != target]
-    assert len(others) == d["int8_convs"] - 1 and min(others) == float("inf")  # identical: ORT is the reference
-    assert target in d["reason"] and "not weight saturation" in d["reason"]
+    assert d.breaking == [target]
+    assert d.psnr_vs_reference < 60 and d.narrow_weights_psnr < 60 and not d.weight_saturation
+    others = [p for n, p in d.alone.items() if n != target]
+    assert len(others) == len(int8_convs(q8["model"])) - 1 and min(others) == float("inf")  # identical: ORT is the reference
+    assert target in d.reason() and "not weight saturation" in d.reason()
     # a faithful runtime: nothing to blame
     ok = diagnose(q8["path"], lambda p: onnx_runner(p, name="ort"), q8["feeds"], 60.0, runtime="R")
-    assert ok["breaking"] == [] and ok["psnr_vs_reference"] == float("inf") and "computes the file as written" in ok["reason"]
+    assert ok.breaking == [] and ok.psnr_vs_reference == float("inf") and "computes the file as written" in ok.reason()
 
 
 def test_diagnose_recognises_weight_saturation(q8, tmp_path):
     d = diagnose(q8["path"], _breaking_runtime(tmp_path, saturate=True), q8["feeds"], 60.0, runtime="R")
-    assert d["psnr_vs_reference"] < 60 <= d["narrow_weights_psnr"]
-    assert "u8s8 saturation of 8-bit weights" in d["reason"]
+    assert d.psnr_vs_reference < 60 <= d.narrow_weights_psnr and d.weight_saturation
+    assert "u8s8 saturation of 8-bit weights" in d.reason()
 
 
 @needs_openvino
