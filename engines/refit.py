@@ -59,8 +59,9 @@ def graph_difference(old_path: Path, new_path: Path) -> str | None:
 
 
 def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None,
-                 progress: Callable[[str], None] = print) -> tuple[Artifact, dict]:
-    """Refit the refittable engine `path` with the weights of `new_onnx`; returns the new engine and report."""
+                 progress: Callable[[str], None] = print) -> Artifact:
+    """Refit the refittable engine `path` with the weights of `new_onnx`; returns the new engine (its meta is
+    its manifest entry)."""
     from .load import current_target, load_engine
     from .builder import deserialize, refit_from_onnx
 
@@ -96,4 +97,4 @@ def refit_engine(path: Path | str, new_onnx: Path | str, *, target=None,
     put_entry(path.parent, new_key.digest, new_entry)
     seconds = round(time.monotonic() - start, 2)
     progress(f"refitted {path.name} with the weights of {new_onnx.name} in {seconds} s")
-    return Artifact(out, "engine", new_entry), {"engine": str(out), "status": "refitted", "seconds": seconds}
+    return Artifact(out, "engine", new_entry)

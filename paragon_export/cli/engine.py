@@ -61,7 +61,7 @@ def command(model, output, profile, preset, workspace, timing_cache, hardware_co
             raise ParagonError("-o applies when building from ONNX; a rebuilt engine goes next to the old one")
         if refit is not None:
             from paragon_export.engines.refit import refit_engine
-            art, _ = refit_engine(model, refit, progress=_err)
+            art = refit_engine(model, refit, progress=_err)
             click.echo(f"refitted: {art.path}")
             return
         if rebuild:

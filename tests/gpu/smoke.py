@@ -162,7 +162,7 @@ def main() -> int:
 
         art, _ = build_engine(onnx["fp16"], work / "refit", profile=PROFILE, timing_cache=cache,
                               options=BuildOptions(refittable=True), force=True)
-        new, _ = refit_engine(art.path, onnx["fp16"], target=target, progress=lambda _m: None)
+        new = refit_engine(art.path, onnx["fp16"], target=target, progress=lambda _m: None)
         return {"engine": art.path.name, "refitted": new.path.name}
     if "fp16" in built:
         step("refit a refittable fp16 engine from its ONNX", refit)
