@@ -19,11 +19,12 @@ API (what `int8`, `parity` and `release` call):
     besides fp32, files `{scale}x_{checkpoint name}_{fp32|fp16}.onnx` (see export_recipe.PROFILES).
 
     Artifact.meta: "metadata" (the file's metadata_props), "nodes_before"/"nodes_after" (op type ->
-    count), "simplify" ({"simplifier", "reason"}), "verification", "fusion" (None for a fused input),
+    count), "simplify" ({"simplifier", "reason"}), "verification" (`ToleranceCheck.to_json()`), "fusion"
+    (`FusionCheck.to_json()`, None for a fused input),
     and for FP16 "fp16" (kept-fp32 nodes with reasons, PSNR figures).
 
     export_model(model, out_path, *, meta, ...) -> Artifact: the same for an in-memory fused model.
-    verify_onnx(path_or_proto, reference, scale, sizes) -> report: the FP32 check alone.
+    verify_onnx(path_or_proto, reference, scale, sizes) -> ToleranceCheck: the FP32 check alone.
     onnx_filename(variant, scale, precision, opset) -> the file name convention.
 """
 

@@ -28,6 +28,7 @@ The torch half reference is `torch_half.torch_half_model`.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 import json
 import warnings
 from pathlib import Path
@@ -41,8 +42,8 @@ from .errors import ParagonError
 from .images import sample_photo_paths
 from .torch_half import torch_half_model
 from .onnx_graph import INPUT_NAME, check_and_save, OUTPUT_NAME, name_nodes, op_counts, ort_session, set_metadata
-from .records import to_plain
-from .verify import (VERIFY_SIZES, VERIFY_THREADS, compare_groups, run_onnx, run_torch, session_batch,
+from .records import Record, optional
+from .verify import (VERIFY_SIZES, VERIFY_THREADS, Verification, compare_groups, run_onnx, run_torch, session_batch,
                      verification_inputs)
 
 FP16_MAX = 65504.0
@@ -283,39 +284,69 @@ def write_fp16(graph32: onnx.ModelProto, tmp: Path, *, reference: torch.nn.Modul
     check_and_save(g16, tmp, "FP16 graph")
 
     sizes = [tuple(static_shape)] if static_shape is not None else list(verify_sizes or VERIFY_SIZES)
-    sess16 = ort_session(tmp, threads=VERIFY_THREADS)
+    report = _verify_fp16(tmp, fp32_path, emulate_fp16(graph, kept), reference, scale, sizes, kept, target_psnr)
+    info = {"fp16": {"kept_fp32": kept, **figures}, "verification": report.to_json(), "nodes_after": op_counts(g16)}
+    return meta, info
+
+
+@dataclass
+class Fp16Verification(Record):
+    """The written fp16 file on the verification photos: ORT CPU vs the fp32 ONNX (held to the target),
+    the fp16-storage emulation and torch .half() arithmetic vs fp32 (held to the floor; figures between
+    the floor and the target are shipped and listed in `below_target`)."""
+
+    vs_fp32_onnx: Verification
+    emulated_vs_fp32: Verification
+    target_psnr: float
+    torch_half_note: str | None = None
+    vs_torch_half: Verification | None = optional()
+    torch_half_vs_fp32: Verification | None = optional()
+    ok: bool = False
+    arith_floor_psnr: float = FP16_ARITH_FLOOR_PSNR
+    below_target: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """What the onnx command prints about it."""
+        out = (f"verified fp16 (min PSNR vs fp32, target >= {self.target_psnr:g} dB): ORT CPU "
+               f"{self.vs_fp32_onnx.min_psnr:.1f} dB, fp16-storage emulation {self.emulated_vs_fp32.min_psnr:.1f} dB")
+        if self.vs_torch_half is not None:
+            out += (f", torch half {self.torch_half_vs_fp32.min_psnr:.1f} dB "
+                    f"(file vs torch half {self.vs_torch_half.min_psnr:.1f} dB)")
+        return out + (f"; {self.torch_half_note}" if self.torch_half_note else "")
+
+
+def _verify_fp16(path16: Path, fp32_path: Path, emulated: onnx.ModelProto, reference: torch.nn.Module, scale: int,
+                 sizes, kept: dict, target_psnr: float) -> Fp16Verification:
+    """Run the written file, the fp32 ONNX, the emulation and torch half on the same photos; judge them."""
+    sess16 = ort_session(path16, threads=VERIFY_THREADS)
     inputs = verification_inputs(scale, sizes, batch=session_batch(sess16))
     out16, err16 = run_onnx(sess16, inputs)
     if err16:
         raise ParagonError(f"FP16 ONNX does not run on ORT CPU: {next(iter(err16.values()))}; nothing written")
     out32, _ = run_onnx(ort_session(fp32_path, threads=VERIFY_THREADS), inputs)
-    sess_emu, names_emu = _probe(emulate_fp16(graph, kept), [])
-    emulated = {(g, n): _run_probe(sess_emu, names_emu, x)[OUTPUT_NAME] for g, n, x in inputs}
-    report: dict = {"vs_fp32_onnx": compare_groups(out16, out32), "emulated_vs_fp32": compare_groups(emulated, out32),
-                    "target_psnr": target_psnr, "torch_half_note": None}
+    sess_emu, names_emu = _probe(emulated, [])
+    emu_out = {(g, n): _run_probe(sess_emu, names_emu, x)[OUTPUT_NAME] for g, n, x in inputs}
+    v = Fp16Verification(compare_groups(out16, out32), compare_groups(emu_out, out32), target_psnr)
     try:
         half_model = torch_half_model(reference)
         half = {(g, n): run_torch(half_model, x, torch.float16) for g, n, x in inputs}
         torch32 = {(g, n): run_torch(reference, x) for g, n, x in inputs}
-        report["vs_torch_half"] = compare_groups(out16, half)
-        report["torch_half_vs_fp32"] = compare_groups(half, torch32)
+        v.vs_torch_half, v.torch_half_vs_fp32 = compare_groups(out16, half), compare_groups(half, torch32)
         if kept:
-            report["torch_half_note"] = f"torch half runs every node in fp16; this file keeps {len(kept)} in fp32"
+            v.torch_half_note = f"torch half runs every node in fp16; this file keeps {len(kept)} in fp32"
     except RuntimeError as e:  # an op without a CPU half kernel in this torch build
-        report["torch_half_note"] = f"torch CPU half arithmetic unavailable: {str(e).splitlines()[0]}"
-    arith = [("fp16-storage emulation vs fp32", report["emulated_vs_fp32"])]
-    if not kept and "torch_half_vs_fp32" in report:
-        arith.append(("torch half vs fp32", report["torch_half_vs_fp32"]))
-    checks = [("ORT fp16 vs fp32 ONNX", report["vs_fp32_onnx"], target_psnr)]
+        v.torch_half_note = f"torch CPU half arithmetic unavailable: {str(e).splitlines()[0]}"
+    arith = [("fp16-storage emulation vs fp32", v.emulated_vs_fp32)]
+    if not kept and v.torch_half_vs_fp32 is not None:
+        arith.append(("torch half vs fp32", v.torch_half_vs_fp32))
+    checks = [("ORT fp16 vs fp32 ONNX", v.vs_fp32_onnx, target_psnr)]
     checks += [(label, r, FP16_ARITH_FLOOR_PSNR) for label, r in arith]
     failed = [(label, r, limit) for label, r, limit in checks if not r.min_psnr >= limit]
-    report["ok"] = not failed
-    report["arith_floor_psnr"] = FP16_ARITH_FLOOR_PSNR
+    v.ok = not failed
     # Below the target but above the floor: shipped, and said so (CLI, Artifact meta).
-    report["below_target"] = [f"{label} {r.min_psnr:.1f} dB" for label, r in arith if not r.min_psnr >= target_psnr]
+    v.below_target = [f"{label} {r.min_psnr:.1f} dB" for label, r in arith if not r.min_psnr >= target_psnr]
     if failed:
         figures_text = "; ".join(f"{label} (limit {limit:g} dB): {r.describe('psnr')}" for label, r, limit in failed)
         raise ParagonError(f"ONNX FP16 verification failed (PSNR): {figures_text} "
                            f"(kept fp32: {len(kept)} nodes); nothing written")
-    info = {"fp16": {"kept_fp32": kept, **figures}, "verification": to_plain(report), "nodes_after": op_counts(g16)}
-    return meta, info
+    return v

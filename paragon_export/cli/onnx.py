@@ -34,6 +34,7 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
     from ..errors import ParagonError
     from ..export_onnx import export_onnx
     from ..export_recipe import ExportRecipe
+    from ..fp16 import Fp16Verification
     from ..verify import ToleranceCheck
 
     shape = None
@@ -66,20 +67,13 @@ def command(checkpoint, out_dir, opset, fp16, fp16_io, fp16_min_psnr, exporter, 
                    + (": " + "; ".join(f"{k} ({r})" for k, r in kept.items()) if kept else "")
                    + f" [activation peak {f['fp16']['activation_peak']:.3g} on {f['fp16']['calibration_images']} "
                      "calibration photos]")
-        fv = f["verification"]
-        line = (f"verified fp16 (min PSNR vs fp32, target >= {fv['target_psnr']:g} dB): ORT CPU "
-                f"{fv['vs_fp32_onnx']['min_psnr']:.1f} dB, fp16-storage emulation {fv['emulated_vs_fp32']['min_psnr']:.1f} dB")
-        if "vs_torch_half" in fv:
-            line += (f", torch half {fv['torch_half_vs_fp32']['min_psnr']:.1f} dB "
-                     f"(file vs torch half {fv['vs_torch_half']['min_psnr']:.1f} dB)")
-        if fv["torch_half_note"]:
-            line += f"; {fv['torch_half_note']}"
-        click.echo(line)
+        fv = Fp16Verification.from_json(f["verification"])
+        click.echo(fv.line())
         if f["fp16"]["error_blocking"]:
             click.echo(f"  fp16 error blocking {f['fp16']['error_blocking']}")
-        if fv["below_target"]:
-            click.echo(f"  warning: fp16 arithmetic below the {fv['target_psnr']:g} dB target: "
-                       f"{', '.join(fv['below_target'])} (above the {fv['arith_floor_psnr']:g} dB floor; "
+        if fv.below_target:
+            click.echo(f"  warning: fp16 arithmetic below the {fv.target_psnr:g} dB target: "
+                       f"{', '.join(fv.below_target)} (above the {fv.arith_floor_psnr:g} dB floor; "
                        "ORT CPU hides this, an fp16 GPU engine will show it)")
     for art in arts.values():
         click.echo(f"wrote {art.path} ({art.path.stat().st_size / 1024:.0f} KiB)")
