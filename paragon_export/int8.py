@@ -177,7 +177,7 @@ def _peers_and_latency(fp32: Path, int8: Path, calib: CalibrationSet, tmp: Path,
         rows, more = comparisons(fp32, calib, tmp, ev, shares, cache_dir, progress)
         models.update(more)
     progress("timing on ONNX Runtime CPU")
-    return rows, Latency.measured(**latency(models, calib.holdout[0].lr, threads=threads))
+    return rows, latency(models, calib.holdout[0].lr, threads=threads)
 
 
 def _recipe_summary(r: Int8Recipe) -> dict:

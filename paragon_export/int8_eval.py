@@ -127,7 +127,7 @@ class Evaluator:
         return float("inf") if m == 0 else 10.0 * np.log10(1.0 / m)
 
 
-def native_vs_reference(model: Path | str | bytes, lrs: list[np.ndarray], threads: int = 1) -> dict:
+def native_vs_reference(model: Path | str | bytes, lrs: list[np.ndarray], threads: int = 1) -> NativeKernels:
     """What ONNX Runtime's native integer kernels on this CPU make of `model`: worst PSNR and max abs
     of their output against the Q/DQ reference semantics, on the given LR images, with the ISA."""
     import onnxruntime
@@ -139,21 +139,47 @@ def native_vs_reference(model: Path | str | bytes, lrs: list[np.ndarray], thread
             psnrs.append(psnr(b, a))
             worst = max(worst, float(np.abs(a - b).max()))
     low = min(psnrs)
-    return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "isa": isa(),
-            "psnr_vs_reference": None if low == float("inf") else low,  # None: bit-identical
-            "max_abs_vs_reference": worst, "images": len(lrs)}
+    return NativeKernels(f"onnxruntime {onnxruntime.__version__} CPU", isa(),
+                         None if low == float("inf") else low, worst, len(lrs))  # None: bit-identical
 
 
-def format_native(native: dict) -> str:
-    p = native["psnr_vs_reference"]
-    return (f"native int8 kernels ({native['runtime']}, {native['isa']}): "
-            f"{'identical' if p is None else f'PSNR {p:.2f} dB'}, "
-            f"max abs {native['max_abs_vs_reference']:.3g} vs the Q/DQ reference semantics "
-            f"(worst of {native['images']} held-out images; every other figure uses the reference)")
+@dataclass(frozen=True)
+class NativeKernels(Record):
+    """What ONNX Runtime's native integer kernels on this CPU make of an int8 model, against its Q/DQ
+    reference semantics: worst PSNR (None: bit-identical) and max abs over the held-out images."""
+
+    runtime: str
+    isa: str
+    psnr_vs_reference: float | None
+    max_abs_vs_reference: float
+    images: int
+
+    def line(self) -> str:
+        p = self.psnr_vs_reference
+        return (f"native int8 kernels ({self.runtime}, {self.isa}): "
+                f"{'identical' if p is None else f'PSNR {p:.2f} dB'}, "
+                f"max abs {self.max_abs_vs_reference:.3g} vs the Q/DQ reference semantics "
+                f"(worst of {self.images} held-out images; every other figure uses the reference)")
+
+
+@dataclass(frozen=True)
+class Latency(Record):
+    """ORT CPU median ms per model (`int8_eval.latency`), with the ratio to fp32 of the same run."""
+
+    threads: int
+    input: list[int]
+    repeats: int
+    median_ms: dict[str, float]
+    ratio_vs_fp32: dict[str, float]
+
+    @classmethod
+    def measured(cls, threads: int, input: list[int], repeats: int, median_ms: dict[str, float]) -> Latency:
+        """From `int8_eval.latency`'s figures."""
+        return cls(threads, input, repeats, median_ms, {k: v / median_ms["fp32"] for k, v in median_ms.items()})
 
 
 def latency(models: dict[str, Path | str], lr: np.ndarray, *, threads: int = 1, warmup: int = 2,
-            repeats: int = 9) -> dict:
+            repeats: int = 9) -> Latency:
     """Median ms per model, runs interleaved so load changes on a shared machine hit all alike."""
     # Native integer kernels: latency is what this CPU's runtime really does.
     x = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32)
@@ -165,5 +191,4 @@ def latency(models: dict[str, Path | str], lr: np.ndarray, *, threads: int = 1, 
                 run(r, x)
                 if i >= warmup:
                     times[k].append(r.last_inference_time() * 1e3)
-    return {"threads": threads, "input": [1, 3, *lr.shape[:2]], "repeats": repeats,
-            "median_ms": {k: statistics.median(v) for k, v in times.items()}}
+    return Latency.measured(threads, [1, 3, *lr.shape[:2]], repeats, {k: statistics.median(v) for k, v in times.items()})

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .int8_eval import ImageScore, Quality, Scores, format_native
+from .int8_eval import ImageScore, Latency, NativeKernels, Quality, Scores
 from .records import Record, optional
 
-__all__ = ["ImageScore", "Int8Report", "Latency", "Output", "Quality", "Scores"]
+__all__ = ["ImageScore", "Int8Report", "Latency", "NativeKernels", "Output", "Quality", "Scores"]
 
 @dataclass(frozen=True)
 class Qualities(Record):
@@ -120,22 +120,6 @@ class MixedPrecision(Record):
 
 
 @dataclass(frozen=True)
-class Latency(Record):
-    """ORT CPU median ms per model (`int8_eval.latency`), with the ratio to fp32 of the same run."""
-
-    threads: int
-    input: list[int]
-    repeats: int
-    median_ms: dict[str, float]
-    ratio_vs_fp32: dict[str, float]
-
-    @classmethod
-    def measured(cls, threads: int, input: list[int], repeats: int, median_ms: dict[str, float]) -> Latency:
-        """From `int8_eval.latency`'s figures."""
-        return cls(threads, input, repeats, median_ms, {k: v / median_ms["fp32"] for k, v in median_ms.items()})
-
-
-@dataclass(frozen=True)
 class PeerRow(Record):
     """A comparison recipe on the same model and crops (`int8_compare`), or why it was skipped."""
 
@@ -186,7 +170,7 @@ class Int8Report(Record):
     mixed_precision: MixedPrecision
     quality: Qualities
     latency: Latency
-    native_kernels: dict | None  # ORT's native integer kernels vs the Q/DQ reference (`native_vs_reference`)
+    native_kernels: NativeKernels | None  # ORT's native integer kernels vs the Q/DQ reference
     peer: PeerRow | None  # None: comparisons not run
     modelopt: PeerRow | None
     output: Output
@@ -210,7 +194,7 @@ class Int8Report(Record):
         lines.append(f"held-out: {len(held)} images ({', '.join(held)}), latency: median of {lat.repeats} at "
                      f"{lat.input[2]}x{lat.input[3]}, {lat.threads} thread(s)")
         if self.native_kernels:
-            lines.append(format_native(self.native_kernels))
+            lines.append(self.native_kernels.line())
         lines += [n for key, row in self._peers() if row is not None and (n := row.note(key))]
         return "\n".join(lines + self.mixed_precision.lines())
 

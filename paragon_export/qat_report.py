@@ -12,7 +12,7 @@ import torch
 
 from .metrics import psnr, psnr_y, ssim_y
 from .records import Record, optional
-from .int8_report import ImageScore, Latency, Output, Quality, Scores
+from .int8_report import ImageScore, Latency, NativeKernels, Output, Quality, Scores
 from .qat_result import ExportInfo, ModelInfo, ModelQualities, PTQBaseline, Recipe, Training, QATVerification
 
 
@@ -61,7 +61,7 @@ def build_report(*, job, run, base, graph, info: ExportInfo, fp32_graph, fp32_pa
     if ptq is not None and Path(ptq.model).is_file():
         models["ptq_int8"] = Path(ptq.model)
     progress("timing on ONNX Runtime CPU")
-    lat = Latency.measured(**latency(models, cal.holdout[0].lr, threads=threads))
+    lat = latency(models, cal.holdout[0].lr, threads=threads)
     first = start_step if start_step is not None else 0
     return QATReport(
         model=ModelInfo(str(loaded.path), loaded.sha256, loaded.variant, loaded.scale, loaded.upsampler, job.fusion),
@@ -96,7 +96,7 @@ class QATReport(Record):
     export: ExportInfo
     training: Training
     verification: QATVerification
-    native_kernels: dict | None
+    native_kernels: NativeKernels | None
     quality: ModelQualities
     ptq: PTQBaseline | None
     latency: Latency
@@ -155,9 +155,7 @@ class QATReport(Record):
         if v.remainder:
             lines.append(f"fp16 remainder vs fp32 remainder (ORT): {v.remainder.describe('psnr')}")
         if self.native_kernels:
-            from .int8_eval import format_native
-
-            lines.append(format_native(self.native_kernels))
+            lines.append(self.native_kernels.line())
         return lines
 
     def table(self) -> str:

@@ -3,8 +3,8 @@
 `from_json` reads one back; `table()` and `markdown()` render the fp32 / PTQ / QAT comparison.
 
 Parts written by other modules keep their own formats as plain dicts: `int8_check.inspect_qdq`
-(checks), `verify.compare_groups` (verification groups), `calibration` (summary), `int8_remainder`
-(remainder, MAC shares) and `int8_eval.native_vs_reference` (native kernels)."""
+(checks), `calibration` (summary) and `int8_remainder` (remainder, MAC shares). Figures typed elsewhere are
+reused: `verify.Verification`, `fuse.FusionCheck`, `int8_eval` (`Quality`, `Latency`, `NativeKernels`)."""
 
 from __future__ import annotations
 

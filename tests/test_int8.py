@@ -515,8 +515,8 @@ def test_native_kernels_are_reported_apart_and_never_gate(default_run, fp32, tmp
     from paragon_export.parity import parity
 
     native = default_run.native_kernels  # ISA-dependent numbers: only their form is asserted
-    assert native["isa"] == isa() and native["images"] == 4
-    assert native["psnr_vs_reference"] is None or native["psnr_vs_reference"] > 0
+    assert native.isa == isa() and native.images == 4
+    assert native.psnr_vs_reference is None or native.psnr_vs_reference > 0
     ckpt = tmp_path / "nano_x2.safetensors"
     save_model(seeded_fused(0), ckpt, variant="paragonsr2_nano", force=True)
     rep = parity([ckpt, fp32, default_run.path], tmp_path / "parity", sizes="32x32,19x23")
