@@ -29,7 +29,7 @@ from .manifest import tool_versions
 from .memory import refuse_what_cannot_fit
 from .metrics import psnr_y, ssim_y
 from .parity_files import write_outputs
-from .parity_report import CaseInfo, CaseResult, Localization, ParityReport, PolygraphyCheck, Quality, Reference, Summary
+from .parity_report import CaseInfo, CaseResult, Localization, ParityReport, PolygraphyCheck, ReferenceQuality, Reference, Summary
 from .parity_rows import (RUNNER_LABELS, Entry, artifact_entry, classify, first_line, native_int8_entry,
                           reference_entries, runtime_entries)
 from .runners import INPUT_NAME, onnx_precision, open_runner
@@ -319,7 +319,7 @@ def _report(entries, loaded, ref, image_paths, images, sizes, thresholds, atol, 
         image_source="user folder" if images else "bundled held-out photos from scikit-image",
         sizes=[list(s) for s in sizes], thresholds=dict(thresholds),
         overrides={"atol": atol, "min_psnr": min_psnr},
-        reference_quality=Quality(ref_y, float(np.mean([c.reference_ssim for c in case_info])),
+        reference_quality=ReferenceQuality(ref_y, float(np.mean([c.reference_ssim for c in case_info])),
                                   float(np.mean([c.bicubic_y_psnr for c in case_info])),
                                   float(np.mean([c.bicubic_ssim for c in case_info]))),
         cases=case_info, artifacts=[e.row() for e in entries],

@@ -181,7 +181,9 @@ class CaseInfo(Record):
 
 
 @dataclass
-class Quality(Record):
+class ReferenceQuality(Record):
+    """The fp32 reference and bicubic against the HR crops, averaged over the cases (None: identical, x1)."""
+
     y_psnr: float | None
     ssim: float
     bicubic_y_psnr: float | None
@@ -208,7 +210,7 @@ class ParityReport(Record):
     sizes: list[list[int]]
     thresholds: dict[str, Limits]
     overrides: dict  # {"atol", "min_psnr"}: the user's overrides of the limits table, None where not given
-    reference_quality: Quality
+    reference_quality: ReferenceQuality
     cases: list[CaseInfo]
     artifacts: list[Row]
     notes: list[str] = field(default_factory=list)
