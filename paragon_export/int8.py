@@ -33,10 +33,10 @@ from .errors import ParagonError
 from .int8_cache import load_search, search_cache_base, store_search
 from .int8_check import brief, inspect_qdq, mac_shares, trt_blockers
 from .int8_compare import comparisons
-from .int8_eval import RANK_CROPS, Evaluator, latency, native_vs_reference
+from .int8_eval import RANK_CROPS, Evaluator, Latency, latency, native_vs_reference
 from .int8_input import from_checkpoint, infer_scale, load_fp32, prepare, recipe_calibration_set, static_dims
 from .int8_recipe import Int8Recipe
-from .int8_report import (Checks, Int8Report, Latency, MixedPrecision, ModelInfo, Output, PeerRow, Qualities)
+from .int8_report import Checks, Int8Report, MixedPrecision, ModelInfo, Output, PeerRow, Qualities
 from .int8_remainder import FP16_QDQ_OPSET, Remainder, dtype_mac_shares, plan_remainder
 from .int8_search import TRT_OPS, mixed_precision
 from .onnx_graph import set_metadata

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .int8_eval import ImageScore, Latency, NativeKernels, Quality, Scores
+from .int8_eval import Latency, NativeKernels, Quality
 from .records import Record, optional
 
-__all__ = ["ImageScore", "Int8Report", "Latency", "NativeKernels", "Output", "Quality", "Scores"]
 
 @dataclass(frozen=True)
 class Qualities(Record):

@@ -48,7 +48,8 @@ from .qat_data import TrainPatches, calibration_image_paths, train_patches
 from .qat_export import REMAINDER_MIN_PSNR, check_verification, export_qdq, remainder_effect, verify_qdq
 from .qat_recipe import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATCH, DEFAULT_STEPS, QATRecipe
 from .qat_report import QATReport, build_report, json_default, torch_quality
-from .qat_result import HistoryPoint, Output, PTQBaseline, QATVerification
+from .int8_report import Output
+from .qat_result import HistoryPoint, PTQBaseline, QATVerification
 from .qat_run import STATE_JSON, Baselines, QATRun, check_diverged, read_state, save_state
 from .verify import VERIFY_SIZES
 

@@ -12,7 +12,8 @@ import torch
 
 from .metrics import psnr, psnr_y, ssim_y
 from .records import Record, optional
-from .int8_report import ImageScore, Latency, NativeKernels, Output, Quality, Scores
+from .int8_eval import ImageScore, Latency, NativeKernels, Quality, Scores
+from .int8_report import Output
 from .qat_result import ExportInfo, ModelInfo, ModelQualities, PTQBaseline, Recipe, Training, QATVerification
 
 

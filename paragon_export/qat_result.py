@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .fuse import FusionCheck
-from .int8_report import Latency, Output, Quality
+from .int8_eval import Quality
 from .records import Record, optional
 from .verify import Verification
 
-__all__ = ["ExportInfo", "HistoryPoint", "Latency", "ModelInfo", "ModelQualities", "Output", "PTQBaseline", "Quality",
-           "QATVerification", "Recipe", "Training"]
+__all__ = ["ExportInfo", "HistoryPoint", "ModelInfo", "ModelQualities", "PTQBaseline", "QATVerification", "Recipe",
+           "Training"]
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .artifact import atomic_output, sha256_file
 from .errors import ParagonError
 from .qat_data import TrainPatches
 from .qat_recipe import QATRecipe
-from .qat_result import HistoryPoint, PTQBaseline, Quality
+from .int8_eval import Quality
+from .qat_result import HistoryPoint, PTQBaseline
 
 WARMUP = 0.05  # fraction of the steps
 STATE_NAME, STATE_JSON = "qat_state.safetensors", "qat_state.json"

@@ -334,7 +334,7 @@ def _assert_written_as_before(report, art, path):
 
 
 def test_quality_means_drop_and_json():
-    from paragon_export.int8_report import ImageScore, Quality
+    from paragon_export.int8_eval import ImageScore, Quality
 
     no_hr = Quality.of([ImageScore("a", [4, 4], psnr_vs_fp32=40.0), ImageScore("b", [4, 6], psnr_vs_fp32=50.0)])
     assert no_hr.to_json() == {"mean": {"psnr_vs_fp32": 45.0},  # absent figures are left out, not null
