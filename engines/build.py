@@ -12,13 +12,14 @@ import datetime
 import functools
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from paragon_export import __version__
 from paragon_export.artifact import Artifact, atomic_output, check_output_dir, sha256_file
 from paragon_export.errors import ParagonError
+from paragon_export.records import Record, optional
 
 from .gpu import GpuInfo
 from .identity import HARDWARE_COMPAT, BuildOptions, EngineKey, engine_filename, incompatibility, make_key
@@ -37,7 +38,7 @@ def _stderr(msg: str) -> None:
 
 
 @dataclass
-class BuildReport:
+class BuildReport(Record):
     """What `build_engine` did; `to_json` is the report as a dict (the check as its own JSON)."""
 
     engine: str
@@ -52,13 +53,7 @@ class BuildReport:
     profile: str
     check: EngineCheck | None = None
     others: list[str] = field(default_factory=list)  # the same model's engines for other GPUs/TensorRT
-    build_seconds: float | None = None  # None: nothing was built
-
-    def to_json(self) -> dict:
-        # build_seconds only when something was built, as the report always had it
-        out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name != "build_seconds" or self.build_seconds is not None}
-        return {**out, "check": self.check.to_json() if self.check is not None else None}
+    build_seconds: float | None = optional()  # only when something was built, as the report always had it
 
     def text(self) -> str:
         lines = [f"note: {self.precision_note}"] if "but the graph is" in self.precision_note else []

@@ -13,6 +13,7 @@ import numpy as np
 
 from paragon_export.errors import ParagonError
 from paragon_export.images import lr_hr_crops, sample_photo_paths
+from paragon_export.records import Record
 from paragon_export import verify
 from paragon_export.verify import LIMITS, VERIFY_SIZES, Limits
 
@@ -43,7 +44,7 @@ class CheckRow:
 
 
 @dataclass
-class EngineCheck:
+class EngineCheck(Record):
     """The --check result: every row against the limits `paragon-export parity` applies (verify.LIMITS),
     so a checked engine passes parity. fp32 engines are built with TF32 off to meet them."""
 
